@@ -1,0 +1,481 @@
+//! The catalog: one store watch folded into immutable snapshots.
+//!
+//! A [`Catalog`] holds the latest [`Snapshot`] behind an `ArcSwap`; readers
+//! (API reads, DNS queries, the health checker) load it without locks and
+//! never call the store. A background task ([`Catalog::run`]) reads the
+//! prefix once, then watches it from the next revision, applying each batch of
+//! events to a private [`CatalogState`] and publishing a new snapshot stamped
+//! with the store revision. When the watch is lost or the revision was
+//! compacted, it reads the range again and watches anew; meanwhile readers
+//! keep the last snapshot.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{Health, HealthStatus, Instance, InstanceId, ServiceConfig, ServiceName};
+use crate::store::{KeyKind, KeyValue, Keys, Revision, Store, StoreError, WatchEvent};
+
+/// One instance with its health, as of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceEntry {
+    /// The instance record.
+    pub instance: Instance,
+    /// The latest check result, if the instance has a check that has run.
+    pub health: Option<Health>,
+    /// Revision of the instance record's last write.
+    pub mod_revision: Revision,
+}
+
+impl InstanceEntry {
+    /// Healthy unless its latest check result is critical. An instance
+    /// without a check, or whose check has not run yet, is healthy: a
+    /// TTL-registered instance proves itself by heartbeating.
+    pub fn is_healthy(&self) -> bool {
+        self.health
+            .as_ref()
+            .is_none_or(|h| h.status == HealthStatus::Passing)
+    }
+
+    /// The health status as shown to users.
+    pub fn status(&self) -> HealthStatus {
+        if self.is_healthy() {
+            HealthStatus::Passing
+        } else {
+            HealthStatus::Critical
+        }
+    }
+}
+
+/// One service as of a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceEntry {
+    /// Instances by id.
+    pub instances: BTreeMap<InstanceId, InstanceEntry>,
+    /// Settings, if any were written.
+    pub config: Option<ServiceConfig>,
+    /// The last revision that changed anything of this service (the blocking
+    /// query index).
+    pub index: Revision,
+}
+
+impl ServiceEntry {
+    /// Its healthy instances, in id order.
+    pub fn healthy(&self) -> impl Iterator<Item = &InstanceEntry> {
+        self.instances.values().filter(|e| e.is_healthy())
+    }
+
+    /// Number of healthy instances.
+    pub fn healthy_count(&self) -> usize {
+        self.healthy().count()
+    }
+}
+
+/// An immutable view of the whole catalog at one store revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The store revision this snapshot reflects.
+    pub revision: Revision,
+    /// When it was built (for the snapshot-age metric).
+    pub built: SystemTime,
+    /// Services by name. A service with no instances and no config is absent.
+    pub services: BTreeMap<ServiceName, ServiceEntry>,
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Self {
+            revision: 0,
+            built: SystemTime::UNIX_EPOCH,
+            services: BTreeMap::new(),
+        }
+    }
+}
+
+impl Snapshot {
+    /// A service by name.
+    pub fn service(&self, name: &ServiceName) -> Option<&ServiceEntry> {
+        self.services.get(name)
+    }
+
+    /// The blocking-query index of `name`: the last revision that changed it,
+    /// or, for a service that does not exist, this snapshot's revision (so
+    /// that a wait on it wakes when it appears).
+    pub fn service_index(&self, name: &ServiceName) -> Revision {
+        self.services
+            .get(name)
+            .map_or(self.revision, |s| s.index.max(1))
+    }
+}
+
+/// The mutable state the watch task folds events into. Public so that tests
+/// (and the DNS crate's tests) can build snapshots without a store.
+#[derive(Debug, Clone, Default)]
+pub struct CatalogState {
+    instances: BTreeMap<(ServiceName, InstanceId), (Instance, Revision)>,
+    health: BTreeMap<(ServiceName, InstanceId), Health>,
+    configs: BTreeMap<ServiceName, ServiceConfig>,
+    /// Last revision that touched each service, kept after the service is
+    /// gone so a blocking query on it sees the deletion.
+    index: BTreeMap<ServiceName, Revision>,
+    revision: Revision,
+}
+
+impl CatalogState {
+    /// An empty state.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Replaces the state with a full range read.
+    pub fn reset(&mut self, keys: &Keys, kvs: &[KeyValue], revision: Revision) {
+        let old_index = std::mem::take(&mut self.index);
+        *self = Self::default();
+        for kv in kvs {
+            self.put(keys, kv);
+        }
+        // Services that vanished while we were not watching still need their
+        // waiters woken: stamp them with the read's revision.
+        for name in old_index.into_keys() {
+            self.index.entry(name).or_insert(revision);
+        }
+        self.revision = revision;
+    }
+
+    /// Applies one put.
+    pub fn put(&mut self, keys: &Keys, kv: &KeyValue) {
+        match keys.parse(&kv.key) {
+            KeyKind::Instance(svc, id) => match serde_json::from_slice::<Instance>(&kv.value) {
+                Ok(inst) => {
+                    self.touch(&svc, kv.mod_revision);
+                    self.instances.insert((svc, id), (inst, kv.mod_revision));
+                }
+                Err(err) => tracing::warn!(key = %kv.key, %err, "ignoring unreadable instance record"),
+            },
+            KeyKind::Health(svc, id) => match serde_json::from_slice::<Health>(&kv.value) {
+                Ok(h) => {
+                    self.touch(&svc, kv.mod_revision);
+                    self.health.insert((svc, id), h);
+                }
+                Err(err) => tracing::warn!(key = %kv.key, %err, "ignoring unreadable health record"),
+            },
+            KeyKind::Config(svc) => match serde_json::from_slice::<ServiceConfig>(&kv.value) {
+                Ok(c) => {
+                    self.touch(&svc, kv.mod_revision);
+                    self.configs.insert(svc, c);
+                }
+                Err(err) => tracing::warn!(key = %kv.key, %err, "ignoring unreadable service config"),
+            },
+            KeyKind::Token(_) | KeyKind::Other => {}
+        }
+        self.revision = self.revision.max(kv.mod_revision);
+    }
+
+    /// Applies one delete.
+    pub fn delete(&mut self, keys: &Keys, key: &str, revision: Revision) {
+        match keys.parse(key) {
+            KeyKind::Instance(svc, id) => {
+                self.touch(&svc, revision);
+                self.instances.remove(&(svc, id));
+            }
+            KeyKind::Health(svc, id) => {
+                self.touch(&svc, revision);
+                self.health.remove(&(svc, id));
+            }
+            KeyKind::Config(svc) => {
+                self.touch(&svc, revision);
+                self.configs.remove(&svc);
+            }
+            KeyKind::Token(_) | KeyKind::Other => {}
+        }
+        self.revision = self.revision.max(revision);
+    }
+
+    /// Applies one watch event.
+    pub fn apply(&mut self, keys: &Keys, event: &WatchEvent) {
+        match event {
+            WatchEvent::Put(kv) => self.put(keys, kv),
+            WatchEvent::Delete { key, mod_revision } => self.delete(keys, key, *mod_revision),
+        }
+    }
+
+    /// Raises the state's revision (a watch batch may end past its last event).
+    pub fn advance(&mut self, revision: Revision) {
+        self.revision = self.revision.max(revision);
+    }
+
+    fn touch(&mut self, svc: &ServiceName, revision: Revision) {
+        let entry = self.index.entry(svc.clone()).or_insert(revision);
+        *entry = (*entry).max(revision);
+    }
+
+    /// Builds an immutable snapshot of the current state.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut services: BTreeMap<ServiceName, ServiceEntry> = BTreeMap::new();
+        for ((svc, id), (inst, rev)) in &self.instances {
+            let entry = services.entry(svc.clone()).or_default();
+            entry.instances.insert(
+                id.clone(),
+                InstanceEntry {
+                    instance: inst.clone(),
+                    health: self.health.get(&(svc.clone(), id.clone())).cloned(),
+                    mod_revision: *rev,
+                },
+            );
+        }
+        for (svc, config) in &self.configs {
+            services.entry(svc.clone()).or_default().config = Some(config.clone());
+        }
+        for (svc, entry) in services.iter_mut() {
+            entry.index = self.index.get(svc).copied().unwrap_or(self.revision);
+        }
+        Snapshot {
+            revision: self.revision,
+            built: SystemTime::now(),
+            services,
+        }
+    }
+
+    /// The blocking-query index of a service that is absent from snapshots
+    /// (deleted), if it ever existed.
+    pub fn tombstone_index(&self, svc: &ServiceName) -> Option<Revision> {
+        self.index.get(svc).copied()
+    }
+}
+
+/// The live catalog: the latest snapshot, its subscribers, and whether the
+/// watch is currently connected.
+pub struct Catalog {
+    keys: Keys,
+    current: ArcSwap<Snapshot>,
+    tx: watch::Sender<Arc<Snapshot>>,
+    synced: AtomicBool,
+    tombstones: ArcSwap<BTreeMap<ServiceName, Revision>>,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Catalog")
+            .field("revision", &self.current.load().revision)
+            .field("synced", &self.is_synced())
+            .finish()
+    }
+}
+
+/// How long the watch task waits before retrying after losing the store,
+/// doubling up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const MAX_RETRY: Duration = Duration::from_secs(2);
+
+impl Catalog {
+    /// An empty catalog over `keys`; call [`Catalog::run`] to fill it.
+    pub fn new(keys: Keys) -> Arc<Self> {
+        let empty = Arc::new(Snapshot::default());
+        let (tx, _) = watch::channel(empty.clone());
+        Arc::new(Self {
+            keys,
+            current: ArcSwap::new(empty),
+            tx,
+            synced: AtomicBool::new(false),
+            tombstones: ArcSwap::default(),
+        })
+    }
+
+    /// The key layout.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The latest snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// A receiver told of every new snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    /// Whether the watch is connected (the snapshot is current).
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    /// The blocking-query index of `svc` in the latest snapshot, taking
+    /// deleted services into account.
+    pub fn service_index(&self, svc: &ServiceName) -> Revision {
+        let snap = self.snapshot();
+        match snap.service(svc) {
+            Some(entry) => entry.index.max(1),
+            None => self
+                .tombstones
+                .load()
+                .get(svc)
+                .copied()
+                .unwrap_or(snap.revision),
+        }
+    }
+
+    /// Publishes a snapshot built from `state`.
+    pub fn publish(&self, state: &CatalogState) {
+        let snap = Arc::new(state.snapshot());
+        let tombstones: BTreeMap<ServiceName, Revision> = state
+            .index
+            .iter()
+            .filter(|(name, _)| !snap.services.contains_key(*name))
+            .map(|(n, r)| (n.clone(), *r))
+            .collect();
+        self.tombstones.store(Arc::new(tombstones));
+        self.current.store(snap.clone());
+        self.tx.send_replace(snap);
+    }
+
+    /// Waits until the first snapshot has been read from the store, or the
+    /// timeout passes. Returns whether it is synced.
+    pub async fn wait_synced(&self, timeout: Duration) -> bool {
+        let mut rx = self.subscribe();
+        let wait = async {
+            while !self.is_synced() {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(timeout, wait).await;
+        self.is_synced()
+    }
+
+    /// Keeps the catalog current from `store` until `cancel` fires: a range
+    /// read, then a watch from the next revision; on any loss, again.
+    pub async fn run(self: Arc<Self>, store: Arc<dyn Store>, cancel: CancellationToken) {
+        let mut state = CatalogState::new();
+        let mut backoff = FIRST_RETRY;
+        loop {
+            let result = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = self.sync_once(&*store, &mut state, &mut backoff) => r,
+            };
+            self.synced.store(false, Ordering::Relaxed);
+            // Tell subscribers (readiness, metrics) that we are out of sync.
+            self.tx.send_modify(|_| {});
+            match result {
+                Err(StoreError::Compacted { requested, .. }) => {
+                    tracing::info!(requested, "watch revision compacted; reading the catalog again");
+                }
+                Err(err) => tracing::warn!(%err, retry_in = ?backoff, "catalog watch lost"),
+                Ok(()) => tracing::warn!(retry_in = ?backoff, "catalog watch ended"),
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_RETRY);
+        }
+    }
+
+    async fn sync_once(
+        &self,
+        store: &dyn Store,
+        state: &mut CatalogState,
+        backoff: &mut Duration,
+    ) -> Result<(), StoreError> {
+        let prefix = self.keys.prefix().to_string();
+        let range = store.range(&prefix).await?;
+        state.reset(&self.keys, &range.kvs, range.revision);
+        let mut stream = store.watch(&prefix, range.revision + 1).await?;
+        self.synced.store(true, Ordering::Relaxed);
+        self.publish(state);
+        *backoff = FIRST_RETRY;
+        tracing::debug!(revision = range.revision, "catalog synced");
+        while let Some(batch) = stream.next().await {
+            let batch = batch?;
+            for event in &batch.events {
+                state.apply(&self.keys, event);
+            }
+            state.advance(batch.revision);
+            self.publish(state);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Registration, ServiceName};
+
+    fn kv(key: String, value: Vec<u8>, rev: Revision) -> KeyValue {
+        KeyValue {
+            key,
+            value,
+            create_revision: rev,
+            mod_revision: rev,
+            lease: None,
+        }
+    }
+
+    fn instance(svc: &str, id: &str, addr: &str) -> Instance {
+        Registration {
+            address: addr.into(),
+            port: 80,
+            ..Default::default()
+        }
+        .validate(&ServiceName::new(svc).unwrap(), &InstanceId::new(id).unwrap())
+        .unwrap()
+    }
+
+    #[test]
+    fn state_folds_puts_and_deletes() {
+        let keys = Keys::default();
+        let user = ServiceName::new("user").unwrap();
+        let u1 = InstanceId::new("u1").unwrap();
+        let mut state = CatalogState::new();
+        let inst = instance("user", "u1", "10.0.0.1");
+        state.put(
+            &keys,
+            &kv(keys.instance(&user, &u1), serde_json::to_vec(&inst).unwrap(), 5),
+        );
+        let snap = state.snapshot();
+        assert_eq!(snap.revision, 5);
+        let svc = snap.service(&user).unwrap();
+        assert_eq!(svc.index, 5);
+        assert_eq!(svc.healthy_count(), 1);
+
+        let critical = Health {
+            status: HealthStatus::Critical,
+            output: "connection refused".into(),
+            since: SystemTime::now(),
+        };
+        state.put(
+            &keys,
+            &kv(keys.health(&user, &u1), serde_json::to_vec(&critical).unwrap(), 6),
+        );
+        let snap = state.snapshot();
+        assert_eq!(snap.service(&user).unwrap().healthy_count(), 0);
+        assert_eq!(snap.service_index(&user), 6);
+
+        state.delete(&keys, &keys.instance(&user, &u1), 7);
+        state.delete(&keys, &keys.health(&user, &u1), 7);
+        let snap = state.snapshot();
+        assert!(snap.service(&user).is_none());
+        assert_eq!(state.tombstone_index(&user), Some(7));
+    }
+
+    #[test]
+    fn unreadable_records_are_skipped() {
+        let keys = Keys::default();
+        let user = ServiceName::new("user").unwrap();
+        let mut state = CatalogState::new();
+        state.put(
+            &keys,
+            &kv(keys.instance(&user, &InstanceId::new("u1").unwrap()), b"{oops".to_vec(), 3),
+        );
+        assert!(state.snapshot().services.is_empty());
+    }
+}

@@ -1,0 +1,745 @@
+//! The catalog model: services, instances, health and service settings, and
+//! the validation rules of ../shared/CONTRACT.md.
+//!
+//! Every value here is valid by construction: names are checked when they are
+//! parsed, and a [`Registration`] (what a client sends) only becomes an
+//! [`Instance`] (what is stored) through [`Registration::validate`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+/// Longest DNS label (RFC 1035 §2.3.4).
+const MAX_LABEL: usize = 63;
+
+/// Names nobody may take: `tag` is the label of tag subsets
+/// (`<tag>.tag.<svc>.Z`), so an instance or service called `tag` would make
+/// those names ambiguous.
+const RESERVED: &[&str] = &["tag"];
+
+/// Default instance weight, as in DNS SRV practice (and Consul's default).
+pub const DEFAULT_WEIGHT: u16 = 100;
+
+/// Shortest TTL a registration may ask for: below one second a heartbeat
+/// could not keep up with round trips to etcd, and etcd leases count whole
+/// seconds.
+pub const MIN_TTL: Duration = Duration::from_secs(1);
+
+/// Longest TTL: an instance that has not been heard of for a day is gone.
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Check interval when none is given: Consul's usual 10 s.
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Check timeout when none is given.
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a name was refused. Each message names the rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// The name was empty.
+    #[error("{kind} name is empty: names are DNS labels of 1 to 63 characters")]
+    Empty {
+        /// What was being named ("service", "instance", "tag", ...).
+        kind: &'static str,
+    },
+    /// The name is longer than a DNS label may be.
+    #[error("{kind} name {name:?} is {len} characters long: names are DNS labels of 1 to 63 characters")]
+    TooLong {
+        /// What was being named.
+        kind: &'static str,
+        /// The name as given.
+        name: String,
+        /// Its length.
+        len: usize,
+    },
+    /// The name holds a character outside `a-z 0-9 -`.
+    #[error("{kind} name {name:?} contains {ch:?}: names may only contain a-z, 0-9 and '-'")]
+    InvalidChar {
+        /// What was being named.
+        kind: &'static str,
+        /// The name as given.
+        name: String,
+        /// The first character that is not allowed.
+        ch: char,
+    },
+    /// The name starts or ends with a hyphen.
+    #[error("{kind} name {name:?} starts or ends with '-': names must start and end with a letter or digit")]
+    HyphenEdge {
+        /// What was being named.
+        kind: &'static str,
+        /// The name as given.
+        name: String,
+    },
+    /// The name is reserved.
+    #[error("{kind} name {name:?} is reserved: `tag` names the tag subsets in DNS (<tag>.tag.<service>)")]
+    Reserved {
+        /// What was being named.
+        kind: &'static str,
+        /// The name as given.
+        name: String,
+    },
+}
+
+/// Checks `raw` against the label rule and returns it lower-cased.
+pub fn validate_label(kind: &'static str, raw: &str) -> Result<String, NameError> {
+    let name = raw.to_ascii_lowercase();
+    if name.is_empty() {
+        return Err(NameError::Empty { kind });
+    }
+    if name.len() > MAX_LABEL {
+        return Err(NameError::TooLong {
+            kind,
+            len: name.chars().count(),
+            name: raw.to_string(),
+        });
+    }
+    if let Some(ch) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return Err(NameError::InvalidChar {
+            kind,
+            name: raw.to_string(),
+            ch,
+        });
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return Err(NameError::HyphenEdge {
+            kind,
+            name: raw.to_string(),
+        });
+    }
+    if RESERVED.contains(&name.as_str()) {
+        return Err(NameError::Reserved {
+            kind,
+            name: raw.to_string(),
+        });
+    }
+    Ok(name)
+}
+
+macro_rules! label_type {
+    ($(#[$doc:meta])* $ty:ident, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $ty(String);
+
+        impl $ty {
+            /// Validates and lower-cases `raw`.
+            pub fn new(raw: &str) -> Result<Self, NameError> {
+                validate_label($kind, raw).map(Self)
+            }
+
+            /// The name, lower-case.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = NameError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::new(s)
+            }
+        }
+
+        impl TryFrom<String> for $ty {
+            type Error = NameError;
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                Self::new(&s)
+            }
+        }
+
+        impl From<$ty> for String {
+            fn from(n: $ty) -> String {
+                n.0
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl AsRef<str> for $ty {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+label_type!(
+    /// A service name: a DNS label (`user` in `user.xingren.host`).
+    ServiceName,
+    "service"
+);
+label_type!(
+    /// An instance id, unique within its service: a DNS label
+    /// (`u1` in `u1.user.xingren.host`).
+    InstanceId,
+    "instance"
+);
+
+/// Why a registration, a check or a service config was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    /// A name broke the label rule.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// `address` is not an IP address.
+    #[error("address {0:?} is not an IP address (e.g. 10.0.0.5 or fd00::5): Signpost serves addresses, not host names")]
+    Address(String),
+    /// A port is out of range.
+    #[error("{field} {value} is out of range: ports are 1 to 65535")]
+    Port {
+        /// Which field (`port`, `ports.http`).
+        field: String,
+        /// The value given.
+        value: i64,
+    },
+    /// The weight is out of range.
+    #[error("weight {0} is out of range: weights are 1 to 65535")]
+    Weight(i64),
+    /// A duration did not parse.
+    #[error("{field} {value:?} is not a duration (write it like \"10s\", \"500ms\" or \"1m\")")]
+    Duration {
+        /// Which field.
+        field: &'static str,
+        /// The value given.
+        value: String,
+    },
+    /// The TTL is too short or too long.
+    #[error("ttl {0:?} is out of range: a ttl is 1s to 24h")]
+    TtlRange(String),
+    /// A check names neither or both of `http` and `tcp`.
+    #[error("check needs exactly one of \"http\" (a URL) or \"tcp\" (host:port)")]
+    CheckKind,
+    /// A check target is not usable.
+    #[error("check target {0:?} is not valid: {1}")]
+    CheckTarget(String, &'static str),
+    /// A check interval or timeout is out of range.
+    #[error("check {field} {value:?} is out of range: {rule}")]
+    CheckTiming {
+        /// `interval` or `timeout`.
+        field: &'static str,
+        /// The value given.
+        value: String,
+        /// The rule broken.
+        rule: &'static str,
+    },
+    /// A metadata key or value cannot be served as a TXT string.
+    #[error("meta {0:?}: {1}")]
+    Meta(String, &'static str),
+}
+
+/// Parses a humantime duration, naming the field on failure.
+pub fn parse_duration(field: &'static str, value: &str) -> Result<Duration, ValidationError> {
+    humantime::parse_duration(value.trim()).map_err(|_| ValidationError::Duration {
+        field,
+        value: value.to_string(),
+    })
+}
+
+fn port(field: impl Into<String>, value: i64) -> Result<u16, ValidationError> {
+    match u16::try_from(value) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(ValidationError::Port {
+            field: field.into(),
+            value,
+        }),
+    }
+}
+
+/// What a client sends to register an instance
+/// (`PUT /v1/services/{svc}/instances/{id}`).
+///
+/// Numbers are taken as `i64` so that `0`, `-1` and `70000` get the message of
+/// the rule they break instead of a generic parse error.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    /// The instance's IP address.
+    pub address: String,
+    /// Its main port.
+    pub port: i64,
+    /// Named ports (`{"http": 8080}`), served as `_<name>._tcp.<svc>.Z`.
+    #[serde(default)]
+    pub ports: BTreeMap<String, i64>,
+    /// Tags, served as `<tag>.tag.<svc>.Z`.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Metadata, served as TXT `key=value`.
+    #[serde(default)]
+    pub meta: BTreeMap<String, String>,
+    /// SRV weight and balancing weight, 1 to 65535.
+    #[serde(default)]
+    pub weight: Option<i64>,
+    /// Lease TTL (`"10s"`); absent means the instance stays until deregistered.
+    #[serde(default)]
+    pub ttl: Option<String>,
+    /// An active health check run by the control plane.
+    #[serde(default)]
+    pub check: Option<CheckSpec>,
+}
+
+/// A health check as a client writes it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckSpec {
+    /// `GET` this URL; 2xx is passing.
+    #[serde(default)]
+    pub http: Option<String>,
+    /// Connect to this `host:port`; a connection is passing.
+    #[serde(default)]
+    pub tcp: Option<String>,
+    /// How often (default 10s, at least 1s).
+    #[serde(default)]
+    pub interval: Option<String>,
+    /// How long a probe may take (default 2s, at most the interval).
+    #[serde(default)]
+    pub timeout: Option<String>,
+}
+
+/// What a check probes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckTarget {
+    /// An HTTP URL; 2xx is passing.
+    Http(String),
+    /// A `host:port`; an accepted connection is passing.
+    Tcp(String),
+}
+
+/// A validated health check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    /// What to probe.
+    #[serde(flatten)]
+    pub target: CheckTarget,
+    /// How often.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// How long one probe may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl CheckSpec {
+    /// Validates the check.
+    pub fn validate(&self) -> Result<Check, ValidationError> {
+        let target = match (&self.http, &self.tcp) {
+            (Some(url), None) => {
+                let uri: http::Uri = url
+                    .parse()
+                    .map_err(|_| ValidationError::CheckTarget(url.clone(), "not a URL"))?;
+                if uri.scheme_str() != Some("http") {
+                    return Err(ValidationError::CheckTarget(
+                        url.clone(),
+                        "only http:// URLs can be probed",
+                    ));
+                }
+                if uri.host().is_none() {
+                    return Err(ValidationError::CheckTarget(url.clone(), "the URL has no host"));
+                }
+                CheckTarget::Http(url.clone())
+            }
+            (None, Some(hostport)) => {
+                let ok = hostport
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+                if !ok {
+                    return Err(ValidationError::CheckTarget(
+                        hostport.clone(),
+                        "expected host:port",
+                    ));
+                }
+                CheckTarget::Tcp(hostport.clone())
+            }
+            _ => return Err(ValidationError::CheckKind),
+        };
+        let interval = match &self.interval {
+            Some(s) => parse_duration("check.interval", s)?,
+            None => DEFAULT_CHECK_INTERVAL,
+        };
+        if interval < Duration::from_secs(1) {
+            return Err(ValidationError::CheckTiming {
+                field: "interval",
+                value: self.interval.clone().unwrap_or_default(),
+                rule: "at least 1s",
+            });
+        }
+        let timeout = match &self.timeout {
+            Some(s) => parse_duration("check.timeout", s)?,
+            None => DEFAULT_CHECK_TIMEOUT.min(interval),
+        };
+        if timeout.is_zero() || timeout > interval {
+            return Err(ValidationError::CheckTiming {
+                field: "timeout",
+                value: self.timeout.clone().unwrap_or_default(),
+                rule: "more than 0 and at most the interval",
+            });
+        }
+        Ok(Check {
+            target,
+            interval,
+            timeout,
+        })
+    }
+}
+
+/// A registered instance, as stored in the catalog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// Its service.
+    pub service: ServiceName,
+    /// Its id within the service.
+    pub id: InstanceId,
+    /// Its address.
+    pub address: IpAddr,
+    /// Its main port.
+    pub port: u16,
+    /// Named ports.
+    #[serde(default)]
+    pub ports: BTreeMap<String, u16>,
+    /// Tags (DNS labels).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Metadata.
+    #[serde(default)]
+    pub meta: BTreeMap<String, String>,
+    /// Weight, 1 to 65535.
+    pub weight: u16,
+    /// Lease TTL, if the instance must heartbeat.
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Duration>,
+    /// Active health check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<Check>,
+    /// When it was registered.
+    #[serde(with = "humantime_serde")]
+    pub registered: SystemTime,
+}
+
+impl Registration {
+    /// Validates the registration for `service`/`id`.
+    pub fn validate(
+        &self,
+        service: &ServiceName,
+        id: &InstanceId,
+    ) -> Result<Instance, ValidationError> {
+        let address: IpAddr = self
+            .address
+            .trim()
+            .parse()
+            .map_err(|_| ValidationError::Address(self.address.clone()))?;
+        let main_port = port("port", self.port)?;
+        let mut ports = BTreeMap::new();
+        for (name, value) in &self.ports {
+            let label = validate_label("port", name)?;
+            ports.insert(label, port(format!("ports.{name}"), *value)?);
+        }
+        let mut tags = Vec::with_capacity(self.tags.len());
+        for tag in &self.tags {
+            let tag = validate_label("tag", tag)?;
+            if !tags.contains(&tag) {
+                tags.push(tag);
+            }
+        }
+        for (key, value) in &self.meta {
+            if key.is_empty() || key.contains('=') {
+                return Err(ValidationError::Meta(
+                    key.clone(),
+                    "keys must be non-empty and contain no '='",
+                ));
+            }
+            // One TXT character-string holds 255 bytes (RFC 1035 §3.3).
+            if key.len() + 1 + value.len() > 255 {
+                return Err(ValidationError::Meta(
+                    key.clone(),
+                    "key=value must fit in 255 bytes (one DNS TXT string)",
+                ));
+            }
+        }
+        let weight = match self.weight {
+            None => DEFAULT_WEIGHT,
+            Some(w) => match u16::try_from(w) {
+                Ok(w) if w != 0 => w,
+                _ => return Err(ValidationError::Weight(w)),
+            },
+        };
+        let ttl = match &self.ttl {
+            None => None,
+            Some(raw) => {
+                let ttl = parse_duration("ttl", raw)?;
+                if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
+                    return Err(ValidationError::TtlRange(raw.clone()));
+                }
+                Some(ttl)
+            }
+        };
+        let check = self.check.as_ref().map(CheckSpec::validate).transpose()?;
+        Ok(Instance {
+            service: service.clone(),
+            id: id.clone(),
+            address,
+            port: main_port,
+            ports,
+            tags,
+            meta: self.meta.clone(),
+            weight,
+            ttl,
+            check,
+            registered: SystemTime::now(),
+        })
+    }
+}
+
+/// Whether an instance should get traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthStatus {
+    /// It answers its check.
+    Passing,
+    /// It failed its check twice in a row.
+    Critical,
+}
+
+impl fmt::Display for HealthStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HealthStatus::Passing => "passing",
+            HealthStatus::Critical => "critical",
+        })
+    }
+}
+
+/// The result of an instance's health check, stored next to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// Passing or critical.
+    pub status: HealthStatus,
+    /// What the probe saw ("HTTP 200", "connection refused").
+    #[serde(default)]
+    pub output: String,
+    /// Since when the status holds.
+    #[serde(with = "humantime_serde")]
+    pub since: SystemTime,
+}
+
+/// How the sidecar's inbound treats connections without mesh TLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    /// Mesh TLS and plain connections on the same port; plain callers have no
+    /// identity. The default, as in Istio and Linkerd, so a service can join
+    /// the mesh before all its callers have.
+    #[default]
+    Permissive,
+    /// Mesh TLS with a client certificate only.
+    Strict,
+}
+
+/// Per-service settings (`PUT /v1/services/{svc}/config`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Services allowed to call this one; empty means any mesh identity.
+    #[serde(default)]
+    pub allow: Vec<ServiceName>,
+    /// Strict or permissive mTLS.
+    #[serde(default)]
+    pub mtls: MtlsMode,
+}
+
+/// A service token as stored (under its hash; the token itself is never stored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// The one service this token may act for.
+    pub service: ServiceName,
+    /// When it was created.
+    #[serde(with = "humantime_serde")]
+    pub created: SystemTime,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg() -> Registration {
+        Registration {
+            address: "10.0.0.5".into(),
+            port: 8080,
+            ..Default::default()
+        }
+    }
+
+    fn validate(r: &Registration) -> Result<Instance, ValidationError> {
+        r.validate(&ServiceName::new("user").unwrap(), &InstanceId::new("u1").unwrap())
+    }
+
+    #[test]
+    fn names_are_lowercased_labels() {
+        assert_eq!(ServiceName::new("User-2").unwrap().as_str(), "user-2");
+        assert!(matches!(ServiceName::new(""), Err(NameError::Empty { .. })));
+        assert!(matches!(
+            ServiceName::new(&"a".repeat(64)),
+            Err(NameError::TooLong { .. })
+        ));
+        assert!(ServiceName::new(&"a".repeat(63)).is_ok());
+        assert!(matches!(
+            ServiceName::new("user_x"),
+            Err(NameError::InvalidChar { ch: '_', .. })
+        ));
+        assert!(matches!(
+            ServiceName::new("user.x"),
+            Err(NameError::InvalidChar { ch: '.', .. })
+        ));
+        assert!(matches!(ServiceName::new("-user"), Err(NameError::HyphenEdge { .. })));
+        assert!(matches!(ServiceName::new("user-"), Err(NameError::HyphenEdge { .. })));
+        assert!(matches!(InstanceId::new("TAG"), Err(NameError::Reserved { .. })));
+        assert!(matches!(ServiceName::new("tag"), Err(NameError::Reserved { .. })));
+    }
+
+    #[test]
+    fn name_errors_name_the_rule() {
+        let msg = ServiceName::new("Bad_Name").unwrap_err().to_string();
+        assert!(msg.contains("a-z, 0-9 and '-'"), "{msg}");
+        let msg = ServiceName::new("tag").unwrap_err().to_string();
+        assert!(msg.contains("reserved"), "{msg}");
+    }
+
+    #[test]
+    fn names_deserialize_through_validation() {
+        let ok: ServiceName = serde_json::from_str("\"Order\"").unwrap();
+        assert_eq!(ok.as_str(), "order");
+        assert!(serde_json::from_str::<ServiceName>("\"a b\"").is_err());
+    }
+
+    #[test]
+    fn valid_registration_fills_defaults() {
+        let inst = validate(&reg()).unwrap();
+        assert_eq!(inst.weight, DEFAULT_WEIGHT);
+        assert_eq!(inst.ttl, None);
+        assert_eq!(inst.port, 8080);
+        assert_eq!(inst.address, "10.0.0.5".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn bad_registrations_name_their_rule() {
+        let mut r = reg();
+        r.address = "user.example".into();
+        assert!(matches!(validate(&r), Err(ValidationError::Address(_))));
+
+        for bad in [0, -1, 65536, 70000] {
+            let mut r = reg();
+            r.port = bad;
+            assert!(matches!(validate(&r), Err(ValidationError::Port { .. })), "{bad}");
+        }
+        let mut r = reg();
+        r.ports.insert("http".into(), 0);
+        assert!(matches!(validate(&r), Err(ValidationError::Port { .. })));
+        let mut r = reg();
+        r.ports.insert("h_ttp".into(), 80);
+        assert!(matches!(validate(&r), Err(ValidationError::Name(_))));
+
+        for bad in [0, -5, 65536] {
+            let mut r = reg();
+            r.weight = Some(bad);
+            assert!(matches!(validate(&r), Err(ValidationError::Weight(_))), "{bad}");
+        }
+        let mut r = reg();
+        r.weight = Some(65535);
+        assert!(validate(&r).is_ok());
+
+        for (bad, want_range) in [("500ms", true), ("0s", true), ("2d", true), ("soon", false)] {
+            let mut r = reg();
+            r.ttl = Some(bad.into());
+            match validate(&r) {
+                Err(ValidationError::TtlRange(_)) => assert!(want_range, "{bad}"),
+                Err(ValidationError::Duration { .. }) => assert!(!want_range, "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        let mut r = reg();
+        r.ttl = Some("1s".into());
+        assert_eq!(validate(&r).unwrap().ttl, Some(Duration::from_secs(1)));
+
+        let mut r = reg();
+        r.tags = vec!["v1.2".into()];
+        assert!(matches!(validate(&r), Err(ValidationError::Name(_))));
+
+        let mut r = reg();
+        r.meta.insert("a=b".into(), "c".into());
+        assert!(matches!(validate(&r), Err(ValidationError::Meta(..))));
+    }
+
+    #[test]
+    fn checks_validate() {
+        let ok = CheckSpec {
+            http: Some("http://10.0.0.5:8080/health".into()),
+            interval: Some("5s".into()),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(ok.interval, Duration::from_secs(5));
+        assert_eq!(ok.timeout, DEFAULT_CHECK_TIMEOUT);
+
+        let both = CheckSpec {
+            http: Some("http://a/".into()),
+            tcp: Some("a:1".into()),
+            ..Default::default()
+        };
+        assert_eq!(both.validate(), Err(ValidationError::CheckKind));
+        assert_eq!(CheckSpec::default().validate(), Err(ValidationError::CheckKind));
+        let bad_tcp = CheckSpec {
+            tcp: Some("nohost".into()),
+            ..Default::default()
+        };
+        assert!(matches!(bad_tcp.validate(), Err(ValidationError::CheckTarget(..))));
+        let https = CheckSpec {
+            http: Some("https://a/".into()),
+            ..Default::default()
+        };
+        assert!(matches!(https.validate(), Err(ValidationError::CheckTarget(..))));
+        let long_timeout = CheckSpec {
+            tcp: Some("a:1".into()),
+            interval: Some("1s".into()),
+            timeout: Some("5s".into()),
+            ..Default::default()
+        };
+        assert!(matches!(long_timeout.validate(), Err(ValidationError::CheckTiming { .. })));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = serde_json::from_str::<Registration>(
+            r#"{"address": "10.0.0.1", "port": 80, "colour": "red"}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn instance_round_trips_through_json() {
+        let mut r = reg();
+        r.ttl = Some("10s".into());
+        r.check = Some(CheckSpec {
+            tcp: Some("10.0.0.5:8080".into()),
+            ..Default::default()
+        });
+        let inst = validate(&r).unwrap();
+        let json = serde_json::to_string(&inst).unwrap();
+        let back: Instance = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.ttl, inst.ttl);
+        assert_eq!(back.check, inst.check);
+    }
+}

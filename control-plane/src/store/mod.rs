@@ -1,0 +1,215 @@
+//! The store: a small key-value interface with etcd's semantics (revisions,
+//! leases, watches, elections), implemented by etcd ([`EtcdStore`]) for
+//! production and in process ([`MemoryStore`]) for `--dev`.
+//!
+//! Both pass one conformance suite (`conformance.rs`), so code above this
+//! module can rely on the same behaviour from either.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::Stream;
+use tokio_util::sync::CancellationToken;
+
+mod etcd;
+mod keys;
+mod memory;
+
+#[cfg(any(test, feature = "test-support"))]
+pub mod conformance;
+
+pub use etcd::{EtcdOptions, EtcdStore};
+pub use keys::{KeyKind, Keys};
+pub use memory::MemoryStore;
+
+/// A store revision: etcd's cluster-wide counter, bumped by every write.
+pub type Revision = i64;
+
+/// A lease id. Keys put under a lease vanish when it expires or is revoked.
+pub type LeaseId = i64;
+
+/// One key and its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    /// The full key.
+    pub key: String,
+    /// The value bytes.
+    pub value: Vec<u8>,
+    /// Revision of the write that created it.
+    pub create_revision: Revision,
+    /// Revision of its last write.
+    pub mod_revision: Revision,
+    /// The lease it lives under, if any.
+    pub lease: Option<LeaseId>,
+}
+
+/// A consistent read of every key under a prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeResult {
+    /// Keys in key order.
+    pub kvs: Vec<KeyValue>,
+    /// The store revision the read saw.
+    pub revision: Revision,
+}
+
+/// One change seen by a watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// A key was created or changed.
+    Put(KeyValue),
+    /// A key was deleted (explicitly, or by lease expiry or revocation).
+    Delete {
+        /// The key.
+        key: String,
+        /// Revision of the deletion.
+        mod_revision: Revision,
+    },
+}
+
+/// The events of one or more revisions, delivered together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchBatch {
+    /// Highest revision covered by this batch.
+    pub revision: Revision,
+    /// Events in revision order.
+    pub events: Vec<WatchEvent>,
+}
+
+/// A stream of watch batches. It ends (or yields an error) when the watch is
+/// lost; the caller then reads the range again and watches anew.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchBatch, StoreError>> + Send>>;
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// No endpoint of the store could be reached.
+    #[error("the store is unreachable: {0}")]
+    Unavailable(String),
+    /// The operation did not finish in time (the store is slow or partitioned).
+    #[error("the store did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The lease has expired or was revoked.
+    #[error("lease {0:x} not found: it expired or was revoked")]
+    LeaseNotFound(LeaseId),
+    /// A watch asked for a revision the store has compacted away.
+    #[error("revision {requested} has been compacted (oldest kept: {compact_revision})")]
+    Compacted {
+        /// The revision asked for.
+        requested: Revision,
+        /// The oldest revision still available.
+        compact_revision: Revision,
+    },
+    /// Anything else the store reported.
+    #[error("store error: {0}")]
+    Other(String),
+}
+
+impl StoreError {
+    /// Whether the failure means "the store cannot be reached now" (as
+    /// opposed to a refusal of this particular request). The API answers 503
+    /// for these.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Timeout(_))
+    }
+}
+
+/// Held leadership of an election. Dropping it resigns.
+pub struct Leadership {
+    /// Cancelled when leadership is lost (the lease could not be kept alive,
+    /// or the store went away). The holder must stop acting as leader.
+    pub lost: CancellationToken,
+    /// Resigns on drop.
+    _guard: Box<dyn Send + Sync>,
+}
+
+impl Leadership {
+    /// Builds a leadership whose `guard` resigns when dropped.
+    pub fn new(lost: CancellationToken, guard: Box<dyn Send + Sync>) -> Self {
+        Self {
+            lost,
+            _guard: guard,
+        }
+    }
+}
+
+impl std::fmt::Debug for Leadership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leadership")
+            .field("lost", &self.lost.is_cancelled())
+            .finish()
+    }
+}
+
+/// A key-value store with etcd's semantics.
+///
+/// Every method is bounded in time: an implementation answers
+/// [`StoreError::Unavailable`] or [`StoreError::Timeout`] within a few
+/// seconds when the store cannot be reached, never hangs.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Reads one key.
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
+
+    /// Reads every key under `prefix`, with the revision of the read.
+    async fn range(&self, prefix: &str) -> Result<RangeResult, StoreError>;
+
+    /// Writes `key`, under `lease` if given. Returns the new revision.
+    /// A lease that does not exist gives [`StoreError::LeaseNotFound`].
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<Revision, StoreError>;
+
+    /// Writes `key` only if `guard` exists, atomically. Returns whether it
+    /// wrote. Used so that a health result never outlives its instance.
+    async fn put_if_present(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+        guard: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// Deletes the keys, atomically. Returns how many existed.
+    async fn delete(&self, keys: &[String]) -> Result<usize, StoreError>;
+
+    /// Grants a lease. `ttl` is rounded up to whole seconds (at least one).
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError>;
+
+    /// Renews a lease once; returns the TTL it was renewed to.
+    /// An expired or revoked lease gives [`StoreError::LeaseNotFound`].
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError>;
+
+    /// Revokes a lease, deleting every key under it. Revoking a lease that is
+    /// already gone is not an error.
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError>;
+
+    /// Watches every key under `prefix`, starting at revision `from`
+    /// (inclusive). A compacted `from` gives [`StoreError::Compacted`], either
+    /// at once or as the stream's first item.
+    async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError>;
+
+    /// Compacts history up to `revision`.
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError>;
+
+    /// Campaigns in election `name` as `candidate`, waiting until elected.
+    /// Leadership lives under a lease of `ttl`, kept alive in the background.
+    async fn campaign(
+        &self,
+        name: &str,
+        candidate: &str,
+        ttl: Duration,
+    ) -> Result<Leadership, StoreError>;
+
+    /// Checks that the store answers; returns its current revision.
+    async fn ping(&self) -> Result<Revision, StoreError>;
+}
+
+/// Rounds a TTL up to whole seconds, at least one (etcd leases count seconds).
+pub fn lease_seconds(ttl: Duration) -> i64 {
+    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    i64::try_from(secs.max(1)).unwrap_or(i64::MAX)
+}
