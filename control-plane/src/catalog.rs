@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::model::{Health, HealthStatus, Instance, InstanceId, ServiceConfig, ServiceName};
-use crate::store::{KeyKind, KeyValue, Keys, Revision, Store, StoreError, WatchEvent};
+use crate::store::{KeyKind, KeyValue, Keys, LeaseId, Revision, Store, StoreError, WatchEvent};
 
 /// One instance with its health, as of a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +31,8 @@ pub struct InstanceEntry {
     pub health: Option<Health>,
     /// Revision of the instance record's last write.
     pub mod_revision: Revision,
+    /// The lease the record lives under (TTL registrations).
+    pub lease: Option<LeaseId>,
 }
 
 impl InstanceEntry {
@@ -118,7 +120,7 @@ impl Snapshot {
 /// (and the DNS crate's tests) can build snapshots without a store.
 #[derive(Debug, Clone, Default)]
 pub struct CatalogState {
-    instances: BTreeMap<(ServiceName, InstanceId), (Instance, Revision)>,
+    instances: BTreeMap<(ServiceName, InstanceId), (Instance, Revision, Option<LeaseId>)>,
     health: BTreeMap<(ServiceName, InstanceId), Health>,
     configs: BTreeMap<ServiceName, ServiceConfig>,
     /// Last revision that touched each service, kept after the service is
@@ -154,23 +156,30 @@ impl CatalogState {
             KeyKind::Instance(svc, id) => match serde_json::from_slice::<Instance>(&kv.value) {
                 Ok(inst) => {
                     self.touch(&svc, kv.mod_revision);
-                    self.instances.insert((svc, id), (inst, kv.mod_revision));
+                    self.instances
+                        .insert((svc, id), (inst, kv.mod_revision, kv.lease));
                 }
-                Err(err) => tracing::warn!(key = %kv.key, %err, "ignoring unreadable instance record"),
+                Err(err) => {
+                    tracing::warn!(key = %kv.key, %err, "ignoring unreadable instance record")
+                }
             },
             KeyKind::Health(svc, id) => match serde_json::from_slice::<Health>(&kv.value) {
                 Ok(h) => {
                     self.touch(&svc, kv.mod_revision);
                     self.health.insert((svc, id), h);
                 }
-                Err(err) => tracing::warn!(key = %kv.key, %err, "ignoring unreadable health record"),
+                Err(err) => {
+                    tracing::warn!(key = %kv.key, %err, "ignoring unreadable health record")
+                }
             },
             KeyKind::Config(svc) => match serde_json::from_slice::<ServiceConfig>(&kv.value) {
                 Ok(c) => {
                     self.touch(&svc, kv.mod_revision);
                     self.configs.insert(svc, c);
                 }
-                Err(err) => tracing::warn!(key = %kv.key, %err, "ignoring unreadable service config"),
+                Err(err) => {
+                    tracing::warn!(key = %kv.key, %err, "ignoring unreadable service config")
+                }
             },
             KeyKind::Token(_) | KeyKind::Other => {}
         }
@@ -218,7 +227,7 @@ impl CatalogState {
     /// Builds an immutable snapshot of the current state.
     pub fn snapshot(&self) -> Snapshot {
         let mut services: BTreeMap<ServiceName, ServiceEntry> = BTreeMap::new();
-        for ((svc, id), (inst, rev)) in &self.instances {
+        for ((svc, id), (inst, rev, lease)) in &self.instances {
             let entry = services.entry(svc.clone()).or_default();
             entry.instances.insert(
                 id.clone(),
@@ -226,6 +235,7 @@ impl CatalogState {
                     instance: inst.clone(),
                     health: self.health.get(&(svc.clone(), id.clone())).cloned(),
                     mod_revision: *rev,
+                    lease: *lease,
                 },
             );
         }
@@ -366,7 +376,10 @@ impl Catalog {
             self.tx.send_modify(|_| {});
             match result {
                 Err(StoreError::Compacted { requested, .. }) => {
-                    tracing::info!(requested, "watch revision compacted; reading the catalog again");
+                    tracing::info!(
+                        requested,
+                        "watch revision compacted; reading the catalog again"
+                    );
                 }
                 Err(err) => tracing::warn!(%err, retry_in = ?backoff, "catalog watch lost"),
                 Ok(()) => tracing::warn!(retry_in = ?backoff, "catalog watch ended"),
@@ -426,7 +439,10 @@ mod tests {
             port: 80,
             ..Default::default()
         }
-        .validate(&ServiceName::new(svc).unwrap(), &InstanceId::new(id).unwrap())
+        .validate(
+            &ServiceName::new(svc).unwrap(),
+            &InstanceId::new(id).unwrap(),
+        )
         .unwrap()
     }
 
@@ -439,7 +455,11 @@ mod tests {
         let inst = instance("user", "u1", "10.0.0.1");
         state.put(
             &keys,
-            &kv(keys.instance(&user, &u1), serde_json::to_vec(&inst).unwrap(), 5),
+            &kv(
+                keys.instance(&user, &u1),
+                serde_json::to_vec(&inst).unwrap(),
+                5,
+            ),
         );
         let snap = state.snapshot();
         assert_eq!(snap.revision, 5);
@@ -454,7 +474,11 @@ mod tests {
         };
         state.put(
             &keys,
-            &kv(keys.health(&user, &u1), serde_json::to_vec(&critical).unwrap(), 6),
+            &kv(
+                keys.health(&user, &u1),
+                serde_json::to_vec(&critical).unwrap(),
+                6,
+            ),
         );
         let snap = state.snapshot();
         assert_eq!(snap.service(&user).unwrap().healthy_count(), 0);
@@ -474,7 +498,11 @@ mod tests {
         let mut state = CatalogState::new();
         state.put(
             &keys,
-            &kv(keys.instance(&user, &InstanceId::new("u1").unwrap()), b"{oops".to_vec(), 3),
+            &kv(
+                keys.instance(&user, &InstanceId::new("u1").unwrap()),
+                b"{oops".to_vec(),
+                3,
+            ),
         );
         assert!(state.snapshot().services.is_empty());
     }

@@ -10,6 +10,13 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod api;
 pub mod catalog;
+pub mod client;
+pub mod health;
 pub mod model;
+pub mod server;
 pub mod store;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
+pub mod tokens;

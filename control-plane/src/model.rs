@@ -48,7 +48,9 @@ pub enum NameError {
         kind: &'static str,
     },
     /// The name is longer than a DNS label may be.
-    #[error("{kind} name {name:?} is {len} characters long: names are DNS labels of 1 to 63 characters")]
+    #[error(
+        "{kind} name {name:?} is {len} characters long: names are DNS labels of 1 to 63 characters"
+    )]
     TooLong {
         /// What was being named.
         kind: &'static str,
@@ -68,7 +70,9 @@ pub enum NameError {
         ch: char,
     },
     /// The name starts or ends with a hyphen.
-    #[error("{kind} name {name:?} starts or ends with '-': names must start and end with a letter or digit")]
+    #[error(
+        "{kind} name {name:?} starts or ends with '-': names must start and end with a letter or digit"
+    )]
     HyphenEdge {
         /// What was being named.
         kind: &'static str,
@@ -76,7 +80,9 @@ pub enum NameError {
         name: String,
     },
     /// The name is reserved.
-    #[error("{kind} name {name:?} is reserved: `tag` names the tag subsets in DNS (<tag>.tag.<service>)")]
+    #[error(
+        "{kind} name {name:?} is reserved: `tag` names the tag subsets in DNS (<tag>.tag.<service>)"
+    )]
     Reserved {
         /// What was being named.
         kind: &'static str,
@@ -195,7 +201,9 @@ pub enum ValidationError {
     #[error(transparent)]
     Name(#[from] NameError),
     /// `address` is not an IP address.
-    #[error("address {0:?} is not an IP address (e.g. 10.0.0.5 or fd00::5): Signpost serves addresses, not host names")]
+    #[error(
+        "address {0:?} is not an IP address (e.g. 10.0.0.5 or fd00::5): Signpost serves addresses, not host names"
+    )]
     Address(String),
     /// A port is out of range.
     #[error("{field} {value} is out of range: ports are 1 to 65535")]
@@ -347,7 +355,10 @@ impl CheckSpec {
                     ));
                 }
                 if uri.host().is_none() {
-                    return Err(ValidationError::CheckTarget(url.clone(), "the URL has no host"));
+                    return Err(ValidationError::CheckTarget(
+                        url.clone(),
+                        "the URL has no host",
+                    ));
                 }
                 CheckTarget::Http(url.clone())
             }
@@ -418,7 +429,11 @@ pub struct Instance {
     /// Weight, 1 to 65535.
     pub weight: u16,
     /// Lease TTL, if the instance must heartbeat.
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ttl: Option<Duration>,
     /// Active health check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -582,7 +597,10 @@ mod tests {
     }
 
     fn validate(r: &Registration) -> Result<Instance, ValidationError> {
-        r.validate(&ServiceName::new("user").unwrap(), &InstanceId::new("u1").unwrap())
+        r.validate(
+            &ServiceName::new("user").unwrap(),
+            &InstanceId::new("u1").unwrap(),
+        )
     }
 
     #[test]
@@ -602,10 +620,22 @@ mod tests {
             ServiceName::new("user.x"),
             Err(NameError::InvalidChar { ch: '.', .. })
         ));
-        assert!(matches!(ServiceName::new("-user"), Err(NameError::HyphenEdge { .. })));
-        assert!(matches!(ServiceName::new("user-"), Err(NameError::HyphenEdge { .. })));
-        assert!(matches!(InstanceId::new("TAG"), Err(NameError::Reserved { .. })));
-        assert!(matches!(ServiceName::new("tag"), Err(NameError::Reserved { .. })));
+        assert!(matches!(
+            ServiceName::new("-user"),
+            Err(NameError::HyphenEdge { .. })
+        ));
+        assert!(matches!(
+            ServiceName::new("user-"),
+            Err(NameError::HyphenEdge { .. })
+        ));
+        assert!(matches!(
+            InstanceId::new("TAG"),
+            Err(NameError::Reserved { .. })
+        ));
+        assert!(matches!(
+            ServiceName::new("tag"),
+            Err(NameError::Reserved { .. })
+        ));
     }
 
     #[test]
@@ -641,7 +671,10 @@ mod tests {
         for bad in [0, -1, 65536, 70000] {
             let mut r = reg();
             r.port = bad;
-            assert!(matches!(validate(&r), Err(ValidationError::Port { .. })), "{bad}");
+            assert!(
+                matches!(validate(&r), Err(ValidationError::Port { .. })),
+                "{bad}"
+            );
         }
         let mut r = reg();
         r.ports.insert("http".into(), 0);
@@ -653,7 +686,10 @@ mod tests {
         for bad in [0, -5, 65536] {
             let mut r = reg();
             r.weight = Some(bad);
-            assert!(matches!(validate(&r), Err(ValidationError::Weight(_))), "{bad}");
+            assert!(
+                matches!(validate(&r), Err(ValidationError::Weight(_))),
+                "{bad}"
+            );
         }
         let mut r = reg();
         r.weight = Some(65535);
@@ -699,24 +735,36 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(both.validate(), Err(ValidationError::CheckKind));
-        assert_eq!(CheckSpec::default().validate(), Err(ValidationError::CheckKind));
+        assert_eq!(
+            CheckSpec::default().validate(),
+            Err(ValidationError::CheckKind)
+        );
         let bad_tcp = CheckSpec {
             tcp: Some("nohost".into()),
             ..Default::default()
         };
-        assert!(matches!(bad_tcp.validate(), Err(ValidationError::CheckTarget(..))));
+        assert!(matches!(
+            bad_tcp.validate(),
+            Err(ValidationError::CheckTarget(..))
+        ));
         let https = CheckSpec {
             http: Some("https://a/".into()),
             ..Default::default()
         };
-        assert!(matches!(https.validate(), Err(ValidationError::CheckTarget(..))));
+        assert!(matches!(
+            https.validate(),
+            Err(ValidationError::CheckTarget(..))
+        ));
         let long_timeout = CheckSpec {
             tcp: Some("a:1".into()),
             interval: Some("1s".into()),
             timeout: Some("5s".into()),
             ..Default::default()
         };
-        assert!(matches!(long_timeout.validate(), Err(ValidationError::CheckTiming { .. })));
+        assert!(matches!(
+            long_timeout.validate(),
+            Err(ValidationError::CheckTiming { .. })
+        ));
     }
 
     #[test]

@@ -4,5 +4,52 @@
 //! catalog snapshot (never calling the store per query) and for forwarding
 //! names outside the zone to upstream resolvers, so that a host can put it in
 //! resolv.conf. It does not talk to etcd itself: it is handed a catalog.
+//!
+//! Every snapshot the [`Catalog`](signpost_control_plane::catalog::Catalog)
+//! publishes is turned into an index of ready-made record sets (one hash
+//! lookup per query); hickory-server runs the UDP receive loops (several
+//! sockets sharing the port with SO_REUSEPORT) and the TCP listener.
+//!
+//! Decisions a user can observe, beyond ../shared/CONTRACT.md:
+//!
+//! - `<id>.<svc>.Z` answers the instance's address whatever its health (the
+//!   name picks one instance); the service, tag and port names list healthy
+//!   instances only. A name exists while any instance carries it, so an
+//!   all-unhealthy service or tag is NODATA, not NXDOMAIN.
+//! - Reverse names of instance addresses answer PTR with AA set. Any other
+//!   reverse name (or another type at a known one) is treated like every
+//!   name outside the zone: forwarded for clients allowed to recurse that
+//!   set RD, REFUSED otherwise.
+//! - UDP answers are capped at the client's EDNS size and at
+//!   [`DnsConfig::max_udp_payload`] (1232 by default), 512 without EDNS.
+//!   When records must be left out, the ones kept are drawn by weight; TC
+//!   is set only when not even one record fits.
+//! - Zone transfers and classes other than IN are REFUSED, other opcodes
+//!   NOTIMP, several questions FORMERR, EDNS versions above 0 BADVERS.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
+#![warn(missing_docs)]
+
+mod config;
+mod error;
+mod forward;
+mod handler;
+mod index;
+mod metrics;
+mod name;
+mod response;
+mod select;
+mod server;
+
+#[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
+mod table_tests;
+
+pub use config::{
+    DEFAULT_FORWARD_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_UDP_PAYLOAD, DEFAULT_TCP_IDLE_TIMEOUT,
+    DEFAULT_TTL, DEFAULT_ZONE, DnsConfig, default_allow_recursion, default_upstreams,
+    parse_resolv_conf,
+};
+pub use error::DnsError;
+pub use server::DnsServer;

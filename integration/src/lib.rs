@@ -1,7 +1,193 @@
 //! End-to-end test support.
 //!
 //! This crate holds the end-to-end tests (in `tests/`) that start a real etcd,
-//! real `signpost` processes and real clients, plus the helpers they share.
-//! It is never shipped.
+//! real `signpost` processes and real clients, plus the helpers they share:
+//! finding the built binary, starting and stopping processes on free loopback
+//! ports, running `dig`, and polling with a deadline. It is never shipped.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use signpost_control_plane::testing::EtcdProcess;
+
+/// The `signpost` binary built by `cargo build` (the test command builds it
+/// before running tests). `SIGNPOST_BIN` overrides.
+pub fn signpost_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("SIGNPOST_BIN") {
+        return PathBuf::from(path);
+    }
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| manifest.join("..").join("target"));
+    let bin = target.join("debug").join("signpost");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --bins` (./integration/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A loopback port free for both TCP and UDP right now.
+pub fn free_port() -> u16 {
+    for _ in 0..100 {
+        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind a loopback TCP port");
+        let port = tcp.local_addr().expect("local addr").port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no loopback port free for both TCP and UDP");
+}
+
+/// A child process killed (SIGKILL) when dropped, with its output in a log
+/// file that is printed when a test fails.
+pub struct Process {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts `bin args...` with stdout and stderr into `dir/<name>.log`.
+    pub fn spawn(name: &str, bin: &Path, args: &[String], dir: &Path) -> Process {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("create log file");
+        let err = file.try_clone().expect("clone log file");
+        let child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        Process {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// What it printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for it to exit; returns its exit
+    /// code.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Kills it now.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let mut stderr = std::io::stderr();
+            let _ = writeln!(stderr, "----- {} log -----\n{}", self.name, self.output());
+        }
+    }
+}
+
+/// Runs `dig` with `args` (adding `+time=2 +tries=1` so it never hangs) and
+/// returns its stdout. Fails the test with a clear message when dig is
+/// missing.
+pub fn dig(args: &[&str]) -> String {
+    let out = Command::new("dig")
+        .args(args)
+        .args(["+time=2", "+tries=1"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run dig ({e}): apt-get install bind9-dnsutils"));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `dig +short` answers for `name` of `qtype` at `server`, sorted.
+pub fn dig_short(server: SocketAddr, name: &str, qtype: &str, tcp: bool) -> Vec<String> {
+    let at = format!("@{}", server.ip());
+    let port = server.port().to_string();
+    let mut args = vec![at.as_str(), "-p", port.as_str(), name, qtype, "+short"];
+    if tcp {
+        args.push("+tcp");
+    }
+    let mut lines: Vec<String> = dig(&args)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with(';'))
+        .map(String::from)
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// Polls `f` every 50 ms until it returns true or `timeout` passes; panics
+/// with `what` on timeout.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `url` answers 200, or panics after `timeout`.
+pub async fn wait_http_ok(url: &str, timeout: Duration) {
+    let http = reqwest::Client::new();
+    eventually(&format!("{url} answers 200"), timeout, || async {
+        http.get(url)
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+}

@@ -1,6 +1,52 @@
-//! etcd store. PLACEHOLDER: being implemented.
+//! The production store: etcd through `etcd-client`.
+//!
+//! # Connecting and failing over
+//!
+//! [`EtcdStore::connect`] checks the endpoint URLs but does not touch the
+//! network: etcd-client's channels connect lazily, on the first request. So
+//! a control plane starts while etcd is still down and answers 503
+//! ([`StoreError::is_unavailable`]) until etcd comes.
+//!
+//! etcd-client spreads requests over every endpoint it is given, but does not
+//! steer away from a dead one. So the store talks to **one** endpoint at a
+//! time; when an operation fails because that endpoint is unreachable or
+//! slow, it rebuilds the client on the next endpoint (a fresh connection,
+//! bounded by `connect_timeout`) and retries, within the operation's
+//! `op_timeout` budget. Retrying is safe: puts write the same value, deletes
+//! and keep-alives are idempotent, and a retried lease grant at worst leaks a
+//! lease that nobody renews, which etcd expires after its TTL.
+//!
+//! # Bounded time
+//!
+//! Every operation is bounded by `op_timeout` with `tokio::time::timeout`,
+//! so callers never hang when etcd is down or partitioned; the exceptions
+//! are the long-lived calls: a watch stream (its start is bounded; a dead
+//! connection is then detected by HTTP/2 keep-alive) and `campaign`, which
+//! waits for leadership by design but gives up when its lease cannot be
+//! renewed for a TTL.
 
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaderKey, PutOptions,
+    ResignOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchResponse,
+};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+use super::{
+    KeyValue, Leadership, LeaseId, RangeResult, Revision, Store, StoreError, WatchBatch,
+    WatchEvent, WatchStream, lease_seconds,
+};
+
+/// The key `ping` reads: any key works, a count-only read of one key is the
+/// cheapest request that still needs a leader (it is linearizable).
+const PING_KEY: &str = "\0signpost/ping";
 
 /// How to reach etcd.
 #[derive(Debug, Clone)]
@@ -13,6 +59,921 @@ pub struct EtcdOptions {
     pub op_timeout: Duration,
 }
 
-/// The etcd-backed store.
-#[derive(Debug)]
-pub struct EtcdStore {}
+impl Default for EtcdOptions {
+    /// etcd's default local endpoint; 1 s to connect (a loopback or LAN
+    /// connect takes milliseconds, so longer only delays failover) and 3 s
+    /// per operation (a healthy cluster answers in milliseconds; 3 s rides
+    /// out a leader election, which takes about one election timeout, 1 s).
+    fn default() -> Self {
+        Self {
+            endpoints: vec!["http://127.0.0.1:2379".to_string()],
+            connect_timeout: Duration::from_secs(1),
+            op_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// The etcd-backed store. Cloning gives another handle to the same
+/// connection.
+#[derive(Clone)]
+pub struct EtcdStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let current = self
+            .inner
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.inner.opts.endpoints)
+            .field("current", &self.inner.opts.endpoints.get(current.index))
+            .finish()
+    }
+}
+
+struct Inner {
+    opts: EtcdOptions,
+    current: Mutex<Current>,
+}
+
+/// The client in use. `generation` changes with every failover, so that
+/// several operations failing at once move to the next endpoint only once.
+struct Current {
+    generation: u64,
+    index: usize,
+    client: Client,
+}
+
+impl EtcdStore {
+    /// A store on `opts.endpoints`. Does not wait for etcd: it fails only
+    /// for a configuration error (no endpoint, or an invalid URL).
+    pub async fn connect(opts: EtcdOptions) -> Result<Self, StoreError> {
+        if opts.endpoints.is_empty() {
+            return Err(StoreError::Other("no etcd endpoint given".to_string()));
+        }
+        // Build a client for every endpoint once, so a bad URL is reported
+        // now rather than at failover time. Building does no I/O.
+        let mut first = None;
+        for endpoint in &opts.endpoints {
+            let client = build_client(endpoint, &opts).await?;
+            first.get_or_insert(client);
+        }
+        let client = first.ok_or_else(|| StoreError::Other("no etcd endpoint given".into()))?;
+        tracing::debug!(endpoints = ?opts.endpoints, "etcd store ready (connects lazily)");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                opts,
+                current: Mutex::new(Current {
+                    generation: 0,
+                    index: 0,
+                    client,
+                }),
+            }),
+        })
+    }
+
+    /// The options this store was built with.
+    pub fn options(&self) -> &EtcdOptions {
+        &self.inner.opts
+    }
+}
+
+/// Connection options for one endpoint.
+///
+/// No per-request `with_timeout`: it would also cut long-lived calls (a
+/// campaign waiting for leadership); `tokio::time::timeout` bounds each
+/// operation instead. HTTP/2 keep-alive every 10 s detects a dead connection
+/// under a watch; not more often, and not while idle, because etcd hangs up
+/// on clients that ping more than every 5 s or without an open stream.
+fn connect_options(opts: &EtcdOptions) -> ConnectOptions {
+    ConnectOptions::new()
+        .with_connect_timeout(opts.connect_timeout)
+        .with_keep_alive(Duration::from_secs(10), opts.op_timeout)
+        .with_keep_alive_while_idle(false)
+        // A member cut off from its cluster refuses watches and keep-alives
+        // instead of serving stale data; we then fail over.
+        .with_require_leader(true)
+}
+
+async fn build_client(endpoint: &str, opts: &EtcdOptions) -> Result<Client, StoreError> {
+    let connect = Client::connect([endpoint], Some(connect_options(opts)));
+    match tokio::time::timeout(opts.connect_timeout, connect).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => Err(StoreError::Other(format!(
+            "invalid etcd endpoint {endpoint:?}: {e}"
+        ))),
+        Err(_) => Err(StoreError::Timeout(opts.connect_timeout)),
+    }
+}
+
+/// Maps an etcd-client error; lease-specific codes are mapped by callers.
+fn map_err(e: etcd_client::Error) -> StoreError {
+    use etcd_client::Error as E;
+    match e {
+        E::GRpcStatus(status) => match status.code() {
+            // Unavailable: refused connections, no leader, etcd's own
+            // "request timed out". Cancelled and Unknown: a connection torn
+            // down mid-request. All mean "try again, maybe elsewhere".
+            Code::Unavailable | Code::Cancelled | Code::Unknown => {
+                StoreError::Unavailable(status.message().to_string())
+            }
+            Code::DeadlineExceeded => {
+                StoreError::Unavailable(format!("etcd deadline exceeded: {}", status.message()))
+            }
+            _ => StoreError::Other(format!("{:?}: {}", status.code(), status.message())),
+        },
+        E::TransportError(_) | E::IoError(_) => StoreError::Unavailable(e.to_string()),
+        other => StoreError::Other(other.to_string()),
+    }
+}
+
+/// Maps an error of a request naming `lease`: etcd answers NotFound for a
+/// lease that expired or was revoked.
+fn map_lease_err(e: etcd_client::Error, lease: LeaseId) -> StoreError {
+    match &e {
+        etcd_client::Error::GRpcStatus(status) if status.code() == Code::NotFound => {
+            StoreError::LeaseNotFound(lease)
+        }
+        _ => map_err(e),
+    }
+}
+
+fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> Result<Revision, StoreError> {
+    header
+        .map(|h| h.revision())
+        .ok_or_else(|| StoreError::Other("etcd response without a header".to_string()))
+}
+
+fn to_key_value(kv: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        // Keys written by Signpost are UTF-8; anything else is someone
+        // else's key and is classified as `Other` above us anyway.
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: kv.value().to_vec(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+        lease: (kv.lease() != 0).then_some(kv.lease()),
+    }
+}
+
+impl Inner {
+    fn client(&self) -> (u64, Client) {
+        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        (current.generation, current.client.clone())
+    }
+
+    /// Moves to the next endpoint with a fresh connection, unless another
+    /// operation already did since `failed` was handed out.
+    async fn fail_over(&self, failed: u64) {
+        let next = {
+            let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+            if current.generation != failed {
+                return;
+            }
+            (current.index + 1) % self.opts.endpoints.len()
+        };
+        let endpoint = &self.opts.endpoints[next];
+        match build_client(endpoint, &self.opts).await {
+            Ok(client) => {
+                let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+                if current.generation == failed {
+                    *current = Current {
+                        generation: failed + 1,
+                        index: next,
+                        client,
+                    };
+                    tracing::info!(endpoint = %endpoint, "etcd: switched endpoint");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(endpoint = %endpoint, error = %e, "etcd: cannot switch endpoint")
+            }
+        }
+    }
+
+    /// Runs `op` on the current client, failing over and retrying while it
+    /// reports the store unreachable, all within `op_timeout`.
+    async fn run<T, F, Fut>(&self, what: &'static str, mut op: F) -> Result<T, StoreError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let budget = self.opts.op_timeout;
+        let deadline = Instant::now() + budget;
+        // One try per endpoint, plus one so that a single endpoint gets a
+        // retry on a fresh connection (e.g. right after etcd restarted).
+        let attempts = self.opts.endpoints.len() + 1;
+        let mut last = StoreError::Timeout(budget);
+        for attempt in 1..=attempts {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            // Keep half of what is left for the next endpoint, unless this
+            // is the last try: a hung endpoint must not eat the whole budget.
+            let slice = if attempt == attempts {
+                deadline - now
+            } else {
+                (deadline - now) / 2
+            };
+            let (generation, client) = self.client();
+            match tokio::time::timeout(slice, op(client)).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if e.is_unavailable() => {
+                    tracing::debug!(op = what, attempt, error = %e, "etcd: unreachable, failing over");
+                    last = e;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    tracing::debug!(op = what, attempt, ?slice, "etcd: slow, failing over");
+                    last = StoreError::Timeout(budget);
+                }
+            }
+            self.fail_over(generation).await;
+        }
+        tracing::warn!(op = what, error = %last, "etcd operation failed");
+        Err(last)
+    }
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        self.inner
+            .run("get", |mut c| async move {
+                let resp = c.get(key, None).await.map_err(map_err)?;
+                Ok(resp.kvs().first().map(to_key_value))
+            })
+            .await
+    }
+
+    async fn range(&self, prefix: &str) -> Result<RangeResult, StoreError> {
+        self.inner
+            .run("range", |mut c| async move {
+                let resp = c
+                    .get(prefix, Some(GetOptions::new().with_prefix()))
+                    .await
+                    .map_err(map_err)?;
+                // etcd returns keys in key order by default.
+                Ok(RangeResult {
+                    kvs: resp.kvs().iter().map(to_key_value).collect(),
+                    revision: header_revision(resp.header())?,
+                })
+            })
+            .await
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<Revision, StoreError> {
+        let value = &value;
+        self.inner
+            .run("put", |mut c| async move {
+                let opts = lease.map(|l| PutOptions::new().with_lease(l));
+                let resp = c
+                    .put(key, value.clone(), opts)
+                    .await
+                    .map_err(|e| match lease {
+                        Some(l) => map_lease_err(e, l),
+                        None => map_err(e),
+                    })?;
+                header_revision(resp.header())
+            })
+            .await
+    }
+
+    async fn put_if_present(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+        guard: &str,
+    ) -> Result<bool, StoreError> {
+        let value = &value;
+        self.inner
+            .run("put_if_present", |mut c| async move {
+                let opts = lease.map(|l| PutOptions::new().with_lease(l));
+                // "The guard exists" is "its create revision is above 0".
+                let txn = Txn::new()
+                    .when([Compare::create_revision(guard, CompareOp::Greater, 0)])
+                    .and_then([TxnOp::put(key, value.clone(), opts)]);
+                let resp = c.txn(txn).await.map_err(|e| match lease {
+                    Some(l) => map_lease_err(e, l),
+                    None => map_err(e),
+                })?;
+                Ok(resp.succeeded())
+            })
+            .await
+    }
+
+    async fn delete(&self, keys: &[String]) -> Result<usize, StoreError> {
+        // etcd refuses a txn touching one key twice.
+        let unique: BTreeSet<&String> = keys.iter().collect();
+        if unique.is_empty() {
+            return Ok(0);
+        }
+        let unique = &unique;
+        self.inner
+            .run("delete", |mut c| async move {
+                let ops: Vec<TxnOp> = unique
+                    .iter()
+                    .map(|k| TxnOp::delete(k.as_str(), None))
+                    .collect();
+                let resp = c.txn(Txn::new().and_then(ops)).await.map_err(map_err)?;
+                let deleted: i64 = resp
+                    .op_responses()
+                    .iter()
+                    .map(|r| match r {
+                        TxnOpResponse::Delete(d) => d.deleted(),
+                        _ => 0,
+                    })
+                    .sum();
+                Ok(usize::try_from(deleted).unwrap_or(0))
+            })
+            .await
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        let secs = lease_seconds(ttl);
+        // A retry after a lost answer may grant a second lease; the first
+        // is never renewed and etcd expires it after `ttl`.
+        self.inner
+            .run("grant_lease", |mut c| async move {
+                let resp = c.lease_grant(secs, None).await.map_err(map_err)?;
+                Ok(resp.id())
+            })
+            .await
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
+        self.inner
+            .run("keep_alive", |mut c| async move {
+                // etcd-client opens the keep-alive stream with one renewal
+                // and checks its answer (TTL 0 = lease gone), but hides the
+                // TTL; one more renewal on the same stream reports it.
+                let (mut keeper, mut stream) =
+                    c.lease_keep_alive(lease).await.map_err(|e| match e {
+                        etcd_client::Error::LeaseKeepAliveError(_) => {
+                            StoreError::LeaseNotFound(lease)
+                        }
+                        etcd_client::Error::WatchError(msg) => StoreError::Unavailable(msg),
+                        e => map_lease_err(e, lease),
+                    })?;
+                keeper.keep_alive().await.map_err(map_err)?;
+                match stream.message().await.map_err(map_err)? {
+                    Some(resp) if resp.ttl() > 0 => {
+                        Ok(Duration::from_secs(resp.ttl().unsigned_abs()))
+                    }
+                    Some(_) => Err(StoreError::LeaseNotFound(lease)),
+                    None => Err(StoreError::Unavailable(
+                        "etcd closed the keep-alive stream".to_string(),
+                    )),
+                }
+            })
+            .await
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.inner
+            .run("revoke_lease", |mut c| async move {
+                match c
+                    .lease_revoke(lease)
+                    .await
+                    .map_err(|e| map_lease_err(e, lease))
+                {
+                    Ok(_) | Err(StoreError::LeaseNotFound(_)) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            })
+            .await
+    }
+
+    async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
+        let mut opts = WatchOptions::new().with_prefix();
+        if from > 0 {
+            opts = opts.with_start_revision(from);
+        }
+        let opts = &opts;
+        // Start the watch and wait for etcd's "created" answer within the
+        // budget, so an unreachable etcd is an error now, not a silent
+        // stream.
+        let (stream, created) = self
+            .inner
+            .run("watch", |mut c| async move {
+                let mut stream = c.watch(prefix, Some(opts.clone())).await.map_err(map_err)?;
+                match stream.message().await.map_err(map_err)? {
+                    Some(created) => Ok((stream, created)),
+                    None => Err(StoreError::Unavailable(
+                        "etcd closed the watch before creating it".to_string(),
+                    )),
+                }
+            })
+            .await?;
+        let mut cursor = WatchCursor {
+            stream: Some(stream),
+            next: from,
+        };
+        // etcd 3.4 reports a compacted start revision in a separate answer
+        // after "created"; newer versions may fold it into "created".
+        if let Some(Err(e)) = cursor.handle(created) {
+            return Err(e);
+        }
+        Ok(Box::pin(futures::stream::unfold(
+            cursor,
+            WatchCursor::next_batch,
+        )))
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        let result = self
+            .inner
+            .run("compact", |mut c| async move {
+                match c.compact(revision, None).await {
+                    Ok(_) => Ok(true),
+                    // OutOfRange: already compacted, or a future revision.
+                    Err(etcd_client::Error::GRpcStatus(s)) if s.code() == Code::OutOfRange => {
+                        Ok(false)
+                    }
+                    Err(e) => Err(map_err(e)),
+                }
+            })
+            .await?;
+        if result {
+            return Ok(());
+        }
+        // Tell the two apart like the memory store does: compacting what is
+        // already compacted is done; a future revision is an error.
+        let current = self.ping().await?;
+        if revision <= current {
+            Ok(())
+        } else {
+            Err(StoreError::Other(format!(
+                "cannot compact revision {revision}: the current revision is {current}"
+            )))
+        }
+    }
+
+    async fn campaign(
+        &self,
+        name: &str,
+        candidate: &str,
+        ttl: Duration,
+    ) -> Result<Leadership, StoreError> {
+        let lease = self.grant_lease(ttl).await?;
+        let lost = CancellationToken::new();
+        let stop = CancellationToken::new();
+        // From here on, dropping `guard` (an error, or the caller giving up
+        // on the campaign) withdraws the candidate by revoking its lease.
+        let mut guard = Resigner {
+            store: self.clone(),
+            lease,
+            leader: None,
+            stop: stop.clone(),
+        };
+        tokio::spawn(keep_lease_alive(
+            self.clone(),
+            lease,
+            Duration::from_secs(lease_seconds(ttl).unsigned_abs()),
+            lost.clone(),
+            stop,
+        ));
+        loop {
+            let (generation, mut client) = self.inner.client();
+            // Not bounded by op_timeout: it waits for the current leader to
+            // go. It ends early when our lease cannot be renewed.
+            let attempt = tokio::select! {
+                r = client.campaign(name, candidate, lease) => r,
+                _ = lost.cancelled() => {
+                    return Err(StoreError::Unavailable(format!(
+                        "lost lease {lease:x} while campaigning in {name}"
+                    )));
+                }
+            };
+            match attempt.map_err(|e| map_lease_err(e, lease)) {
+                Ok(mut resp) => {
+                    guard.leader = resp.take_leader();
+                    tracing::info!(election = name, candidate, "elected");
+                    return Ok(Leadership::new(lost, Box::new(guard)));
+                }
+                // Campaigning again with the same lease reuses the same
+                // candidate key, so retrying elsewhere is safe.
+                Err(e) if e.is_unavailable() => {
+                    tracing::debug!(election = name, error = %e, "campaign interrupted; retrying");
+                    self.inner.fail_over(generation).await;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn ping(&self) -> Result<Revision, StoreError> {
+        self.inner
+            .run("ping", |mut c| async move {
+                let resp = c
+                    .get(PING_KEY, Some(GetOptions::new().with_count_only()))
+                    .await
+                    .map_err(map_err)?;
+                header_revision(resp.header())
+            })
+            .await
+    }
+}
+
+/// Where one watch stream is. `stream` is `None` once the watch has ended.
+struct WatchCursor {
+    stream: Option<etcd_client::WatchStream>,
+    /// The next revision expected: what a watch would have to restart from.
+    next: Revision,
+}
+
+impl WatchCursor {
+    /// Turns one etcd answer into a batch, an error, or nothing (an answer
+    /// without events: "created" or a progress notice).
+    fn handle(&mut self, resp: WatchResponse) -> Option<Result<WatchBatch, StoreError>> {
+        if resp.compact_revision() > 0 {
+            self.stream = None;
+            return Some(Err(StoreError::Compacted {
+                requested: self.next,
+                compact_revision: resp.compact_revision(),
+            }));
+        }
+        if resp.canceled() {
+            self.stream = None;
+            return Some(Err(StoreError::Unavailable(format!(
+                "etcd cancelled the watch: {}",
+                resp.cancel_reason()
+            ))));
+        }
+        if resp.events().is_empty() {
+            return None;
+        }
+        let events: Vec<WatchEvent> = resp
+            .events()
+            .iter()
+            .filter_map(|ev| {
+                let kv = ev.kv()?;
+                Some(match ev.event_type() {
+                    EventType::Put => WatchEvent::Put(to_key_value(kv)),
+                    EventType::Delete => WatchEvent::Delete {
+                        key: String::from_utf8_lossy(kv.key()).into_owned(),
+                        mod_revision: kv.mod_revision(),
+                    },
+                })
+            })
+            .collect();
+        let revision = events.iter().map(event_revision).max().unwrap_or(self.next);
+        self.next = revision + 1;
+        Some(Ok(WatchBatch { revision, events }))
+    }
+
+    async fn next_batch(mut self) -> Option<(Result<WatchBatch, StoreError>, Self)> {
+        loop {
+            let stream = self.stream.as_mut()?;
+            let item = match stream.message().await {
+                Ok(Some(resp)) => self.handle(resp),
+                Ok(None) => {
+                    self.stream = None;
+                    Some(Err(StoreError::Unavailable(
+                        "etcd closed the watch".to_string(),
+                    )))
+                }
+                Err(e) => {
+                    self.stream = None;
+                    Some(Err(map_err(e)))
+                }
+            };
+            if let Some(item) = item {
+                return Some((item, self));
+            }
+        }
+    }
+}
+
+fn event_revision(e: &WatchEvent) -> Revision {
+    match e {
+        WatchEvent::Put(kv) => kv.mod_revision,
+        WatchEvent::Delete { mod_revision, .. } => *mod_revision,
+    }
+}
+
+/// Renews an election lease every third of its TTL until `stop`. Cancels
+/// `lost` when the lease is gone, or could not be renewed for a whole TTL
+/// (then etcd has expired it and another candidate may lead).
+async fn keep_lease_alive(
+    store: EtcdStore,
+    lease: LeaseId,
+    ttl: Duration,
+    lost: CancellationToken,
+    stop: CancellationToken,
+) {
+    let period = (ttl / 3).max(Duration::from_millis(100));
+    let mut renewed = Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let expires = renewed + ttl;
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = tokio::time::timeout_at(expires, store.keep_alive(lease)) => r,
+        };
+        match result {
+            Ok(Ok(_)) => renewed = Instant::now(),
+            Ok(Err(StoreError::LeaseNotFound(_))) => {
+                tracing::warn!(
+                    lease = format_args!("{lease:x}"),
+                    "election lease gone; leadership lost"
+                );
+                lost.cancel();
+                return;
+            }
+            Ok(Err(e)) if Instant::now() < expires => {
+                tracing::warn!(lease = format_args!("{lease:x}"), error = %e, "cannot renew election lease; retrying");
+            }
+            Ok(Err(_)) | Err(_) => {
+                tracing::warn!(
+                    lease = format_args!("{lease:x}"),
+                    "election lease not renewed for its TTL; leadership lost"
+                );
+                lost.cancel();
+                return;
+            }
+        }
+    }
+}
+
+/// Held by [`Leadership`]: on drop, stops the keep-alive, resigns and
+/// revokes the lease (in a spawned task, since drop cannot await).
+struct Resigner {
+    store: EtcdStore,
+    lease: LeaseId,
+    leader: Option<LeaderKey>,
+    stop: CancellationToken,
+}
+
+impl Drop for Resigner {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        let store = self.store.clone();
+        let lease = self.lease;
+        let leader = self.leader.take();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime left (shutdown): the lease, no longer renewed,
+            // expires after its TTL and frees the election then.
+            return;
+        };
+        runtime.spawn(async move {
+            if let Some(leader) = leader {
+                let op_timeout = store.inner.opts.op_timeout;
+                let (_, mut client) = store.inner.client();
+                let resign = client.resign(Some(ResignOptions::new().with_leader(leader)));
+                if let Ok(Err(e)) = tokio::time::timeout(op_timeout, resign).await {
+                    tracing::debug!(error = %e, "resign failed; revoking the lease anyway");
+                }
+            }
+            // Revoking deletes the candidate key too, whether or not the
+            // resign went through.
+            if let Err(e) = store.revoke_lease(lease).await {
+                tracing::warn!(lease = format_args!("{lease:x}"), error = %e, "cannot revoke election lease; it will expire");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::testing::{EtcdProcess, eventually};
+
+    fn opts(endpoints: Vec<String>) -> EtcdOptions {
+        EtcdOptions {
+            endpoints,
+            connect_timeout: Duration::from_secs(1),
+            op_timeout: Duration::from_secs(3),
+        }
+    }
+
+    /// A loopback port with nothing listening (bound, then released).
+    fn dead_endpoint() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conformance() {
+        let etcd = EtcdProcess::spawn().await;
+        let store = EtcdStore::connect(opts(vec![etcd.endpoint()]))
+            .await
+            .unwrap();
+        crate::store::conformance::run_all(Arc::new(store), "/conformance/").await;
+    }
+
+    #[tokio::test]
+    async fn connect_does_not_need_etcd() {
+        let store = EtcdStore::connect(opts(vec![dead_endpoint()]))
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let err = store.ping().await.unwrap_err();
+        assert!(err.is_unavailable(), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(4));
+    }
+
+    #[tokio::test]
+    async fn connect_refuses_bad_urls() {
+        assert!(EtcdStore::connect(opts(vec![])).await.is_err());
+        assert!(
+            EtcdStore::connect(opts(vec!["http://[::1".into()]))
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn fails_over_past_a_dead_endpoint() {
+        let etcd = EtcdProcess::spawn().await;
+        let store = EtcdStore::connect(opts(vec![dead_endpoint(), etcd.endpoint()]))
+            .await
+            .unwrap();
+        let rev = store.put("/failover/k", b"v".to_vec(), None).await.unwrap();
+        assert!(rev > 0);
+        assert_eq!(store.get("/failover/k").await.unwrap().unwrap().value, b"v");
+        let mut watch = store.watch("/failover/", rev).await.unwrap();
+        let batch =
+            tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut watch))
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+        assert_eq!(batch.revision, rev);
+    }
+
+    /// A loopback endpoint that accepts connections and never answers: a
+    /// hung or partitioned member, the case a refused port does not cover.
+    async fn hung_endpoint() -> (String, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        (endpoint, task)
+    }
+
+    #[tokio::test]
+    async fn fails_over_past_a_hung_endpoint() {
+        let etcd = EtcdProcess::spawn().await;
+        let (hung, task) = hung_endpoint().await;
+        let o = opts(vec![hung, etcd.endpoint()]);
+        let op_timeout = o.op_timeout;
+        let store = EtcdStore::connect(o).await.unwrap();
+        let started = Instant::now();
+        let rev = store.put("/hung/k", b"v".to_vec(), None).await.unwrap();
+        assert!(
+            started.elapsed() < op_timeout,
+            "failover took {:?}",
+            started.elapsed()
+        );
+        // Later operations stay on the healthy endpoint.
+        let started = Instant::now();
+        assert_eq!(store.ping().await.unwrap(), rev);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "ping went back to the hung endpoint"
+        );
+        task.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn etcd_down_then_back() {
+        let mut etcd = EtcdProcess::spawn().await;
+        let o = opts(vec![etcd.endpoint()]);
+        let limit = o.op_timeout + Duration::from_secs(1);
+        let store = EtcdStore::connect(o).await.unwrap();
+        let lease = store.grant_lease(Duration::from_secs(30)).await.unwrap();
+        store
+            .put("/down/k", b"1".to_vec(), Some(lease))
+            .await
+            .unwrap();
+        let mut watch = store.watch("/down/", 0).await.unwrap();
+
+        etcd.stop();
+
+        // Every operation fails fast and says "unavailable", never hangs.
+        let checks: Vec<(&str, Result<(), StoreError>)> = vec![
+            ("get", store.get("/down/k").await.map(drop)),
+            ("range", store.range("/down/").await.map(drop)),
+            ("put", store.put("/down/k", vec![], None).await.map(drop)),
+            ("delete", store.delete(&["/down/k".into()]).await.map(drop)),
+            (
+                "grant",
+                store.grant_lease(Duration::from_secs(5)).await.map(drop),
+            ),
+            ("keep_alive", store.keep_alive(lease).await.map(drop)),
+            ("ping", store.ping().await.map(drop)),
+            ("watch", store.watch("/down/", 0).await.map(drop)),
+        ];
+        for (what, result) in checks {
+            match result {
+                Err(e) => assert!(e.is_unavailable(), "{what}: {e}"),
+                Ok(()) => panic!("{what} succeeded with etcd down"),
+            }
+        }
+        for what in ["get", "put", "keep_alive"] {
+            let started = Instant::now();
+            let result = tokio::time::timeout(limit, async {
+                match what {
+                    "get" => store.get("/down/k").await.map(drop),
+                    "put" => store.put("/down/k", vec![], None).await.map(drop),
+                    _ => store.keep_alive(lease).await.map(drop),
+                }
+            })
+            .await;
+            assert!(result.is_ok(), "{what} hung past op_timeout + 1 s");
+            assert!(started.elapsed() < limit);
+        }
+        // The open watch reports the loss instead of going quiet.
+        let item = tokio::time::timeout(
+            Duration::from_secs(15),
+            futures::StreamExt::next(&mut watch),
+        )
+        .await
+        .expect("watch noticed nothing");
+        match item {
+            Some(Err(e)) => assert!(e.is_unavailable(), "{e}"),
+            None => {}
+            Some(Ok(b)) => panic!("unexpected batch {b:?}"),
+        }
+
+        etcd.start().await;
+        let back = eventually(
+            Duration::from_secs(10),
+            Duration::from_millis(200),
+            || async { store.ping().await.is_ok() },
+        )
+        .await;
+        assert!(back, "store did not recover after etcd came back");
+        assert_eq!(store.get("/down/k").await.unwrap().unwrap().value, b"1");
+        assert!(store.keep_alive(lease).await.unwrap() > Duration::ZERO);
+        store.put("/down/k2", b"2".to_vec(), None).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn compacted_watch_reports_compacted() {
+        let etcd = EtcdProcess::spawn().await;
+        let store = EtcdStore::connect(opts(vec![etcd.endpoint()]))
+            .await
+            .unwrap();
+        let r1 = store.put("/compact/k", b"1".to_vec(), None).await.unwrap();
+        let r2 = store.put("/compact/k", b"2".to_vec(), None).await.unwrap();
+        store.compact(r2).await.unwrap();
+        // Compacting again, or below, is not an error; the future is.
+        store.compact(r1).await.unwrap();
+        assert!(store.compact(r2 + 100).await.is_err());
+
+        let err = match store.watch("/compact/", r1).await {
+            Err(e) => e,
+            Ok(mut s) => {
+                tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut s))
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .unwrap_err()
+            }
+        };
+        assert_eq!(
+            err,
+            StoreError::Compacted {
+                requested: r1,
+                compact_revision: r2
+            }
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leadership_is_lost_when_etcd_goes_away() {
+        let mut etcd = EtcdProcess::spawn().await;
+        let store = EtcdStore::connect(opts(vec![etcd.endpoint()]))
+            .await
+            .unwrap();
+        let leader = store
+            .campaign("/election/lost", "a", Duration::from_secs(1))
+            .await
+            .unwrap();
+        etcd.stop();
+        let lost = tokio::time::timeout(Duration::from_secs(5), leader.lost.cancelled()).await;
+        assert!(lost.is_ok(), "leadership not reported lost with etcd down");
+    }
+}

@@ -129,15 +129,24 @@ mod tests {
         let keys = Keys::new("/signpost");
         let svc = ServiceName::new("user").unwrap();
         let id = InstanceId::new("u1").unwrap();
-        assert_eq!(keys.instance(&svc, &id), "/signpost/services/user/instances/u1");
+        assert_eq!(
+            keys.instance(&svc, &id),
+            "/signpost/services/user/instances/u1"
+        );
         assert_eq!(
             keys.parse(&keys.instance(&svc, &id)),
             KeyKind::Instance(svc.clone(), id.clone())
         );
-        assert_eq!(keys.parse(&keys.health(&svc, &id)), KeyKind::Health(svc.clone(), id));
+        assert_eq!(
+            keys.parse(&keys.health(&svc, &id)),
+            KeyKind::Health(svc.clone(), id)
+        );
         assert_eq!(keys.parse(&keys.config(&svc)), KeyKind::Config(svc));
         assert_eq!(keys.parse(&keys.token("ab")), KeyKind::Token("ab".into()));
         assert_eq!(keys.parse("/other/services/user/config"), KeyKind::Other);
-        assert_eq!(keys.parse("/signpost/services/Bad_Name/config"), KeyKind::Other);
+        assert_eq!(
+            keys.parse("/signpost/services/Bad_Name/config"),
+            KeyKind::Other
+        );
     }
 }

@@ -1,0 +1,325 @@
+//! The HTTP API of ../shared/CONTRACT.md, on axum.
+//!
+//! Reads come from the catalog snapshot and never call the store; writes go
+//! to the store and answer 503 (never hang) when it is unreachable. Every
+//! write needs a token (see [`auth`]); in `--dev`, loopback callers need none.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+
+pub mod auth;
+pub mod certs;
+pub mod error;
+pub mod extract;
+pub mod services;
+
+use self::auth::AuthConfig;
+use self::error::ApiError;
+use self::extract::JsonBody;
+use crate::catalog::Catalog;
+use crate::model::{ServiceName, TokenRecord};
+use crate::store::{Keys, Store};
+use crate::tokens;
+
+/// Largest request body: a registration is well under 1 KiB; 64 KiB leaves
+/// room for large metadata while keeping a flood of big bodies cheap.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// Time limit of a non-blocking request. The store answers or fails within
+/// its own operation timeout (3 s by default); this is the outer bound.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Header carrying the blocking-query index.
+pub const INDEX_HEADER: &str = "x-signpost-index";
+
+/// Everything a handler needs.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The store, for writes.
+    pub store: Arc<dyn Store>,
+    /// The catalog, for reads.
+    pub catalog: Arc<Catalog>,
+    /// The key layout.
+    pub keys: Keys,
+    /// Token checking.
+    pub auth: AuthConfig,
+    /// Every metric of this process, encoded at `/metrics`.
+    pub registry: Arc<Registry>,
+    /// The API's own metrics.
+    pub metrics: ApiMetrics,
+    /// The mesh CA, when this control plane issues certificates.
+    pub ca: Option<Arc<certs::CertAuthority>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+/// The API's metrics.
+#[derive(Clone)]
+pub struct ApiMetrics {
+    requests: Family<RequestLabels, Counter>,
+    duration: Histogram,
+    revision: Gauge,
+    services: Gauge,
+    instances: Gauge,
+    healthy: Gauge,
+    synced: Gauge,
+}
+
+impl ApiMetrics {
+    /// Creates the metrics and registers them.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            revision: Gauge::default(),
+            services: Gauge::default(),
+            instances: Gauge::default(),
+            healthy: Gauge::default(),
+            synced: Gauge::default(),
+        };
+        registry.register(
+            "signpost_api_requests",
+            "API requests by method, route and status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "signpost_api_request_duration_seconds",
+            "API request latency",
+            m.duration.clone(),
+        );
+        registry.register(
+            "signpost_catalog_revision",
+            "Store revision of the current catalog snapshot",
+            m.revision.clone(),
+        );
+        registry.register(
+            "signpost_catalog_services",
+            "Services in the catalog",
+            m.services.clone(),
+        );
+        registry.register(
+            "signpost_catalog_instances",
+            "Registered instances in the catalog",
+            m.instances.clone(),
+        );
+        registry.register(
+            "signpost_catalog_healthy_instances",
+            "Healthy instances in the catalog",
+            m.healthy.clone(),
+        );
+        registry.register(
+            "signpost_catalog_synced",
+            "1 while the catalog watch is connected to the store",
+            m.synced.clone(),
+        );
+        m
+    }
+
+    fn refresh(&self, catalog: &Catalog) {
+        let snap = catalog.snapshot();
+        self.revision.set(snap.revision);
+        self.services
+            .set(i64::try_from(snap.services.len()).unwrap_or(i64::MAX));
+        let (total, healthy) = snap.services.values().fold((0usize, 0usize), |(t, h), s| {
+            (t + s.instances.len(), h + s.healthy_count())
+        });
+        self.instances.set(i64::try_from(total).unwrap_or(i64::MAX));
+        self.healthy.set(i64::try_from(healthy).unwrap_or(i64::MAX));
+        self.synced.set(i64::from(catalog.is_synced()));
+    }
+}
+
+/// Builds the router.
+pub fn router(state: ApiState) -> Router {
+    let writes_and_reads = Router::new()
+        .route("/v1/services", get(services::list_services))
+        .route(
+            "/v1/services/{svc}/instances/{id}",
+            put(services::register).delete(services::deregister),
+        )
+        .route(
+            "/v1/services/{svc}/instances/{id}/heartbeat",
+            put(services::heartbeat),
+        )
+        .route(
+            "/v1/services/{svc}/instances/{id}/health",
+            put(services::report_health),
+        )
+        .route(
+            "/v1/services/{svc}/config",
+            put(services::put_config).get(services::get_config),
+        )
+        .route("/v1/tokens", post(create_token))
+        .route("/v1/certs", post(certs::issue))
+        .route("/v1/ca/roots", get(certs::roots))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics));
+    let writes_and_reads = writes_and_reads.layer(TimeoutLayer::with_status_code(
+        StatusCode::SERVICE_UNAVAILABLE,
+        REQUEST_TIMEOUT,
+    ));
+    // Blocking queries wait up to MAX_WAIT, so they sit outside the timeout.
+    let blocking = Router::new().route("/v1/services/{svc}", get(services::get_service));
+    writes_and_reads
+        .merge(blocking)
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route; see the API table in the README")
+}
+
+async fn observe(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            method,
+            route,
+            status,
+        })
+        .inc();
+    state
+        .metrics
+        .duration
+        .observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+/// Serves the API on `listener` until `cancel` fires.
+pub async fn serve(
+    listener: TcpListener,
+    state: ApiState,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await
+}
+
+/// `POST /v1/tokens` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// The service the token may act for.
+    pub service: ServiceName,
+}
+
+/// `POST /v1/tokens` answer. The token is shown once; only its hash is kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenReply {
+    /// The service.
+    pub service: ServiceName,
+    /// The token.
+    pub token: String,
+}
+
+async fn create_token(
+    State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<TokenRequest>,
+) -> Result<(StatusCode, axum::Json<TokenReply>), ApiError> {
+    auth::authenticate(&state.auth, &*state.store, &state.keys, &headers, peer)
+        .await?
+        .must_be_admin("creating tokens")?;
+    let token = tokens::generate();
+    let record = TokenRecord {
+        service: req.service.clone(),
+        created: std::time::SystemTime::now(),
+    };
+    let value = serde_json::to_vec(&record)
+        .map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?;
+    state
+        .store
+        .put(&state.keys.token(&tokens::hash(&token)), value, None)
+        .await?;
+    tracing::info!(service = %req.service, "service token created");
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(TokenReply {
+            service: req.service,
+            token,
+        }),
+    ))
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Ready while the store answers: a control plane that cannot write should be
+/// taken out of a load balancer.
+async fn readyz(State(state): State<ApiState>) -> Response {
+    match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(_)) if state.catalog.is_synced() => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Ok(_)) => (StatusCode::SERVICE_UNAVAILABLE, "catalog not synced yet\n").into_response(),
+        Ok(Err(err)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store unreachable: {err}\n"),
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store did not answer within 2s\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    state.metrics.refresh(&state.catalog);
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(err) => {
+            tracing::error!(%err, "could not encode metrics");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}

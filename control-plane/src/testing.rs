@@ -1,0 +1,301 @@
+//! Test support: a real etcd on free loopback ports, and [`eventually`].
+//!
+//! Compiled for this crate's tests and, through the `test-support` feature,
+//! for other crates' tests. Nothing here is for production.
+
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::time::Instant;
+
+/// How long a started etcd may take to answer. A single member elects
+/// itself in about a second; the rest is slack for a loaded machine.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The etcd binary, taken from `$ETCD_BIN` or the `PATH`.
+fn etcd_binary() -> String {
+    std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".to_string())
+}
+
+/// A real single-member etcd, listening on free loopback ports, with its data
+/// in a temporary directory. Killed when dropped.
+///
+/// It can be stopped and started again on the same ports and data, to test
+/// what happens while etcd is down and after it comes back.
+#[derive(Debug)]
+pub struct EtcdProcess {
+    dir: TempDir,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+impl EtcdProcess {
+    /// Starts etcd and waits (at most 10 s) until it answers reads.
+    ///
+    /// # Panics
+    ///
+    /// If the `etcd` binary is missing (install it with
+    /// `apt-get install etcd-server`), or etcd does not come up in time; the
+    /// message includes the end of etcd's log.
+    pub async fn spawn() -> Self {
+        // tmpfs makes etcd's fsyncs free, which matters on a busy test box.
+        let shm = Path::new("/dev/shm");
+        let dir = if shm.is_dir() {
+            tempfile::Builder::new()
+                .prefix("signpost-etcd-")
+                .tempdir_in(shm)
+        } else {
+            tempfile::Builder::new().prefix("signpost-etcd-").tempdir()
+        }
+        .expect("cannot create a temporary directory for etcd");
+        let (client_port, peer_port) = free_ports();
+        let mut etcd = Self {
+            dir,
+            client_port,
+            peer_port,
+            child: None,
+        };
+        etcd.start().await;
+        etcd
+    }
+
+    /// The client URL, e.g. `http://127.0.0.1:41234`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The directory holding etcd's data and its log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// etcd's combined stdout and stderr, across restarts.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    /// Whether the process is running (as far as we started it).
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Kills etcd, keeping its data and ports for [`EtcdProcess::start`].
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Already exited is fine: we only want it gone.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts etcd (again) on the same ports and data, and waits until it
+    /// answers. Does nothing if it is running.
+    ///
+    /// # Panics
+    ///
+    /// As [`EtcdProcess::spawn`].
+    pub async fn start(&mut self) {
+        if self.is_running() {
+            return;
+        }
+        let log = self.open_log();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let client = self.endpoint();
+        let data = self.dir.path().join("data");
+        let mut cmd = Command::new(etcd_binary());
+        cmd.arg("--name")
+            .arg("signpost-test")
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--listen-client-urls")
+            .arg(&client)
+            .arg("--advertise-client-urls")
+            .arg(&client)
+            .arg("--listen-peer-urls")
+            .arg(&peer)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer)
+            .arg("--initial-cluster")
+            .arg(format!("signpost-test={peer}"))
+            // Heartbeat 50 ms / election 500 ms instead of 100 / 1000: the
+            // member elects itself faster after a restart, and etcd's
+            // minimum lease TTL (1.5 election timeouts) drops from 2 s to
+            // 1 s, so short-lease tests behave as written.
+            .arg("--heartbeat-interval")
+            .arg("50")
+            .arg("--election-timeout")
+            .arg("500")
+            .arg("--logger")
+            .arg("zap")
+            .arg("--log-outputs")
+            .arg("stderr")
+            .arg("--log-level")
+            .arg("warn")
+            .stdin(Stdio::null())
+            .stdout(
+                log.try_clone()
+                    .expect("cannot duplicate the etcd log handle"),
+            )
+            .stderr(log);
+        let child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "the etcd binary `{}` was not found: these tests need a real etcd; \
+                 install it with `apt-get install etcd-server` (or set ETCD_BIN)",
+                etcd_binary()
+            ),
+            Err(e) => panic!("cannot start etcd `{}`: {e}", etcd_binary()),
+        };
+        self.child = Some(child);
+        self.wait_ready().await;
+    }
+
+    fn open_log(&self) -> File {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("cannot open the etcd log file")
+    }
+
+    async fn wait_ready(&mut self) {
+        let endpoint = self.endpoint();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(child) = &mut self.child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "etcd exited with {status} while starting:\n{}",
+                    self.log_tail()
+                );
+            }
+            if probe(&endpoint).await {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "etcd at {endpoint} did not answer within {READY_TIMEOUT:?}:\n{}",
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for EtcdProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Whether etcd at `endpoint` answers a linearizable read, i.e. has a
+/// leader and serves clients.
+async fn probe(endpoint: &str) -> bool {
+    let attempt = async {
+        let mut client = etcd_client::Client::connect([endpoint], None).await.ok()?;
+        client.get("signpost-probe", None).await.ok()
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), attempt).await,
+        Ok(Some(_))
+    )
+}
+
+/// Two distinct free loopback ports. They are released before etcd binds
+/// them, so another process could take one in between; that is rare enough
+/// for tests.
+fn free_ports() -> (u16, u16) {
+    let a = TcpListener::bind("127.0.0.1:0").expect("cannot bind a loopback port");
+    let b = TcpListener::bind("127.0.0.1:0").expect("cannot bind a loopback port");
+    let port = |l: &TcpListener| {
+        l.local_addr()
+            .expect("bound listener has an address")
+            .port()
+    };
+    (port(&a), port(&b))
+}
+
+/// Polls `condition` every `poll` until it is true (returns `true`) or
+/// `timeout` has passed (returns `false`). A condition still running at the
+/// deadline is abandoned, so this never waits much past `timeout`.
+///
+/// Use it instead of sleeping and hoping: `assert!(eventually(5 s, 100 ms,
+/// || async { store.get(k).await.unwrap().is_none() }).await)`.
+pub async fn eventually<F, Fut>(timeout: Duration, poll: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, condition()).await {
+            Ok(true) => return true,
+            Ok(false) => {}
+            Err(_) => return false,
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        tokio::time::sleep_until((now + poll).min(deadline)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn eventually_waits_for_the_condition() {
+        let start = Instant::now();
+        let ok = eventually(
+            Duration::from_secs(5),
+            Duration::from_millis(100),
+            || async { start.elapsed() >= Duration::from_secs(1) },
+        )
+        .await;
+        assert!(ok);
+        assert!(start.elapsed() < Duration::from_millis(1200));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn eventually_gives_up_at_the_deadline() {
+        let start = Instant::now();
+        let ok = eventually(
+            Duration::from_secs(2),
+            Duration::from_millis(300),
+            || async { false },
+        )
+        .await;
+        assert!(!ok);
+        assert!(start.elapsed() <= Duration::from_millis(2100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn eventually_abandons_a_hanging_condition() {
+        let start = Instant::now();
+        let ok = eventually(Duration::from_secs(1), Duration::from_millis(100), || {
+            std::future::pending::<bool>()
+        })
+        .await;
+        assert!(!ok);
+        assert!(start.elapsed() <= Duration::from_millis(1100));
+    }
+}

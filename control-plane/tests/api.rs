@@ -1,0 +1,670 @@
+//! The HTTP API over a real socket, against the in-memory store and (for the
+//! store-down and TTL cases) a real etcd.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use signpost_control_plane::api::auth::AuthConfig;
+use signpost_control_plane::server::{ControlPlane, ControlPlaneOptions};
+use signpost_control_plane::store::{Keys, MemoryStore, Store};
+use signpost_control_plane::tokens;
+use tokio_util::sync::CancellationToken;
+
+const ADMIN: &str = "admin-token-for-tests-0123456789";
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+    store: Arc<dyn Store>,
+    cancel: CancellationToken,
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn start(store: Arc<dyn Store>, dev: bool) -> Api {
+    let cancel = CancellationToken::new();
+    let auth = if dev {
+        AuthConfig {
+            admin_hash: None,
+            dev: true,
+        }
+    } else {
+        AuthConfig {
+            admin_hash: Some(tokens::hash(ADMIN)),
+            dev: false,
+        }
+    };
+    let cp = ControlPlane::start(
+        ControlPlaneOptions {
+            api: "127.0.0.1:0".parse().unwrap(),
+            store: store.clone(),
+            keys: Keys::default(),
+            auth,
+            candidate: "test".into(),
+            ca: None,
+        },
+        Registry::default(),
+        None,
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    assert!(cp.catalog.wait_synced(Duration::from_secs(5)).await);
+    Api {
+        base: format!("http://{}", cp.api_addr),
+        http: reqwest::Client::new(),
+        store,
+        cancel,
+    }
+}
+
+async fn memory(dev: bool) -> Api {
+    start(Arc::new(MemoryStore::new()), dev).await
+}
+
+impl Api {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn put(&self, path: &str, token: Option<&str>, body: Value) -> (StatusCode, Value) {
+        let mut req = self.http.put(self.url(path)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let resp = self.http.get(self.url(path)).send().await.unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Everything stored, to show that a refused request changed nothing.
+    async fn stored(&self) -> Vec<(String, Vec<u8>)> {
+        self.store
+            .range("/signpost/")
+            .await
+            .unwrap()
+            .kvs
+            .into_iter()
+            .map(|kv| (kv.key, kv.value))
+            .collect()
+    }
+
+    async fn token_for(&self, svc: &str) -> String {
+        let resp = self
+            .http
+            .post(self.url("/v1/tokens"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"service": svc}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        let body: Value = resp.json().await.unwrap();
+        body["token"].as_str().unwrap().to_string()
+    }
+}
+
+fn reg() -> Value {
+    json!({"address": "10.0.0.5", "port": 8080})
+}
+
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn register_list_get_deregister() {
+    let api = memory(true).await;
+    let (status, body) = api
+        .put(
+            "/v1/services/User/instances/U1",
+            None,
+            json!({"address": "10.0.0.5", "port": 8080, "tags": ["v1"], "meta": {"zone": "a"}, "weight": 7}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["service"], "user");
+    assert_eq!(body["id"], "u1");
+    assert_eq!(body["weight"], 7);
+
+    eventually("instance listed", Duration::from_secs(2), || async {
+        let (_, list) = api.get("/v1/services").await;
+        list["services"][0]["name"] == "user" && list["services"][0]["total"] == 1
+    })
+    .await;
+    let (status, svc) = api.get("/v1/services/user").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(svc["instances"][0]["address"], "10.0.0.5");
+    assert_eq!(svc["instances"][0]["health"]["status"], "passing");
+    assert_eq!(svc["instances"][0]["meta"]["zone"], "a");
+
+    let resp = api
+        .http
+        .delete(api.url("/v1/services/user/instances/u1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    eventually("instance gone", Duration::from_secs(2), || async {
+        let (_, svc) = api.get("/v1/services/user").await;
+        svc["instances"].as_array().is_some_and(|a| a.is_empty())
+    })
+    .await;
+    let resp = api
+        .http
+        .delete(api.url("/v1/services/user/instances/u1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_changes_nothing() {
+    let api = memory(false).await;
+    let token = api.token_for("user").await;
+    let (status, _) = api
+        .put("/v1/services/user/instances/keep", Some(&token), reg())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let before = api.stored().await;
+
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("/v1/services/user_x/instances/u1", reg(), "invalid_name"),
+        ("/v1/services/user/instances/-u1", reg(), "invalid_name"),
+        ("/v1/services/tag/instances/u1", reg(), "invalid_name"),
+        ("/v1/services/user/instances/tag", reg(), "invalid_name"),
+        (
+            "/v1/services/user/instances/u1",
+            json!({"address": "not-an-ip", "port": 80}),
+            "invalid_registration",
+        ),
+        (
+            "/v1/services/user/instances/u1",
+            json!({"address": "10.0.0.1", "port": 0}),
+            "invalid_registration",
+        ),
+        (
+            "/v1/services/user/instances/u1",
+            json!({"address": "10.0.0.1", "port": 65536}),
+            "invalid_registration",
+        ),
+        (
+            "/v1/services/user/instances/u1",
+            json!({"address": "10.0.0.1", "port": 80, "weight": 0}),
+            "invalid_registration",
+        ),
+        (
+            "/v1/services/user/instances/u1",
+            json!({"address": "10.0.0.1", "port": 80, "weight": 65536}),
+            "invalid_registration",
+        ),
+        (
+            "/v1/services/user/instances/u1",
+            json!({"address": "10.0.0.1", "port": 80, "ttl": "500ms"}),
+            "invalid_registration",
+        ),
+        (
+            "/v1/services/user/instances/u1",
+            json!({"address": "10.0.0.1", "port": 80, "ttl": "forever"}),
+            "invalid_registration",
+        ),
+        (
+            "/v1/services/user/instances/u1",
+            json!({"address": "10.0.0.1", "port": 80, "colour": "red"}),
+            "invalid_body",
+        ),
+        (
+            "/v1/services/user/instances/u1",
+            json!({"port": 80}),
+            "invalid_body",
+        ),
+    ];
+    for (path, body, code) in cases {
+        let (status, answer) = api.put(path, Some(ADMIN), body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {body}: {answer}");
+        assert_eq!(answer["error"]["code"], code, "{path} {body}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(!message.is_empty());
+    }
+
+    // A body over the limit.
+    let big = json!({"address": "10.0.0.1", "port": 80, "meta": {"k": "x".repeat(70 * 1024)}});
+    let (status, answer) = api
+        .put("/v1/services/user/instances/u1", Some(ADMIN), big)
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+
+    // No token, a wrong token, another service's token.
+    let (status, answer) = api.put("/v1/services/user/instances/u1", None, reg()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{answer}");
+    assert_eq!(answer["error"]["code"], "unauthorized");
+    let (status, _) = api
+        .put("/v1/services/user/instances/u1", Some("sp_wrong"), reg())
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, answer) = api
+        .put("/v1/services/order/instances/o1", Some(&token), reg())
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    let resp = api
+        .http
+        .post(api.url("/v1/tokens"))
+        .bearer_auth(&token)
+        .json(&json!({"service": "user"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let resp = api
+        .http
+        .delete(api.url("/v1/services/user/instances/keep"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    // Heartbeat of an instance that is not there.
+    let (status, answer) = api
+        .put(
+            "/v1/services/user/instances/nope/heartbeat",
+            Some(&token),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+
+    assert_eq!(
+        api.stored().await,
+        before,
+        "a refused request changed the store"
+    );
+}
+
+#[tokio::test]
+async fn service_tokens_are_stored_as_hashes_only() {
+    let api = memory(false).await;
+    let token = api.token_for("user").await;
+    let stored: Vec<_> = api
+        .stored()
+        .await
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("/signpost/tokens/"))
+        .collect();
+    assert_eq!(stored.len(), 1);
+    let (key, value) = &stored[0];
+    assert!(key.ends_with(&tokens::hash(&token)));
+    let text = String::from_utf8_lossy(value);
+    assert!(!text.contains(&token) && !key.contains(&token));
+    let (status, _) = api
+        .put("/v1/services/user/instances/u1", Some(&token), reg())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn dev_mode_needs_no_token_from_loopback() {
+    let api = memory(true).await;
+    let (status, _) = api.put("/v1/services/user/instances/u1", None, reg()).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn ttl_registration_expires_unless_heartbeated() {
+    let api = memory(true).await;
+    let body = json!({"address": "10.0.0.5", "port": 8080, "ttl": "2s"});
+    let (status, _) = api
+        .put("/v1/services/x/instances/quiet", None, body.clone())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = api
+        .put("/v1/services/x/instances/beating", None, body)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let started = tokio::time::Instant::now();
+    let mut quiet_gone = None;
+    while started.elapsed() < Duration::from_millis(3500) {
+        let (status, _) = api
+            .put(
+                "/v1/services/x/instances/beating/heartbeat",
+                None,
+                Value::Null,
+            )
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "heartbeat failed after {:?}",
+            started.elapsed()
+        );
+        let (_, svc) = api.get("/v1/services/x").await;
+        let ids: Vec<String> = svc["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().to_string())
+            .collect();
+        assert!(
+            ids.contains(&"beating".to_string()),
+            "heartbeated instance vanished"
+        );
+        if quiet_gone.is_none() && !ids.contains(&"quiet".to_string()) {
+            quiet_gone = Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let gone = quiet_gone.expect("the instance without heartbeat is still listed after 3.5 s");
+    assert!(gone <= Duration::from_secs(3), "gone only after {gone:?}");
+    let (status, answer) = api
+        .put(
+            "/v1/services/x/instances/quiet/heartbeat",
+            None,
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+}
+
+#[tokio::test]
+async fn blocking_query_wakes_on_change() {
+    let api = memory(true).await;
+    let resp = api
+        .http
+        .get(api.url("/v1/services/user"))
+        .send()
+        .await
+        .unwrap();
+    let index: i64 = resp.headers()["x-signpost-index"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let url = api.url(&format!("/v1/services/user?index={index}&wait=10s"));
+    let http = api.http.clone();
+    let waiter = tokio::spawn(async move {
+        let started = tokio::time::Instant::now();
+        let body: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+        (started.elapsed(), body)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the blocking query returned before any change"
+    );
+    let (status, _) = api.put("/v1/services/user/instances/u1", None, reg()).await;
+    assert_eq!(status, StatusCode::OK);
+    let (elapsed, body) = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(elapsed < Duration::from_secs(5));
+    assert_eq!(body["instances"][0]["id"], "u1");
+    assert!(body["index"].as_i64().unwrap() > index);
+
+    // A wait with nothing changing returns after the wait.
+    let started = tokio::time::Instant::now();
+    let index = body["index"].as_i64().unwrap();
+    let (status, _) = api
+        .get(&format!("/v1/services/user?index={index}&wait=300ms"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(started.elapsed() >= Duration::from_millis(250));
+}
+
+#[tokio::test]
+async fn service_config_round_trips() {
+    let api = memory(true).await;
+    let (status, answer) = api
+        .put(
+            "/v1/services/user/config",
+            None,
+            json!({"allow": ["order"], "mtls": "strict"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    eventually("config visible", Duration::from_secs(2), || async {
+        let (_, svc) = api.get("/v1/services/user").await;
+        svc["config"]["mtls"] == "strict" && svc["config"]["allow"][0] == "order"
+    })
+    .await;
+    let (status, answer) = api
+        .put(
+            "/v1/services/user/config",
+            None,
+            json!({"mtls": "sometimes"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    let (status, _) = api
+        .put(
+            "/v1/services/user/config",
+            None,
+            json!({"allow": ["Bad_Name"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn health_checks_mark_instances_critical_and_back() {
+    let api = memory(true).await;
+    // A TCP listener we control is the checked "app".
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accept = tokio::spawn(async move {
+        loop {
+            if listener.accept().await.is_err() {
+                break;
+            }
+        }
+    });
+    let body = json!({
+        "address": "127.0.0.1", "port": addr.port(),
+        "check": {"tcp": addr.to_string(), "interval": "1s", "timeout": "500ms"}
+    });
+    let (status, answer) = api.put("/v1/services/app/instances/a1", None, body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    eventually("check passes", Duration::from_secs(5), || async {
+        let (_, svc) = api.get("/v1/services/app").await;
+        svc["instances"][0]["health"]["output"]
+            .as_str()
+            .is_some_and(|o| o.contains("ok"))
+    })
+    .await;
+    accept.abort();
+    let _ = accept.await;
+    eventually(
+        "two failures make it critical",
+        Duration::from_secs(6),
+        || async {
+            let (_, svc) = api.get("/v1/services/app").await;
+            svc["instances"][0]["health"]["status"] == "critical"
+        },
+    )
+    .await;
+    let (_, list) = api.get("/v1/services").await;
+    assert_eq!(list["services"][0]["healthy"], 0);
+    // Back up on the same port: one success makes it passing.
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let _accept = tokio::spawn(async move { while listener.accept().await.is_ok() {} });
+    eventually(
+        "one success makes it passing",
+        Duration::from_secs(5),
+        || async {
+            let (_, svc) = api.get("/v1/services/app").await;
+            svc["instances"][0]["health"]["status"] == "passing"
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn health_endpoints_and_metrics() {
+    let api = memory(true).await;
+    let resp = api.http.get(api.url("/healthz")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = api.http.get(api.url("/readyz")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    api.put("/v1/services/user/instances/u1", None, reg()).await;
+    let text = api
+        .http
+        .get(api.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("signpost_api_requests_total"), "{text}");
+    assert!(text.contains("signpost_catalog_revision"), "{text}");
+    let (status, answer) = api.get("/v1/nothing").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(answer["error"]["code"], "not_found");
+}
+
+mod certificates {
+    use super::*;
+    use signpost_certs::{Ca, WorkloadKey, identity_from_cert};
+    use signpost_control_plane::api::certs::CertAuthority;
+
+    async fn with_ca() -> Api {
+        let cancel = CancellationToken::new();
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let cp = ControlPlane::start(
+            ControlPlaneOptions {
+                api: "127.0.0.1:0".parse().unwrap(),
+                store: store.clone(),
+                keys: Keys::default(),
+                auth: AuthConfig {
+                    admin_hash: Some(tokens::hash(ADMIN)),
+                    dev: false,
+                },
+                candidate: "test".into(),
+                ca: Some(Arc::new(CertAuthority {
+                    ca: Ca::generate_in_memory().unwrap(),
+                    zone: "xingren.host".into(),
+                    cert_ttl: Duration::from_secs(3600),
+                })),
+            },
+            Registry::default(),
+            None,
+            cancel.clone(),
+        )
+        .await
+        .unwrap();
+        assert!(cp.catalog.wait_synced(Duration::from_secs(5)).await);
+        Api {
+            base: format!("http://{}", cp.api_addr),
+            http: reqwest::Client::new(),
+            store,
+            cancel,
+        }
+    }
+
+    async fn post(api: &Api, token: Option<&str>, body: Value) -> (StatusCode, Value) {
+        let mut req = api.http.post(api.url("/v1/certs")).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    fn identity_of(chain_pem: &str) -> String {
+        let mut reader = chain_pem.as_bytes();
+        let first = rustls_pemfile::certs(&mut reader).next().unwrap().unwrap();
+        identity_from_cert(&first).unwrap().uri()
+    }
+
+    /// A CSR whose subject and SAN ask for another identity.
+    fn csr_for(name: &str) -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(vec![format!("{name}.xingren.host")]).unwrap();
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            format!("spiffe://xingren.host/svc/{name}")
+                .try_into()
+                .unwrap(),
+        ));
+        params.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    #[tokio::test]
+    async fn certificates_carry_the_token_identity() {
+        let api = with_ca().await;
+        let token = api.token_for("user").await;
+        let csr = WorkloadKey::generate().unwrap().csr_pem().unwrap();
+
+        let (status, body) = post(&api, Some(&token), json!({"csr": csr})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(
+            identity_of(body["certificate"].as_str().unwrap()),
+            "spiffe://xingren.host/svc/user"
+        );
+        assert!(body["expires"].as_str().is_some());
+
+        // A CSR asking for another identity still gets the token's.
+        let (status, body) = post(&api, Some(&token), json!({"csr": csr_for("admin")})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(
+            identity_of(body["certificate"].as_str().unwrap()),
+            "spiffe://xingren.host/svc/user"
+        );
+
+        let (status, body) =
+            post(&api, Some(&token), json!({"csr": csr, "service": "order"})).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        let (status, body) = post(&api, None, json!({"csr": csr})).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        let (status, body) = post(&api, Some(&token), json!({"csr": "not a csr"})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["error"]["code"], "invalid_csr");
+
+        // The admin names the service explicitly.
+        let (status, body) = post(&api, Some(ADMIN), json!({"csr": csr, "service": "order"})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(
+            identity_of(body["certificate"].as_str().unwrap()),
+            "spiffe://xingren.host/svc/order"
+        );
+
+        let roots = api
+            .http
+            .get(api.url("/v1/ca/roots"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(roots.starts_with("-----BEGIN CERTIFICATE-----"), "{roots}");
+    }
+}

@@ -1,0 +1,462 @@
+//! The answer index: every record the zone can answer, built once per catalog
+//! snapshot.
+//!
+//! A query is then one hash lookup of its lower-cased name, a pick of the
+//! record set for its type, a weighted shuffle and an encode. The index also
+//! holds every name that exists without records of its own (empty
+//! non-terminals such as `tag.<svc>.Z` or `_tcp.<svc>.Z`), so that a miss
+//! can tell NODATA (the name exists) from NXDOMAIN (RFC 8020: nothing exists
+//! below it either).
+//!
+//! What is in the zone `Z` (see ../shared/CONTRACT.md):
+//!
+//! | name | records |
+//! |---|---|
+//! | `Z` | SOA, NS (`ns.Z`, with glue when the server's address is known) |
+//! | `ns.Z` | A or AAAA of the server, when configured |
+//! | `_services._dns-sd._udp.Z` | PTR to every service |
+//! | `<svc>.Z` | A, AAAA, SRV of healthy instances |
+//! | `_<port>._<tcp,udp>.<svc>.Z` | SRV of healthy instances with that named port |
+//! | `<id>.<svc>.Z` | A or AAAA, TXT (metadata) of that instance, healthy or not |
+//! | `<tag>.tag.<svc>.Z` | A, AAAA, SRV of healthy instances with that tag |
+//!
+//! Reverse names (`in-addr.arpa`, `ip6.arpa`) of every instance address hold
+//! PTR records to `<id>.<svc>.Z`; they are outside `Z`, so any other type at
+//! them, and any other reverse name, is left to forwarding.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV, TXT};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
+use signpost_control_plane::catalog::{InstanceEntry, Snapshot};
+use signpost_control_plane::store::Revision;
+
+use crate::name::{NameKey, is_at_or_below, key_of};
+
+/// SRV priority of every instance: one tier, weights decide (CONTRACT.md).
+pub(crate) const SRV_PRIORITY: u16 = 10;
+
+/// SOA timers. There are no secondary servers to refresh from us (every
+/// replica reads etcd), so these only matter to tools that read them; they
+/// are the usual RIPE-203 values.
+const SOA_REFRESH: i32 = 3600;
+const SOA_RETRY: i32 = 600;
+const SOA_EXPIRE: i32 = 86400;
+
+/// What the index needs to know about the zone, fixed for a server's life.
+#[derive(Debug, Clone)]
+pub(crate) struct ZoneConfig {
+    /// The apex, lower-case, fully qualified.
+    pub(crate) origin: Name,
+    /// TTL of positive answers.
+    pub(crate) ttl: Duration,
+    /// SOA minimum, the TTL of negative answers (RFC 2308 §5).
+    pub(crate) negative_ttl: Duration,
+    /// The server's own address, published as `ns.Z`.
+    pub(crate) ns_address: Option<IpAddr>,
+}
+
+/// One record of a set, with what travels with it.
+#[derive(Debug, Clone)]
+pub(crate) struct Item {
+    /// The record, owner name lower-case.
+    pub(crate) record: Record,
+    /// Its weight in the weighted shuffle (instance weight; 1 for records
+    /// that are not instances).
+    pub(crate) weight: u32,
+    /// Records for the additional section when this one is answered: the
+    /// address of an SRV target, the glue of an NS.
+    pub(crate) glue: Vec<Record>,
+    /// Upper bound of the encoded size of the record plus its glue (names
+    /// uncompressed), so most answers can skip the exact fit check.
+    pub(crate) wire_len: usize,
+}
+
+/// The records of one type at one name.
+#[derive(Debug, Clone)]
+pub(crate) struct RecordSet {
+    /// Their type.
+    pub(crate) rtype: RecordType,
+    /// The records.
+    pub(crate) items: Vec<Item>,
+}
+
+/// One name of the index.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Node {
+    /// Its record sets, one per type; empty for an empty non-terminal.
+    pub(crate) sets: Vec<RecordSet>,
+    /// False for reverse names: they are not in the zone, and only their
+    /// PTR set is answered here.
+    pub(crate) in_zone: bool,
+}
+
+impl Node {
+    /// The set of `rtype`, if any.
+    pub(crate) fn set(&self, rtype: RecordType) -> Option<&RecordSet> {
+        self.sets.iter().find(|s| s.rtype == rtype)
+    }
+}
+
+/// How the index answers one name and type.
+#[derive(Debug)]
+pub(crate) enum Resolution<'a> {
+    /// The name is ours: these sets (none means NODATA, RFC 2308 §2.2).
+    Found {
+        /// The sets to answer, in order.
+        sets: Vec<&'a RecordSet>,
+    },
+    /// The name is in the zone but does not exist.
+    NxDomain,
+    /// Not ours: forward it or refuse it.
+    Outside,
+}
+
+/// The immutable index of one snapshot.
+#[derive(Debug)]
+pub(crate) struct Index {
+    /// The zone's key.
+    origin_key: NameKey,
+    /// The snapshot revision (SOA serial).
+    pub(crate) revision: Revision,
+    /// When the snapshot was built (for the age metric).
+    pub(crate) built: SystemTime,
+    /// SOA record, for the authority section of negative answers.
+    pub(crate) soa: Record,
+    /// Upper bound of the SOA record's encoded size.
+    pub(crate) soa_len: usize,
+    /// Every name.
+    nodes: HashMap<NameKey, Node>,
+}
+
+/// Appends a record of `rtype` to the node of `name`, creating both as
+/// needed, and the empty non-terminals between `name` and the apex.
+struct Builder<'z> {
+    zone: &'z ZoneConfig,
+    origin_key: NameKey,
+    nodes: HashMap<NameKey, Node>,
+    ttl: u32,
+}
+
+impl Builder<'_> {
+    fn node(&mut self, name: &Name) -> &mut Node {
+        let key = key_of(name);
+        let in_zone = is_at_or_below(&key, &self.origin_key);
+        if in_zone {
+            // Empty non-terminals: every ancestor up to the apex exists.
+            let mut parent = name.base_name();
+            while parent.num_labels() > self.zone.origin.num_labels() {
+                self.nodes.entry(key_of(&parent)).or_insert_with(|| Node {
+                    sets: Vec::new(),
+                    in_zone: true,
+                });
+                parent = parent.base_name();
+            }
+        }
+        self.nodes.entry(key).or_insert_with(|| Node {
+            sets: Vec::new(),
+            in_zone,
+        })
+    }
+
+    fn add(&mut self, name: &Name, data: RData, weight: u32, glue: Vec<Record>) {
+        let ttl = self.ttl;
+        let record = Record::from_rdata(name.clone(), ttl, data);
+        let wire_len = encoded_len(&record) + glue.iter().map(encoded_len).sum::<usize>();
+        let rtype = record.record_type();
+        let node = self.node(name);
+        let item = Item {
+            record,
+            weight,
+            glue,
+            wire_len,
+        };
+        match node.sets.iter_mut().find(|s| s.rtype == rtype) {
+            Some(set) => set.items.push(item),
+            None => node.sets.push(RecordSet {
+                rtype,
+                items: vec![item],
+            }),
+        }
+    }
+
+    /// Makes `name` exist without records (NODATA rather than NXDOMAIN).
+    fn touch(&mut self, name: &Name) {
+        self.node(name);
+    }
+}
+
+/// Size of `record` encoded alone with no name compression: an upper bound
+/// of its size in any message.
+pub(crate) fn encoded_len(record: &Record) -> usize {
+    let mut buf = Vec::with_capacity(64);
+    let mut encoder = BinEncoder::new(&mut buf);
+    encoder.set_name_encoding(NameEncoding::Uncompressed);
+    match record.emit(&mut encoder) {
+        Ok(()) => buf.len(),
+        // Cannot happen for the record types built here; an unknown size
+        // only means the exact fit check always runs.
+        Err(_) => usize::MAX / 4,
+    }
+}
+
+/// `label.parent`, for labels the catalog has validated.
+fn child(parent: &Name, label: &str) -> Option<Name> {
+    parent.prepend_label(label).ok()
+}
+
+fn secs(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}
+
+fn address_rdata(ip: IpAddr) -> RData {
+    match ip {
+        IpAddr::V4(v4) => RData::A(A(v4)),
+        IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+    }
+}
+
+/// The address records of a set of instances at `name`, one per distinct
+/// address: an RRset must not repeat a record (RFC 2181 §5), and a host
+/// that runs several instances gets their weights summed, so it draws the
+/// share of traffic its instances together were given.
+fn add_addresses<'e>(
+    b: &mut Builder<'_>,
+    name: &Name,
+    instances: impl Iterator<Item = &'e InstanceEntry>,
+) {
+    let mut seen: Vec<(IpAddr, u32)> = Vec::new();
+    for e in instances {
+        let ip = e.instance.address;
+        let w = u32::from(e.instance.weight);
+        match seen.iter_mut().find(|(a, _)| *a == ip) {
+            Some((_, total)) => *total = total.saturating_add(w),
+            None => seen.push((ip, w)),
+        }
+    }
+    for (ip, w) in seen {
+        b.add(name, address_rdata(ip), w, Vec::new());
+    }
+}
+
+impl Index {
+    /// Builds the index of `snapshot` for `zone`.
+    pub(crate) fn build(snapshot: &Snapshot, zone: &ZoneConfig) -> Self {
+        let origin = &zone.origin;
+        let origin_key = key_of(origin);
+        let ttl = secs(zone.ttl);
+        let mut b = Builder {
+            zone,
+            origin_key: origin_key.clone(),
+            nodes: HashMap::with_capacity(16 + snapshot.services.len() * 8),
+            ttl,
+        };
+
+        let fallback = || origin.clone();
+        let ns_name = child(origin, "ns").unwrap_or_else(fallback);
+        let hostmaster = child(origin, "hostmaster").unwrap_or_else(fallback);
+        // The serial is the store revision: it grows with every change, as a
+        // serial should; RFC 1982 arithmetic copes with the u32 wrap.
+        let serial = (snapshot.revision & 0xFFFF_FFFF) as u32;
+        let soa = Record::from_rdata(
+            origin.clone(),
+            // In a negative answer the SOA's TTL is the negative TTL (RFC 2308 §3).
+            secs(zone.negative_ttl),
+            RData::SOA(SOA::new(
+                ns_name.clone(),
+                hostmaster,
+                serial,
+                SOA_REFRESH,
+                SOA_RETRY,
+                SOA_EXPIRE,
+                secs(zone.negative_ttl),
+            )),
+        );
+        b.add(origin, soa.data.clone(), 1, Vec::new());
+
+        // `ns.Z` is the server itself, unless a service took that name: the
+        // service's records win (its users asked for them), and the NS then
+        // goes without glue.
+        let ns_is_service = snapshot.services.keys().any(|s| s.as_str() == "ns");
+        let ns_glue = match zone.ns_address {
+            Some(ip) if !ns_is_service => {
+                let glue = Record::from_rdata(ns_name.clone(), ttl, address_rdata(ip));
+                b.add(&ns_name, glue.data.clone(), 1, Vec::new());
+                vec![glue]
+            }
+            Some(_) => {
+                tracing::warn!("a service is named `ns`: ns.<zone> answers it, not this server");
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
+        b.add(origin, RData::NS(NS(ns_name)), 1, ns_glue);
+
+        // DNS-SD service enumeration (RFC 6763 §9).
+        if let Some(browse) = ["_udp", "_dns-sd", "_services"]
+            .iter()
+            .try_fold(origin.clone(), |n, l| child(&n, l))
+        {
+            b.touch(&browse);
+            for svc in snapshot.services.keys() {
+                if let Some(target) = child(origin, svc.as_str()) {
+                    b.add(&browse, RData::PTR(PTR(target)), 1, Vec::new());
+                }
+            }
+        }
+
+        for (svc, entry) in &snapshot.services {
+            let Some(svc_name) = child(origin, svc.as_str()) else {
+                continue;
+            };
+            b.touch(&svc_name);
+
+            // Each instance's own name, address record (also the glue of
+            // every SRV that targets it) and reverse name.
+            let mut addr_of: HashMap<&str, (Name, Record)> = HashMap::new();
+            for (id, e) in &entry.instances {
+                let Some(inst_name) = child(&svc_name, id.as_str()) else {
+                    continue;
+                };
+                let addr =
+                    Record::from_rdata(inst_name.clone(), ttl, address_rdata(e.instance.address));
+                b.add(
+                    &inst_name,
+                    addr.data.clone(),
+                    u32::from(e.instance.weight),
+                    Vec::new(),
+                );
+                if !e.instance.meta.is_empty() {
+                    let strings = e
+                        .instance
+                        .meta
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    b.add(&inst_name, RData::TXT(TXT::new(strings)), 1, Vec::new());
+                }
+                b.add(
+                    &Name::from(e.instance.address),
+                    RData::PTR(PTR(inst_name.clone())),
+                    1,
+                    Vec::new(),
+                );
+                addr_of.insert(id.as_str(), (inst_name, addr));
+            }
+
+            let srv = |b: &mut Builder<'_>, at: &Name, e: &InstanceEntry, port: u16| {
+                if let Some((target, addr)) = addr_of.get(e.instance.id.as_str()) {
+                    let data = RData::SRV(SRV::new(
+                        SRV_PRIORITY,
+                        e.instance.weight,
+                        port,
+                        target.clone(),
+                    ));
+                    b.add(at, data, u32::from(e.instance.weight), vec![addr.clone()]);
+                }
+            };
+
+            // The service name.
+            add_addresses(&mut b, &svc_name, entry.healthy());
+            for e in entry.healthy() {
+                srv(&mut b, &svc_name, e, e.instance.port);
+            }
+
+            // Tags. A tag name exists while any instance carries it, so a
+            // tag whose instances are all unhealthy is NODATA, not NXDOMAIN.
+            let mut tags: Vec<&str> = entry
+                .instances
+                .values()
+                .flat_map(|e| e.instance.tags.iter().map(String::as_str))
+                .collect();
+            tags.sort_unstable();
+            tags.dedup();
+            if let Some(tag_root) = child(&svc_name, "tag") {
+                for tag in tags {
+                    let Some(tag_name) = child(&tag_root, tag) else {
+                        continue;
+                    };
+                    b.touch(&tag_name);
+                    let with_tag = || {
+                        entry
+                            .healthy()
+                            .filter(move |e| e.instance.tags.iter().any(|t| t == tag))
+                    };
+                    add_addresses(&mut b, &tag_name, with_tag());
+                    for e in with_tag() {
+                        srv(&mut b, &tag_name, e, e.instance.port);
+                    }
+                }
+            }
+
+            // Named ports, the same under `_tcp` and `_udp`: the catalog
+            // does not record a port's protocol, and a client asks for the
+            // one it speaks.
+            let mut ports: Vec<&str> = entry
+                .instances
+                .values()
+                .flat_map(|e| e.instance.ports.keys().map(String::as_str))
+                .collect();
+            ports.sort_unstable();
+            ports.dedup();
+            for proto in ["_tcp", "_udp"] {
+                let Some(proto_name) = child(&svc_name, proto) else {
+                    continue;
+                };
+                for port in &ports {
+                    let Some(port_name) = child(&proto_name, &format!("_{port}")) else {
+                        continue;
+                    };
+                    b.touch(&port_name);
+                    for e in entry.healthy() {
+                        if let Some(&p) = e.instance.ports.get(*port) {
+                            srv(&mut b, &port_name, e, p);
+                        }
+                    }
+                }
+            }
+        }
+
+        Index {
+            origin_key,
+            revision: snapshot.revision,
+            built: snapshot.built,
+            soa_len: encoded_len(&soa),
+            soa,
+            nodes: b.nodes,
+        }
+    }
+
+    /// How to answer `qtype` at the name whose key is `key`.
+    pub(crate) fn resolve(&self, key: &[u8], qtype: RecordType) -> Resolution<'_> {
+        match self.nodes.get(key) {
+            Some(node) if node.in_zone => Resolution::Found {
+                sets: select_sets(node, qtype),
+            },
+            // A known reverse name answers PTR only; other types are not
+            // ours to deny (we are not the authority for the arpa zones).
+            Some(node) => match qtype {
+                RecordType::PTR | RecordType::ANY if node.set(RecordType::PTR).is_some() => {
+                    Resolution::Found {
+                        sets: select_sets(node, RecordType::PTR),
+                    }
+                }
+                _ => Resolution::Outside,
+            },
+            None if is_at_or_below(key, &self.origin_key) => Resolution::NxDomain,
+            None => Resolution::Outside,
+        }
+    }
+}
+
+/// The sets that answer `qtype` at `node`: that type's, or all for ANY.
+fn select_sets(node: &Node, qtype: RecordType) -> Vec<&RecordSet> {
+    if qtype == RecordType::ANY {
+        node.sets.iter().collect()
+    } else {
+        node.set(qtype).into_iter().collect()
+    }
+}

@@ -1,0 +1,409 @@
+//! The server: sockets, hickory's receive loops, and the task that rebuilds
+//! the index whenever the catalog publishes a snapshot.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hickory_proto::rr::Name;
+use hickory_server::Server;
+use prometheus_client::registry::Registry;
+use signpost_control_plane::catalog::{Catalog, Snapshot};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DnsConfig;
+use crate::error::DnsError;
+use crate::forward::Forwarder;
+use crate::handler::{Handler, Shared};
+use crate::index::{Index, ZoneConfig};
+use crate::metrics::Metrics;
+
+/// Receive buffer asked for each UDP socket: room for a burst of a few
+/// thousand queries while a core is busy (the kernel caps it at
+/// `net.core.rmem_max`).
+const UDP_RECV_BUFFER: usize = 4 << 20;
+
+/// Pending TCP connections the kernel may queue.
+const TCP_BACKLOG: i32 = 1024;
+
+/// Responses queued per TCP connection before the writer waits.
+const TCP_RESPONSE_BUFFER: usize = 32;
+
+/// How many ephemeral ports to try when asked for port 0: the TCP port the
+/// kernel picks may be taken for UDP by someone else.
+const EPHEMERAL_BIND_ATTEMPTS: usize = 16;
+
+/// The DNS server of one zone over one catalog.
+///
+/// ```no_run
+/// # async fn demo(catalog: std::sync::Arc<signpost_control_plane::catalog::Catalog>) -> Result<(), signpost_dns::DnsError> {
+/// use signpost_dns::{DnsConfig, DnsServer};
+/// use tokio_util::sync::CancellationToken;
+///
+/// let server = DnsServer::new(DnsConfig::default(), catalog)?;
+/// println!("dig @{} -p {} user.xingren.host SRV", server.local_addr().ip(), server.local_addr().port());
+/// server.run(CancellationToken::new()).await
+/// # }
+/// ```
+pub struct DnsServer {
+    shared: Arc<Shared>,
+    catalog: Arc<Catalog>,
+    udp: Vec<std::net::UdpSocket>,
+    tcp: std::net::TcpListener,
+    local_addr: SocketAddr,
+    tcp_idle_timeout: Duration,
+}
+
+impl std::fmt::Debug for DnsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsServer")
+            .field("local_addr", &self.local_addr)
+            .field("zone", &self.shared.zone.origin)
+            .field("udp_sockets", &self.udp.len())
+            .finish()
+    }
+}
+
+impl DnsServer {
+    /// Checks `config`, binds the UDP sockets and the TCP listener (so a
+    /// taken port is reported here, with [`DnsError::AddrInUse`]) and builds
+    /// the first index from the catalog's current snapshot. Call it inside
+    /// a Tokio runtime: the forwarding resolver is created here.
+    ///
+    /// The binary should pass upstreams from [`crate::default_upstreams`]
+    /// given its own addresses (listen and `ns_address`); an upstream equal
+    /// to the listen address is dropped here anyway.
+    pub fn new(config: DnsConfig, catalog: Arc<Catalog>) -> Result<Self, DnsError> {
+        let origin = parse_zone(&config.zone)?;
+        if config.max_udp_payload < 512 {
+            return Err(DnsError::InvalidConfig {
+                setting: "max_udp_payload",
+                reason: format!(
+                    "{} is below the 512 bytes every DNS client accepts",
+                    config.max_udp_payload
+                ),
+            });
+        }
+        let udp_count = match config.udp_sockets {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let (tcp, udp) = bind(config.listen, udp_count)?;
+        let local_addr = tcp.local_addr().map_err(|source| DnsError::Bind {
+            addr: config.listen,
+            proto: "TCP",
+            source,
+        })?;
+
+        let upstreams: Vec<SocketAddr> = config
+            .upstreams
+            .iter()
+            .copied()
+            .filter(|up| {
+                let own = is_own_address(*up, local_addr);
+                if own {
+                    tracing::warn!(upstream = %up, "ignoring upstream: it is this server");
+                }
+                !own
+            })
+            .collect();
+        let forwarder = if upstreams.is_empty() {
+            None
+        } else {
+            Some(Forwarder::new(&upstreams, config.forward_timeout)?)
+        };
+
+        let zone = ZoneConfig {
+            origin,
+            ttl: config.ttl,
+            negative_ttl: config.negative_ttl.unwrap_or(config.ttl),
+            ns_address: config.ns_address,
+        };
+        let snapshot = catalog.snapshot();
+        let index = Index::build(&snapshot, &zone);
+        let metrics = Metrics::default();
+        metrics.snapshot(index.revision, index.built);
+        let shared = Arc::new(Shared {
+            index: ArcSwap::from_pointee(index),
+            zone,
+            allow_recursion: config.allow_recursion,
+            forwarder,
+            metrics,
+            max_udp_payload: config.max_udp_payload,
+        });
+        tracing::info!(
+            addr = %local_addr,
+            zone = %shared.zone.origin,
+            udp_sockets = udp.len(),
+            upstreams = upstreams.len(),
+            "DNS server bound"
+        );
+        Ok(Self {
+            shared,
+            catalog,
+            udp,
+            tcp,
+            local_addr,
+            tcp_idle_timeout: config.tcp_idle_timeout,
+        })
+    }
+
+    /// The address the server answers on (UDP and TCP).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Adds the DNS metrics (`signpost_dns_*`) to `registry`.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        self.shared.metrics.register(registry);
+    }
+
+    /// Serves until `cancel` fires, then stops accepting queries and
+    /// returns. Snapshots the catalog publishes are answered from as soon
+    /// as their index is built.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), DnsError> {
+        let local_addr = self.local_addr;
+        let mut server = Server::new(Handler(self.shared.clone()));
+        for socket in self.udp {
+            let socket =
+                tokio::net::UdpSocket::from_std(socket).map_err(|source| DnsError::Bind {
+                    addr: local_addr,
+                    proto: "UDP",
+                    source,
+                })?;
+            server.register_socket(socket);
+        }
+        let listener =
+            tokio::net::TcpListener::from_std(self.tcp).map_err(|source| DnsError::Bind {
+                addr: local_addr,
+                proto: "TCP",
+                source,
+            })?;
+        server.register_listener(listener, self.tcp_idle_timeout, TCP_RESPONSE_BUFFER);
+
+        let watcher = tokio::spawn(watch_catalog(
+            self.catalog,
+            self.shared.clone(),
+            cancel.clone(),
+        ));
+        let shutdown = server.shutdown_token().clone();
+        let stopper = {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                cancel.cancelled().await;
+                shutdown.cancel();
+            })
+        };
+        let result = server.block_until_done().await;
+        stopper.abort();
+        watcher.abort();
+        tracing::info!(addr = %local_addr, "DNS server stopped");
+        result.map_err(DnsError::Serve)
+    }
+}
+
+/// Rebuilds the index on every new snapshot until `cancel` fires.
+async fn watch_catalog(catalog: Arc<Catalog>, shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut rx = catalog.subscribe();
+    let mut last: Option<Arc<Snapshot>> = None;
+    loop {
+        let snapshot = rx.borrow_and_update().clone();
+        // The catalog also notifies when only its sync state changes; the
+        // same snapshot needs no new index.
+        if last.as_ref().is_none_or(|l| !Arc::ptr_eq(l, &snapshot)) {
+            let zone = shared.zone.clone();
+            let snap = snapshot.clone();
+            // Building walks every instance: keep it off the receive loops'
+            // worker threads.
+            match tokio::task::spawn_blocking(move || Index::build(&snap, &zone)).await {
+                Ok(index) => {
+                    tracing::debug!(revision = index.revision, "DNS index rebuilt");
+                    shared.metrics.snapshot(index.revision, index.built);
+                    shared.index.store(Arc::new(index));
+                }
+                Err(err) => {
+                    tracing::error!(%err, "building the DNS index failed; keeping the previous one")
+                }
+            }
+            last = Some(snapshot);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = rx.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// The zone as a lower-case, fully qualified name.
+fn parse_zone(zone: &str) -> Result<Name, DnsError> {
+    let invalid = |reason: String| DnsError::InvalidZone {
+        zone: zone.to_string(),
+        reason,
+    };
+    let mut name = Name::from_ascii(zone.trim()).map_err(|e| invalid(e.to_string()))?;
+    name.set_fqdn(true);
+    if name.is_root() {
+        return Err(invalid(
+            "the root cannot be the zone: every name would be ours and none forwarded".into(),
+        ));
+    }
+    Ok(name.to_lowercase())
+}
+
+/// Whether forwarding to `upstream` would send a query back to ourselves.
+fn is_own_address(upstream: SocketAddr, local: SocketAddr) -> bool {
+    if upstream.port() != local.port() {
+        return false;
+    }
+    let ip = upstream.ip();
+    ip == local.ip() || (local.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified()))
+}
+
+/// Binds the TCP listener, then the UDP sockets on the same port.
+fn bind(
+    listen: SocketAddr,
+    udp_count: usize,
+) -> Result<(std::net::TcpListener, Vec<std::net::UdpSocket>), DnsError> {
+    let attempts = if listen.port() == 0 {
+        EPHEMERAL_BIND_ATTEMPTS
+    } else {
+        1
+    };
+    let mut last_err = None;
+    for _ in 0..attempts {
+        let tcp = bind_tcp(listen)?;
+        let addr = tcp.local_addr().map_err(|source| DnsError::Bind {
+            addr: listen,
+            proto: "TCP",
+            source,
+        })?;
+        match bind_udp_group(addr, udp_count) {
+            Ok(udp) => return Ok((tcp, udp)),
+            Err(err @ DnsError::AddrInUse { .. }) if listen.port() == 0 => last_err = Some(err),
+            Err(err) => return Err(err),
+        }
+    }
+    Err(last_err.unwrap_or(DnsError::AddrInUse {
+        addr: listen,
+        proto: "UDP",
+    }))
+}
+
+fn bind_error(addr: SocketAddr, proto: &'static str, source: io::Error) -> DnsError {
+    if source.kind() == io::ErrorKind::AddrInUse {
+        DnsError::AddrInUse { addr, proto }
+    } else {
+        DnsError::Bind {
+            addr,
+            proto,
+            source,
+        }
+    }
+}
+
+/// The TCP listener. No SO_REUSEPORT here: the listener is what makes a
+/// second server on the same port fail loudly, instead of silently
+/// splitting the UDP traffic with it.
+fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, DnsError> {
+    let err = |e| bind_error(addr, "TCP", e);
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    // Lets a restarted server bind while old connections sit in TIME_WAIT.
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    socket.listen(TCP_BACKLOG).map_err(err)?;
+    Ok(socket.into())
+}
+
+/// `count` UDP sockets on `addr` sharing it with SO_REUSEPORT: the kernel
+/// spreads datagrams over them by flow hash, and hickory runs one receive
+/// loop per socket, so several cores receive at once.
+fn bind_udp_group(addr: SocketAddr, count: usize) -> Result<Vec<std::net::UdpSocket>, DnsError> {
+    (0..count.max(1))
+        .map(|_| bind_udp(addr, count > 1))
+        .collect()
+}
+
+fn bind_udp(addr: SocketAddr, reuse_port: bool) -> Result<std::net::UdpSocket, DnsError> {
+    let err = |e| bind_error(addr, "UDP", e);
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+    #[cfg(unix)]
+    if reuse_port {
+        socket.set_reuse_port(true).map_err(err)?;
+    }
+    #[cfg(not(unix))]
+    let _ = reuse_port;
+    if let Err(e) = socket.set_recv_buffer_size(UDP_RECV_BUFFER) {
+        tracing::debug!(error = %e, "cannot enlarge the UDP receive buffer");
+    }
+    socket.set_nonblocking(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use signpost_control_plane::store::Keys;
+
+    #[test]
+    fn zones_are_lower_case_fqdns() {
+        assert_eq!(
+            parse_zone("XingRen.Host").unwrap().to_ascii(),
+            "xingren.host."
+        );
+        assert_eq!(
+            parse_zone("xingren.host.").unwrap().to_ascii(),
+            "xingren.host."
+        );
+        assert!(matches!(parse_zone("."), Err(DnsError::InvalidZone { .. })));
+        assert!(matches!(
+            parse_zone("a..b"),
+            Err(DnsError::InvalidZone { .. })
+        ));
+    }
+
+    #[test]
+    fn own_address_is_never_an_upstream() {
+        let local: SocketAddr = "127.0.0.1:53".parse().unwrap();
+        assert!(is_own_address("127.0.0.1:53".parse().unwrap(), local));
+        assert!(!is_own_address("127.0.0.1:5353".parse().unwrap(), local));
+        assert!(!is_own_address("10.0.0.2:53".parse().unwrap(), local));
+        let any: SocketAddr = "0.0.0.0:53".parse().unwrap();
+        assert!(is_own_address("127.0.0.53:53".parse().unwrap(), any));
+        assert!(!is_own_address("10.0.0.2:53".parse().unwrap(), any));
+    }
+
+    #[tokio::test]
+    async fn bad_settings_are_refused() {
+        let catalog = Catalog::new(Keys::default());
+        let config = DnsConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            max_udp_payload: 400,
+            ..DnsConfig::default()
+        };
+        let err = DnsServer::new(config, catalog.clone()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DnsError::InvalidConfig {
+                    setting: "max_udp_payload",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let config = DnsConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            zone: "bad..zone".into(),
+            ..DnsConfig::default()
+        };
+        let err = DnsServer::new(config, catalog).unwrap_err();
+        assert!(err.to_string().contains("bad..zone"), "{err}");
+    }
+}

@@ -1,0 +1,454 @@
+//! The DNS table of CONTRACT.md answered by a running server, over UDP and
+//! TCP, with hickory's client, raw messages and `dig`.
+
+mod common;
+
+use std::net::IpAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use hickory_net::client::{Client, ClientHandle};
+use hickory_net::runtime::TokioRuntimeProvider;
+use hickory_net::tcp::TcpClientStream;
+use hickory_net::udp::UdpClientStream;
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+
+fn addrs(records: &[Record]) -> Vec<IpAddr> {
+    let mut v: Vec<IpAddr> = records
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn ips(list: &[&str]) -> Vec<IpAddr> {
+    let mut v: Vec<IpAddr> = list.iter().map(|s| s.parse().unwrap()).collect();
+    v.sort();
+    v
+}
+
+async fn udp_client(addr: std::net::SocketAddr) -> Client<TokioRuntimeProvider> {
+    let stream = UdpClientStream::builder(addr, TokioRuntimeProvider::default())
+        .with_timeout(Some(STEP))
+        .build();
+    let (client, bg) = Client::<TokioRuntimeProvider>::from_sender(stream);
+    tokio::spawn(bg);
+    client
+}
+
+async fn tcp_client(addr: std::net::SocketAddr) -> Client<TokioRuntimeProvider> {
+    let (stream, sender) =
+        TcpClientStream::new(addr, None, Some(STEP), TokioRuntimeProvider::default());
+    let stream = tokio::time::timeout(STEP, stream).await.unwrap().unwrap();
+    let (client, bg) = Client::<TokioRuntimeProvider>::new(stream, sender);
+    tokio::spawn(bg);
+    client
+}
+
+/// Every row of the table, asked with hickory's client over UDP and TCP.
+#[tokio::test]
+async fn hickory_client_gets_every_row_over_udp_and_tcp() {
+    let server = start(test_config(), &standard_fill()).await;
+    for tcp in [false, true] {
+        let mut client = if tcp {
+            tcp_client(server.addr).await
+        } else {
+            udp_client(server.addr).await
+        };
+        let mut ask = async |name: &str, qtype: RecordType| {
+            let resp = client
+                .query(Name::from_ascii(name).unwrap(), DNSClass::IN, qtype)
+                .await
+                .unwrap_or_else(|e| panic!("{name} {qtype} (tcp {tcp}): {e}"));
+            resp.into_message()
+        };
+
+        let a = ask("user.xingren.host.", RecordType::A).await;
+        assert_eq!(a.metadata.response_code, ResponseCode::NoError);
+        assert!(a.metadata.authoritative);
+        assert_eq!(addrs(&a.answers), ips(&["10.0.0.1", "10.0.0.2"]));
+        assert!(a.answers.iter().all(|r| r.ttl == 5));
+
+        let aaaa = ask("user.xingren.host.", RecordType::AAAA).await;
+        assert_eq!(addrs(&aaaa.answers), ips(&["fd00::6"]));
+
+        let srv = ask("user.xingren.host.", RecordType::SRV).await;
+        assert_eq!(srv.answers.len(), 3);
+        for r in &srv.answers {
+            let RData::SRV(s) = &r.data else {
+                panic!("{r:?}")
+            };
+            assert_eq!((s.priority, s.weight), (10, 100));
+        }
+        assert_eq!(
+            addrs(&srv.additionals),
+            ips(&["10.0.0.1", "10.0.0.2", "fd00::6"])
+        );
+
+        let port = ask("_http._tcp.user.xingren.host.", RecordType::SRV).await;
+        assert_eq!(port.answers.len(), 1);
+        let RData::SRV(s) = &port.answers[0].data else {
+            panic!()
+        };
+        assert_eq!(
+            (s.port, s.target.to_ascii().as_str()),
+            (8081, "u1.user.xingren.host.")
+        );
+
+        let inst = ask("u1.user.xingren.host.", RecordType::A).await;
+        assert_eq!(addrs(&inst.answers), ips(&["10.0.0.1"]));
+        let txt = ask("u1.user.xingren.host.", RecordType::TXT).await;
+        assert_eq!(txt.answers.len(), 1);
+        assert_eq!(txt.answers[0].data.to_string(), "version=1.2.3");
+
+        let tag = ask("v2.tag.user.xingren.host.", RecordType::A).await;
+        assert_eq!(addrs(&tag.answers), ips(&["10.0.0.1"]));
+        let tag_srv = ask("v2.tag.user.xingren.host.", RecordType::SRV).await;
+        assert_eq!(tag_srv.answers.len(), 1);
+
+        let sd = ask("_services._dns-sd._udp.xingren.host.", RecordType::PTR).await;
+        let mut names: Vec<String> = sd.answers.iter().map(|r| r.data.to_string()).collect();
+        names.sort();
+        assert_eq!(names, vec!["order.xingren.host.", "user.xingren.host."]);
+
+        let rev = ask("2.0.0.10.in-addr.arpa.", RecordType::PTR).await;
+        assert!(rev.metadata.authoritative);
+        assert_eq!(rev.answers[0].data.to_string(), "u2.user.xingren.host.");
+
+        let soa = ask("xingren.host.", RecordType::SOA).await;
+        let RData::SOA(s) = &soa.answers[0].data else {
+            panic!()
+        };
+        assert_eq!(s.mname.to_ascii(), "ns.xingren.host.");
+        let ns = ask("xingren.host.", RecordType::NS).await;
+        assert_eq!(ns.answers[0].data.to_string(), "ns.xingren.host.");
+
+        let nx = ask("nobody.xingren.host.", RecordType::A).await;
+        assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain);
+        assert!(nx.metadata.authoritative);
+        assert_eq!(nx.authorities.len(), 1);
+        assert_eq!(nx.authorities[0].record_type(), RecordType::SOA);
+
+        let nodata = ask("order.xingren.host.", RecordType::TXT).await;
+        assert_eq!(nodata.metadata.response_code, ResponseCode::NoError);
+        assert!(nodata.answers.is_empty());
+        assert_eq!(nodata.authorities[0].record_type(), RecordType::SOA);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn names_outside_the_zone_are_refused_without_upstreams() {
+    let server = start(test_config(), &standard_fill()).await;
+    let msg = query_message("example.com.", RecordType::A, None, true);
+    let (reply, _) = udp_exchange(server.addr, &msg).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+    assert!(!reply.metadata.recursion_available);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn question_case_is_echoed_exactly() {
+    let server = start(test_config(), &standard_fill()).await;
+    let msg = query_message("uSeR.XiNgReN.hOsT.", RecordType::A, Some(1232), false);
+    let (reply, _) = udp_exchange(server.addr, &msg).await;
+    assert_eq!(reply.queries[0].name().to_ascii(), "uSeR.XiNgReN.hOsT.");
+    assert_eq!(reply.answers.len(), 2);
+    for r in &reply.answers {
+        assert_eq!(r.name.to_ascii(), "uSeR.XiNgReN.hOsT.");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn registration_changes_show_on_the_next_query() {
+    let mut fill = standard_fill();
+    let server = start(test_config(), &fill).await;
+    let ask = |name: &'static str| {
+        let addr = server.addr;
+        async move {
+            let msg = query_message(name, RecordType::A, None, false);
+            udp_exchange(addr, &msg).await.0
+        }
+    };
+    assert_eq!(
+        ask("pay.xingren.host.").await.metadata.response_code,
+        ResponseCode::NXDomain
+    );
+
+    fill.put(&instance("pay", "p1", "10.0.5.1", 443));
+    server.catalog.publish(&fill.state);
+    eventually("pay appears", || async {
+        addrs(&ask("pay.xingren.host.").await.answers) == ips(&["10.0.5.1"])
+    })
+    .await;
+
+    fill.delete("user", "u1");
+    server.catalog.publish(&fill.state);
+    eventually("u1 leaves", || async {
+        addrs(&ask("user.xingren.host.").await.answers) == ips(&["10.0.0.2"])
+    })
+    .await;
+    let serial = |m: Message| match &m.answers[0].data {
+        RData::SOA(s) => s.serial,
+        _ => panic!(),
+    };
+    let soa = udp_exchange(
+        server.addr,
+        &query_message("xingren.host.", RecordType::SOA, None, false),
+    )
+    .await
+    .0;
+    assert_eq!(i64::from(serial(soa)), server.catalog.snapshot().revision);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn udp_answers_fit_the_client_size_and_tcp_gets_all() {
+    let mut fill = Fill::default();
+    for i in 0..200u16 {
+        fill.put(&instance(
+            "big",
+            &format!("i{i}"),
+            &format!("10.2.{}.{}", i / 200, i % 200 + 1),
+            80,
+        ));
+    }
+    let server = start(test_config(), &fill).await;
+
+    // No EDNS: 512 bytes, as many records as fit, no TC.
+    let (plain, len) = udp_exchange(
+        server.addr,
+        &query_message("big.xingren.host.", RecordType::A, None, false),
+    )
+    .await;
+    assert!(len <= 512, "{len}");
+    assert!(!plain.metadata.truncation);
+    assert!(
+        plain.answers.len() > 20 && plain.answers.len() < 200,
+        "{}",
+        plain.answers.len()
+    );
+
+    // EDNS 4096: capped at the server's 1232.
+    let (edns, len) = udp_exchange(
+        server.addr,
+        &query_message("big.xingren.host.", RecordType::A, Some(4096), false),
+    )
+    .await;
+    assert!(len <= 1232 && len > 1100, "{len}");
+    assert!(!edns.metadata.truncation);
+    assert!(edns.answers.len() > plain.answers.len());
+    assert_eq!(edns.edns.as_ref().map(|e| e.max_payload()), Some(1232));
+
+    // SRV with glue in 512 bytes: answers first.
+    let (srv, len) = udp_exchange(
+        server.addr,
+        &query_message("big.xingren.host.", RecordType::SRV, None, false),
+    )
+    .await;
+    assert!(len <= 512);
+    assert!(!srv.answers.is_empty() && !srv.metadata.truncation);
+
+    let all = tcp_exchange(
+        server.addr,
+        &query_message("big.xingren.host.", RecordType::A, None, false),
+    )
+    .await;
+    assert_eq!(all.answers.len(), 200);
+    let all_srv = tcp_exchange(
+        server.addr,
+        &query_message("big.xingren.host.", RecordType::SRV, None, false),
+    )
+    .await;
+    assert_eq!(all_srv.answers.len(), 200);
+    assert_eq!(all_srv.additionals.len(), 200);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn answers_are_shuffled_per_response() {
+    let mut fill = Fill::default();
+    for i in 1..=8u8 {
+        fill.put(&instance(
+            "mix",
+            &format!("m{i}"),
+            &format!("10.3.0.{i}"),
+            80,
+        ));
+    }
+    let server = start(test_config(), &fill).await;
+    let mut firsts = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let (reply, _) = udp_exchange(
+            server.addr,
+            &query_message("mix.xingren.host.", RecordType::A, None, false),
+        )
+        .await;
+        assert_eq!(reply.answers.len(), 8);
+        firsts.insert(reply.answers[0].data.to_string());
+    }
+    // 40 uniform draws over 8 addresses leave fewer than 4 distinct first
+    // records with probability below 1e-20.
+    assert!(firsts.len() >= 4, "{firsts:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unsupported_requests_get_their_error_codes() {
+    let server = start(test_config(), &standard_fill()).await;
+
+    let mut notify = query_message("xingren.host.", RecordType::SOA, None, false);
+    notify.metadata.op_code = OpCode::Notify;
+    assert_eq!(
+        udp_exchange(server.addr, &notify)
+            .await
+            .0
+            .metadata
+            .response_code,
+        ResponseCode::NotImp
+    );
+
+    let mut two = query_message("user.xingren.host.", RecordType::A, None, false);
+    two.add_query(Query::query(
+        Name::from_ascii("order.xingren.host.").unwrap(),
+        RecordType::A,
+    ));
+    assert_eq!(
+        udp_exchange(server.addr, &two)
+            .await
+            .0
+            .metadata
+            .response_code,
+        ResponseCode::FormErr
+    );
+
+    let mut v1 = query_message("user.xingren.host.", RecordType::A, Some(1232), false);
+    if let Some(edns) = v1.edns.as_mut() {
+        edns.set_version(1);
+    }
+    // BADVERS is 16, which hickory decodes by its other name, BADSIG.
+    let badvers = udp_exchange(server.addr, &v1).await.0;
+    assert_eq!(
+        u16::from(badvers.metadata.response_code),
+        u16::from(ResponseCode::BADVERS)
+    );
+    assert!(badvers.edns.is_some(), "an extended rcode needs OPT");
+
+    let axfr = query_message("xingren.host.", RecordType::AXFR, None, false);
+    assert_eq!(
+        tcp_exchange(server.addr, &axfr)
+            .await
+            .metadata
+            .response_code,
+        ResponseCode::Refused
+    );
+
+    let mut chaos = query_message("version.bind.", RecordType::TXT, None, false);
+    chaos.queries[0].set_query_class(DNSClass::CH);
+    assert_eq!(
+        udp_exchange(server.addr, &chaos)
+            .await
+            .0
+            .metadata
+            .response_code,
+        ResponseCode::Refused
+    );
+
+    // A response sent to the server is ignored (no reflection).
+    let mut response = query_message("user.xingren.host.", RecordType::A, None, false);
+    response.metadata.message_type = MessageType::Response;
+    let silent = udp_exchange_raw(
+        server.addr,
+        &response.to_vec().unwrap(),
+        Duration::from_millis(300),
+    )
+    .await;
+    assert!(silent.is_none());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_taken_port_is_a_clear_error() {
+    let first = start(test_config(), &Fill::default()).await;
+    let catalog = signpost_control_plane::catalog::Catalog::new(Default::default());
+    let config = signpost_dns::DnsConfig {
+        listen: first.addr,
+        ..test_config()
+    };
+    let err = signpost_dns::DnsServer::new(config, catalog).unwrap_err();
+    assert!(
+        matches!(err, signpost_dns::DnsError::AddrInUse { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("already in use"), "{err}");
+    first.stop().await;
+}
+
+fn dig(server: std::net::SocketAddr, args: &[&str]) -> String {
+    let out = Command::new("dig")
+        .arg(format!("@{}", server.ip()))
+        .args(["-p", &server.port().to_string(), "+tries=1", "+time=3"])
+        .args(args)
+        .output();
+    let out = match out {
+        Ok(out) => out,
+        Err(err) => panic!(
+            "cannot run `dig` ({err}): these tests need bind9's dig (Debian/Ubuntu: apt-get install bind9-dnsutils)"
+        ),
+    };
+    assert!(
+        out.status.success(),
+        "dig {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_sees_the_table() {
+    let server = start(test_config(), &standard_fill()).await;
+    let addr = server.addr;
+    let run = move |args: Vec<&'static str>| tokio::task::spawn_blocking(move || dig(addr, &args));
+
+    let mut a: Vec<String> = run(vec!["+short", "user.xingren.host", "A"])
+        .await
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    a.sort();
+    assert_eq!(a, vec!["10.0.0.1", "10.0.0.2"]);
+
+    let srv = run(vec!["+short", "_http._tcp.user.xingren.host", "SRV"])
+        .await
+        .unwrap();
+    assert_eq!(srv.trim(), "10 100 8081 u1.user.xingren.host.");
+
+    let tcp = run(vec!["+tcp", "+short", "u1.user.xingren.host", "TXT"])
+        .await
+        .unwrap();
+    assert_eq!(tcp.trim(), "\"version=1.2.3\"");
+
+    let ptr = run(vec!["+short", "-x", "10.0.0.1"]).await.unwrap();
+    assert_eq!(ptr.trim(), "u1.user.xingren.host.");
+
+    let nx = run(vec!["nobody.xingren.host", "A"]).await.unwrap();
+    assert!(nx.contains("status: NXDOMAIN"), "{nx}");
+    assert!(nx.contains("flags: qr aa"), "{nx}");
+    assert!(nx.contains("AUTHORITY: 1"), "{nx}");
+
+    let soa = run(vec!["+short", "xingren.host", "SOA"]).await.unwrap();
+    assert!(
+        soa.starts_with("ns.xingren.host. hostmaster.xingren.host. "),
+        "{soa}"
+    );
+    server.stop().await;
+}

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# DNS benchmark: Signpost (`signpost dns`, watching a real etcd) against Knot
+# DNS serving the equivalent zone file, side by side in one run.
+#
+#   ./integration/bench/dns.sh [RUNS] [SECONDS]     (defaults: 3 runs of 10 s)
+#
+# 1000 services with 2 instances each are registered through the API; the
+# same records are written as a zone file for Knot. dnsperf (pinned to CPU 1)
+# sends a mix of 90% A, 5% SRV, 5% NXDOMAIN to each server (pinned to CPU 0),
+# alternating, RUNS times. For each run it prints qps and the server's CPU
+# time per answered query (from /proc/PID/stat), then the medians and ratios;
+# then a fixed-rate run at 20k qps for lost queries.
+# Needs: knot, dnsperf, etcd-server (apt-get install knot dnsperf etcd-server).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RUNS=${1:-3}
+SECS=${2:-10}
+N=1000
+ZONE=xingren.host
+
+for tool in knotd dnsperf etcd taskset curl; do
+    command -v $tool >/dev/null || { echo "missing $tool: apt-get install knot dnsperf etcd-server util-linux curl" >&2; exit 1; }
+done
+
+cargo build --release --quiet --bin signpost
+BIN=$PWD/target/release/signpost
+WORK=$(mktemp -d /tmp/signpost-bench.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+ETCD=http://127.0.0.1:22379
+taskset -c 1 etcd --name bench --data-dir "$WORK/etcd" --listen-client-urls $ETCD --advertise-client-urls $ETCD \
+    --listen-peer-urls http://127.0.0.1:22380 --initial-advertise-peer-urls http://127.0.0.1:22380 \
+    --initial-cluster bench=http://127.0.0.1:22380 >"$WORK/etcd.log" 2>&1 &
+PIDS+=($!)
+head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$WORK/admin.token"
+TOKEN=$(cat "$WORK/admin.token")
+API=http://127.0.0.1:28500
+taskset -c 1 "$BIN" server --etcd $ETCD --api 127.0.0.1:28500 --dns 127.0.0.1:28053 \
+    --admin-token-file "$WORK/admin.token" >"$WORK/server.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do curl -fsS $API/readyz >/dev/null 2>&1 && break; sleep 0.1; done
+
+SP_PORT=25353
+taskset -c 0 "$BIN" dns --etcd $ETCD --dns 127.0.0.1:$SP_PORT --udp-sockets 1 >"$WORK/dns.log" 2>&1 &
+SP_PID=$!
+PIDS+=($SP_PID)
+
+echo "registering $N services x 2 instances..."
+ZONEFILE=$WORK/$ZONE.zone
+{
+    echo "\$ORIGIN $ZONE."
+    echo "\$TTL 5"
+    echo "@ SOA ns.$ZONE. hostmaster.$ZONE. 1 3600 600 86400 5"
+    echo "@ NS ns.$ZONE."
+    echo "ns A 127.0.0.1"
+} >"$ZONEFILE"
+for i in $(seq 1 $N); do
+    a=$(( i / 250 )); b=$(( i % 250 ))
+    for j in 1 2; do
+        echo "svc$i i$j 10.$j.$a.$b"
+    done
+done | xargs -P 8 -n 3 sh -c 'curl -fsS -o /dev/null -X PUT -H "Authorization: Bearer '"$TOKEN"'" \
+    -d "{\"address\":\"$2\",\"port\":8080}" '"$API"'/v1/services/$0/instances/$1'
+for i in $(seq 1 $N); do
+    a=$(( i / 250 )); b=$(( i % 250 ))
+    for j in 1 2; do
+        echo "svc$i A 10.$j.$a.$b"
+        echo "svc$i SRV 10 100 8080 i$j.svc$i"
+        echo "i$j.svc$i A 10.$j.$a.$b"
+    done
+done >>"$ZONEFILE"
+
+# Query mix: 90% A, 5% SRV, 5% NXDOMAIN, over all services.
+QUERIES=$WORK/queries.txt
+for i in $(seq 1 20000); do
+    s=$(( (i * 7919) % N + 1 ))
+    case $(( i % 20 )) in
+        0) echo "svc$s.$ZONE SRV" ;;
+        1) echo "nosuch$s.$ZONE A" ;;
+        *) echo "svc$s.$ZONE A" ;;
+    esac
+done >"$QUERIES"
+
+KNOT_PORT=25354
+mkdir -p "$WORK/knot"
+cat >"$WORK/knot.conf" <<KNOT
+server:
+    listen: 127.0.0.1@$KNOT_PORT
+    rundir: "$WORK/knot"
+    udp-workers: 1
+    tcp-workers: 1
+    background-workers: 1
+database:
+    storage: "$WORK/knot"
+log:
+  - target: stderr
+    any: warning
+zone:
+  - domain: $ZONE
+    file: "$ZONEFILE"
+    journal-content: none
+KNOT
+taskset -c 0 knotd -c "$WORK/knot.conf" >"$WORK/knot.log" 2>&1 &
+KNOT_PID=$!
+PIDS+=($KNOT_PID)
+
+# Wait until both answer the last service.
+for port in $SP_PORT $KNOT_PORT; do
+    for _ in $(seq 100); do
+        [ -n "$(dig @127.0.0.1 -p $port svc$N.$ZONE A +short +time=1 +tries=1 2>/dev/null)" ] && break
+        sleep 0.2
+    done
+done
+echo "signpost: $(dig @127.0.0.1 -p $SP_PORT svc1.$ZONE A +short | tr '\n' ' ')  knot: $(dig @127.0.0.1 -p $KNOT_PORT svc1.$ZONE A +short | tr '\n' ' ')"
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICK=$(getconf CLK_TCK)
+
+# bench NAME PORT PID -> prints "qps usec_per_query lost"
+bench() {
+    local port=$2 pid=$3 before after out
+    before=$(cpu_ticks "$pid")
+    out=$(taskset -c 1 dnsperf -s 127.0.0.1 -p "$port" -d "$QUERIES" -l "$SECS" -c 20 -q 200 -t 2 2>&1)
+    after=$(cpu_ticks "$pid")
+    local qps completed lost
+    qps=$(echo "$out" | awk '/Queries per second/ {print $4}')
+    completed=$(echo "$out" | awk '/Queries completed/ {print $3}')
+    lost=$(echo "$out" | awk '/Queries lost/ {print $3}')
+    awk -v q="$qps" -v c="$completed" -v t=$((after - before)) -v hz="$TICK" -v l="$lost" \
+        'BEGIN { printf "%.0f %.2f %d\n", q, (t / hz) * 1e6 / c, l }'
+}
+
+echo
+printf '%-4s %-9s %10s %14s %6s\n' run server qps "cpu µs/query" lost
+SP_QPS=(); SP_CPU=(); KN_QPS=(); KN_CPU=()
+for r in $(seq 1 "$RUNS"); do
+    read -r q c l < <(bench signpost $SP_PORT $SP_PID); SP_QPS+=("$q"); SP_CPU+=("$c")
+    printf '%-4s %-9s %10s %14s %6s\n' "$r" signpost "$q" "$c" "$l"
+    read -r q c l < <(bench knot $KNOT_PORT $KNOT_PID); KN_QPS+=("$q"); KN_CPU+=("$c")
+    printf '%-4s %-9s %10s %14s %6s\n' "$r" knot "$q" "$c" "$l"
+done
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+SPQ=$(median "${SP_QPS[@]}"); KNQ=$(median "${KN_QPS[@]}")
+SPC=$(median "${SP_CPU[@]}"); KNC=$(median "${KN_CPU[@]}")
+echo
+echo "median qps:          signpost $SPQ   knot $KNQ   ratio signpost/knot $(awk -v a="$SPQ" -v b="$KNQ" 'BEGIN{printf "%.2f", a/b}')"
+echo "median cpu µs/query: signpost $SPC   knot $KNC   ratio signpost/knot $(awk -v a="$SPC" -v b="$KNC" 'BEGIN{printf "%.2f", a/b}')"
+
+echo
+echo "fixed rate 20000 qps for $SECS s:"
+for s in "signpost $SP_PORT" "knot $KNOT_PORT"; do
+    set -- $s
+    out=$(taskset -c 1 dnsperf -s 127.0.0.1 -p "$2" -d "$QUERIES" -l "$SECS" -c 20 -Q 20000 -t 2 2>&1)
+    echo "  $1: $(echo "$out" | grep -E 'Queries (sent|lost)' | tr -s ' ' | tr '\n' ' ')"
+done

@@ -1,0 +1,244 @@
+//! `signpost server`: the control plane (API, catalog, health checks).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use prometheus_client::registry::Registry;
+use signpost_certs::Ca;
+use signpost_control_plane::api::auth::AuthConfig;
+use signpost_control_plane::api::certs::CertAuthority;
+use signpost_control_plane::catalog::Catalog;
+use signpost_control_plane::server::{ControlPlane, ControlPlaneOptions};
+use signpost_control_plane::store::{EtcdOptions, EtcdStore, Keys, MemoryStore, Store};
+use signpost_dns::DnsServer;
+use tokio_util::sync::CancellationToken;
+
+/// `signpost server` flags.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(
+        long,
+        env = "SIGNPOST_ETCD",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379",
+        conflicts_with = "dev"
+    )]
+    pub etcd: Vec<String>,
+
+    /// Development mode: in-memory store, writes from loopback need no token.
+    #[arg(long)]
+    pub dev: bool,
+
+    /// Address of the HTTP API.
+    #[arg(long, env = "SIGNPOST_API", default_value = "127.0.0.1:8500")]
+    pub api: SocketAddr,
+
+    /// File holding the admin token (required unless --dev).
+    #[arg(long, env = "SIGNPOST_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// The DNS zone (also the SPIFFE trust domain of certificates).
+    #[arg(long, env = "SIGNPOST_ZONE", default_value = "xingren.host")]
+    pub zone: String,
+
+    /// Directory of the mesh CA (`signpost ca init --dir DIR`). In --dev, a
+    /// CA is made in a temporary directory when this is absent.
+    #[arg(long, env = "SIGNPOST_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+
+    /// Lifetime of workload certificates (10s to 30d).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub cert_ttl: Duration,
+
+    /// Key prefix in etcd.
+    #[arg(long, default_value = "/signpost/")]
+    pub prefix: String,
+
+    #[command(flatten)]
+    pub dns: crate::dns::DnsArgs,
+}
+
+/// Runs until SIGINT or SIGTERM.
+pub async fn run(args: ServerArgs) -> Result<()> {
+    let keys = Keys::new(&args.prefix);
+    let admin_token = match &args.admin_token_file {
+        Some(path) => {
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the admin token file {}", path.display()))?;
+            let token = token.trim().to_string();
+            if token.len() < 16 {
+                bail!(
+                    "the admin token in {} is {} characters long; use at least 16 (e.g. `openssl rand -hex 32 > {}`)",
+                    path.display(),
+                    token.len(),
+                    path.display()
+                );
+            }
+            Some(token)
+        }
+        None if args.dev => None,
+        None => bail!(
+            "signpost server needs an admin token: pass --admin-token-file FILE \
+             (e.g. `openssl rand -hex 32 > admin.token`), or run with --dev"
+        ),
+    };
+    let auth = match &admin_token {
+        Some(t) => AuthConfig::with_admin_token(t, args.dev),
+        None => AuthConfig {
+            admin_hash: None,
+            dev: true,
+        },
+    };
+
+    let store: Arc<dyn Store> = if args.dev {
+        Arc::new(MemoryStore::new())
+    } else {
+        let opts = EtcdOptions {
+            endpoints: args.etcd.clone(),
+            ..EtcdOptions::default()
+        };
+        Arc::new(EtcdStore::connect(opts).await.with_context(|| {
+            format!(
+                "cannot use etcd at {} (is etcd running? `signpost server --dev` needs none)",
+                args.etcd.join(",")
+            )
+        })?)
+    };
+
+    let (ca, _ca_tmp) = load_ca(&args)?;
+
+    let cancel = CancellationToken::new();
+    let mut registry = Registry::default();
+    let catalog = Catalog::new(keys.clone());
+    let dns = DnsServer::new(args.dns.config(&args.zone)?, catalog.clone())
+        .with_context(|| format!("cannot serve DNS on {}", args.dns.listen))?;
+    dns.register_metrics(&mut registry);
+    let dns_addr = dns.local_addr();
+    let candidate = format!("{}@{}", hostname(), args.api);
+    let cp = ControlPlane::start(
+        ControlPlaneOptions {
+            api: args.api,
+            store: store.clone(),
+            keys,
+            auth,
+            candidate,
+            ca: ca.clone(),
+        },
+        registry,
+        Some(catalog),
+        cancel.clone(),
+    )
+    .await?;
+    let dns_task = tokio::spawn(dns.run(cancel.clone()));
+
+    if args.dev {
+        println!("signpost server (dev mode: in-memory store, loopback writes need no token)");
+    } else {
+        println!("signpost server (etcd: {})", args.etcd.join(","));
+        if !cp.catalog.wait_synced(Duration::from_secs(3)).await {
+            eprintln!(
+                "warning: etcd at {} does not answer yet; the API answers 503 to writes until it does",
+                args.etcd.join(",")
+            );
+        }
+    }
+    println!("  API      http://{}", cp.api_addr);
+    match (&ca, &args.ca_dir) {
+        (Some(_), Some(dir)) => println!(
+            "  CA       {} (certificates for {})",
+            dir.display(),
+            humantime::format_duration(args.cert_ttl)
+        ),
+        (Some(_), None) => println!(
+            "  CA       temporary (dev), certificates for {}",
+            humantime::format_duration(args.cert_ttl)
+        ),
+        (None, _) => println!("  CA       none: POST /v1/certs answers 503 (pass --ca-dir)"),
+    }
+    println!("  DNS      {dns_addr} (UDP and TCP), zone {}", args.zone);
+    println!(
+        "  try      signpost register user --id u1 --address 127.0.0.1 --port 8080 && dig @{} -p {} user.{} SRV",
+        dns_addr.ip(),
+        dns_addr.port(),
+        args.zone
+    );
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    cancel.cancel();
+    cp.join().await;
+    match dns_task.await {
+        Ok(result) => result.context("DNS server failed"),
+        Err(err) => Err(anyhow::anyhow!("DNS server task failed: {err}")),
+    }
+}
+
+/// Loads the CA from --ca-dir, or makes a temporary one in --dev. The
+/// returned TempDir must live as long as the server.
+fn load_ca(args: &ServerArgs) -> Result<(Option<Arc<CertAuthority>>, Option<tempfile::TempDir>)> {
+    let (ca, tmp) = match &args.ca_dir {
+        Some(dir) => (
+            Ca::load(dir).with_context(|| {
+                format!(
+                    "cannot load the CA from {} (make one with `signpost ca init --dir {}`)",
+                    dir.display(),
+                    dir.display()
+                )
+            })?,
+            None,
+        ),
+        None if args.dev => {
+            let tmp = tempfile::tempdir().context("cannot make a temporary CA directory")?;
+            (
+                Ca::init(tmp.path()).context("cannot make the dev CA")?,
+                Some(tmp),
+            )
+        }
+        None => {
+            tracing::warn!("no --ca-dir: this control plane will not issue certificates");
+            return Ok((None, None));
+        }
+    };
+    Ok((
+        Some(Arc::new(CertAuthority {
+            ca,
+            zone: args.zone.clone(),
+            cert_ttl: args.cert_ttl,
+        })),
+        tmp,
+    ))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "signpost".into())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
