@@ -5,6 +5,7 @@
 #   protobuf-compiler libprotobuf-dev   etcd-client compiles etcd's .proto files
 #   bind9-dnsutils                      dig, used by the DNS tests and the demo
 #   iproute2                            ip netns, for the multi-host tests
+#   curl                                the demo's HTTP requests
 signpost_install_deps() {
     local missing=()
     command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
@@ -12,6 +13,7 @@ signpost_install_deps() {
     [ -e /usr/include/google/protobuf/timestamp.proto ] || missing+=(libprotobuf-dev)
     command -v dig >/dev/null 2>&1 || missing+=(bind9-dnsutils)
     command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+    command -v curl >/dev/null 2>&1 || missing+=(curl)
     if [ ${#missing[@]} -eq 0 ]; then
         return 0
     fi

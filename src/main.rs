@@ -13,6 +13,7 @@ mod dns;
 mod logging;
 mod metrics;
 mod server;
+mod sidecar;
 
 /// DNS-based service discovery and sidecar mesh.
 ///
@@ -41,6 +42,8 @@ enum Command {
     Server(server::ServerArgs),
     /// Run a DNS-only replica with its own etcd watch.
     Dns(dns::DnsReplicaArgs),
+    /// Run the sidecar next to one service instance.
+    Sidecar(sidecar::SidecarArgs),
     /// Register an instance.
     Register(cli::RegisterArgs),
     /// Deregister an instance.
@@ -81,7 +84,10 @@ fn ca_init(dir: &std::path::Path) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let is_server = matches!(args.command, Command::Server(_) | Command::Dns(_));
+    let is_server = matches!(
+        args.command,
+        Command::Server(_) | Command::Dns(_) | Command::Sidecar(_)
+    );
     logging::init(args.log_format, if is_server { "info" } else { "warn" });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -97,6 +103,7 @@ fn main() -> ExitCode {
         match args.command {
             Command::Server(a) => server::run(a).await,
             Command::Dns(a) => dns::run_replica(a).await,
+            Command::Sidecar(a) => sidecar::run(a).await,
             Command::Register(a) => cli::register(a).await,
             Command::Deregister(a) => cli::deregister(a).await,
             Command::Services(a) => cli::services(a).await,

@@ -9,7 +9,8 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use signpost_control_plane::api::auth::AuthConfig;
 use signpost_control_plane::server::{ControlPlane, ControlPlaneOptions};
-use signpost_control_plane::store::{Keys, MemoryStore, Store};
+use signpost_control_plane::store::{EtcdOptions, EtcdStore, Keys, MemoryStore, Store};
+use signpost_control_plane::testing::EtcdProcess;
 use signpost_control_plane::tokens;
 use tokio_util::sync::CancellationToken;
 
@@ -338,7 +339,56 @@ async fn dev_mode_needs_no_token_from_loopback() {
 
 #[tokio::test]
 async fn ttl_registration_expires_unless_heartbeated() {
-    let api = memory(true).await;
+    ttl_expiry(&memory(true).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_registration_expires_unless_heartbeated_on_etcd() {
+    let etcd = EtcdProcess::spawn().await;
+    let store = EtcdStore::connect(EtcdOptions {
+        endpoints: vec![etcd.endpoint()],
+        ..EtcdOptions::default()
+    })
+    .await
+    .unwrap();
+    ttl_expiry(&start(Arc::new(store), true).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_answer_503_quickly_while_etcd_is_down() {
+    let mut etcd = EtcdProcess::spawn().await;
+    let store = EtcdStore::connect(EtcdOptions {
+        endpoints: vec![etcd.endpoint()],
+        ..EtcdOptions::default()
+    })
+    .await
+    .unwrap();
+    let api = start(Arc::new(store), false).await;
+    let token = api.token_for("user").await;
+    etcd.stop();
+    for (path, body) in [
+        ("/v1/services/user/instances/u1", reg()),
+        ("/v1/services/user/instances/u1/heartbeat", Value::Null),
+        ("/v1/services/user/config", json!({"mtls": "strict"})),
+    ] {
+        let started = tokio::time::Instant::now();
+        let (status, answer) = api.put(path, Some(&token), body).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}: {answer}");
+        assert_eq!(answer["error"]["code"], "store_unavailable");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{path} took {:?}",
+            started.elapsed()
+        );
+    }
+    let resp = api.http.get(api.url("/readyz")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // Reads keep answering from the last snapshot.
+    let (status, _) = api.get("/v1/services").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+async fn ttl_expiry(api: &Api) {
     let body = json!({"address": "10.0.0.5", "port": 8080, "ttl": "2s"});
     let (status, _) = api
         .put("/v1/services/x/instances/quiet", None, body.clone())

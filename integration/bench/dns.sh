@@ -18,12 +18,15 @@ SECS=${2:-10}
 N=1000
 ZONE=xingren.host
 
-for tool in knotd dnsperf etcd taskset curl; do
-    command -v $tool >/dev/null || { echo "missing $tool: apt-get install knot dnsperf etcd-server util-linux curl" >&2; exit 1; }
+for tool in knotd dnsperf etcd taskset curl dig; do
+    command -v $tool >/dev/null || { echo "missing $tool: apt-get install knot dnsperf etcd-server util-linux curl bind9-dnsutils" >&2; exit 1; }
 done
 
-cargo build --release --quiet --bin signpost
-BIN=$PWD/target/release/signpost
+# Honour CARGO_TARGET_DIR: several builds may share this machine.
+TARGET=${CARGO_TARGET_DIR:-$PWD/target}
+cargo build --release --quiet -p signpost --bin signpost
+cargo build --release --quiet -p signpost-integration --bin reg_latency
+BIN=$TARGET/release/signpost
 WORK=$(mktemp -d /tmp/signpost-bench.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
@@ -34,6 +37,7 @@ taskset -c 1 etcd --name bench --data-dir "$WORK/etcd" --listen-client-urls $ETC
     --listen-peer-urls http://127.0.0.1:22380 --initial-advertise-peer-urls http://127.0.0.1:22380 \
     --initial-cluster bench=http://127.0.0.1:22380 >"$WORK/etcd.log" 2>&1 &
 PIDS+=($!)
+for _ in $(seq 100); do curl -fsS $ETCD/health >/dev/null 2>&1 && break; sleep 0.1; done
 head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$WORK/admin.token"
 TOKEN=$(cat "$WORK/admin.token")
 API=http://127.0.0.1:28500
@@ -155,3 +159,7 @@ for s in "signpost $SP_PORT" "knot $KNOT_PORT"; do
     out=$(taskset -c 1 dnsperf -s 127.0.0.1 -p "$2" -d "$QUERIES" -l "$SECS" -c 20 -Q 20000 -t 2 2>&1)
     echo "  $1: $(echo "$out" | grep -E 'Queries (sent|lost)' | tr -s ' ' | tr '\n' ' ')"
 done
+
+echo
+echo "registration -> visible in DNS (API on the server, DNS on the signpost dns replica):"
+"$TARGET/release/reg_latency" "$API" "127.0.0.1:$SP_PORT" 200 "$TOKEN"

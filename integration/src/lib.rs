@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod netns;
+
 pub use signpost_control_plane::testing::EtcdProcess;
 
 /// The `signpost` binary built by `cargo build` (the test command builds it
@@ -21,14 +23,20 @@ pub fn signpost_bin() -> PathBuf {
     if let Ok(path) = std::env::var("SIGNPOST_BIN") {
         return PathBuf::from(path);
     }
+    workspace_bin("signpost")
+}
+
+/// A binary of the workspace (`signpost`, `user`, `order`) built by
+/// `cargo build --workspace --bins`.
+pub fn workspace_bin(name: &str) -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| manifest.join("..").join("target"));
-    let bin = target.join("debug").join("signpost");
+    let bin = target.join("debug").join(name);
     assert!(
         bin.exists(),
-        "{} is missing: build it first with `cargo build --bins` (./integration/test.sh does)",
+        "{} is missing: build it first with `cargo build --workspace --bins` (./integration/test.sh does)",
         bin.display()
     );
     bin
@@ -57,12 +65,24 @@ pub struct Process {
 impl Process {
     /// Starts `bin args...` with stdout and stderr into `dir/<name>.log`.
     pub fn spawn(name: &str, bin: &Path, args: &[String], dir: &Path) -> Process {
+        Self::spawn_env(name, bin, args, dir, &[])
+    }
+
+    /// Like [`Process::spawn`], with extra environment variables.
+    pub fn spawn_env(
+        name: &str,
+        bin: &Path,
+        args: &[String],
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Process {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("create log file");
         let err = file.try_clone().expect("clone log file");
         let child = Command::new(bin)
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,hickory_server=warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::from(file))
             .stderr(Stdio::from(err))

@@ -1,0 +1,105 @@
+//! Measures registration → visible in DNS: registers one new service at a
+//! time through the API and polls the DNS server over UDP until each new address
+//! is in the answer. Prints the median, p99 and max.
+//!
+//! ```text
+//! reg_latency <api-url> <dns-addr> [count] [token]
+//! ```
+#![forbid(unsafe_code)]
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+/// A DNS query for `name` type A, with id `id`.
+fn query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::with_capacity(64);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// Whether the A answer in `resp` holds `addr` (a plain byte search for the
+/// 4-byte RDATA after an A record header is enough for this tool).
+fn answer_has(resp: &[u8], addr: Ipv4Addr) -> bool {
+    let ancount = resp
+        .get(6..8)
+        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+    ancount > 0
+        && resp
+            .windows(6)
+            .any(|w| w[..2] == [0, 4] && w[2..] == addr.octets())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 3 {
+        eprintln!("usage: reg_latency <api-url> <dns-addr> [count] [token]");
+        std::process::exit(2);
+    }
+    let api = args[1].trim_end_matches('/').to_string();
+    let dns: SocketAddr = match args[2].parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("bad dns address {:?}: {e}", args[2]);
+            std::process::exit(2);
+        }
+    };
+    let count: u32 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(200);
+    let token = args.get(4).cloned();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let http = reqwest::Client::new();
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut latencies = Vec::with_capacity(count as usize);
+    let mut buf = [0u8; 4096];
+    for i in 0..count {
+        let addr = Ipv4Addr::new(10, 250, (i / 250) as u8, (i % 250) as u8 + 1);
+        let body = serde_json::json!({"address": addr.to_string(), "port": 80});
+        let mut req = http
+            .put(format!("{api}/v1/services/lat{i}/instances/l1"))
+            .json(&body);
+        if let Some(t) = &token {
+            req = req.bearer_auth(t);
+        }
+        let started = Instant::now();
+        let resp = rt.block_on(req.send());
+        match resp {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => panic!("register failed: {}", r.status()),
+            Err(e) => panic!("register failed: {e}"),
+        }
+        let deadline = started + Duration::from_secs(5);
+        loop {
+            let q = query(i as u16, &format!("lat{i}.xingren.host"));
+            sock.send_to(&q, dns).expect("send");
+            if let Ok(n) = sock.recv(&mut buf)
+                && answer_has(&buf[..n], addr)
+            {
+                latencies.push(started.elapsed());
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "l{i} not visible in DNS within 5 s"
+            );
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
+    println!(
+        "registration -> visible in DNS over {count} registrations: median {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        pct(0.5).as_secs_f64() * 1e3,
+        pct(0.99).as_secs_f64() * 1e3,
+        pct(1.0).as_secs_f64() * 1e3
+    );
+}

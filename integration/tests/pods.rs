@@ -1,0 +1,141 @@
+//! Pods in network namespaces resolve services by short name through their
+//! resolv.conf, which names a `signpost dns` replica on the bridge address.
+
+use std::time::Duration;
+
+use serde_json::json;
+use signpost_integration::netns::{self, Network};
+use signpost_integration::{
+    EtcdProcess, Process, eventually, free_port, signpost_bin, wait_http_ok,
+};
+
+const ADMIN: &str = "pods-admin-token-0123456789abcdef";
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+fn getent(pod: &netns::Pod, name: &str) -> String {
+    let out = pod.exec(&["getent", "hosts", name]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_resolve_short_names_and_forward_the_rest() {
+    if let Some(reason) = netns::unavailable() {
+        eprintln!("SKIPPED pods_resolve_short_names_and_forward_the_rest: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = signpost_bin();
+    let etcd = EtcdProcess::spawn().await;
+    std::fs::write(dir.path().join("admin.token"), ADMIN).unwrap();
+    let api_port = free_port();
+    let api = format!("http://127.0.0.1:{api_port}");
+    let _server = Process::spawn(
+        "signpost-server",
+        &bin,
+        &args(&[
+            "server",
+            "--etcd",
+            &etcd.endpoint(),
+            "--api",
+            &format!("127.0.0.1:{api_port}"),
+            "--dns",
+            &format!("127.0.0.1:{}", free_port()),
+            "--admin-token-file",
+            &dir.path().join("admin.token").display().to_string(),
+        ]),
+        dir.path(),
+    );
+    // The "outside world": another Signpost serving zone upstream.test on
+    // loopback, which the pods' DNS forwards to.
+    let up_api_port = free_port();
+    let up_dns_port = free_port();
+    let _upstream = Process::spawn(
+        "upstream",
+        &bin,
+        &args(&[
+            "server",
+            "--dev",
+            "--zone",
+            "upstream.test",
+            "--api",
+            &format!("127.0.0.1:{up_api_port}"),
+            "--dns",
+            &format!("127.0.0.1:{up_dns_port}"),
+        ]),
+        dir.path(),
+    );
+    let up_api = format!("http://127.0.0.1:{up_api_port}");
+    wait_http_ok(&format!("{api}/readyz"), Duration::from_secs(15)).await;
+    wait_http_ok(&format!("{up_api}/readyz"), Duration::from_secs(15)).await;
+
+    let tag = (std::process::id() % 2000) as u16;
+    let mut net = Network::create(tag).expect("create the test bridge");
+    let gateway = net.gateway();
+    let resolv =
+        format!("nameserver {gateway}\nsearch xingren.host\noptions timeout:1 attempts:2\n");
+    let pod_a = net.add_pod(1, &resolv).expect("pod a");
+    let pod_b = net.add_pod(2, &resolv).expect("pod b");
+
+    // The node-local DNS replica: port 53 on the bridge address, since
+    // resolv.conf cannot name a port.
+    let _dns = Process::spawn(
+        "signpost-dns",
+        &bin,
+        &args(&[
+            "dns",
+            "--etcd",
+            &etcd.endpoint(),
+            "--dns",
+            &format!("{gateway}:53"),
+            "--upstream",
+            &format!("127.0.0.1:{up_dns_port}"),
+            "--allow-recursion",
+            &net.cidr(),
+            "--udp-sockets",
+            "1",
+        ]),
+        dir.path(),
+    );
+
+    let http = reqwest::Client::new();
+    let resp = http
+        .put(format!("{api}/v1/services/user/instances/a"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"address": pod_a.address.to_string(), "port": 8080}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+    let resp = http
+        .put(format!("{up_api}/v1/services/web/instances/w1"))
+        .json(&json!({"address": "192.0.2.7", "port": 80}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+
+    let want = pod_a.address.to_string();
+    eventually(
+        "pod b resolves `user` through the search domain",
+        Duration::from_secs(15),
+        || {
+            let line = getent(&pod_b, "user");
+            let want = want.clone();
+            async move { line.starts_with(&want) && line.contains("user.xingren.host") }
+        },
+    )
+    .await;
+    // The full name works too, from either pod.
+    assert!(getent(&pod_a, "user.xingren.host").starts_with(&want));
+    // A name outside the zone goes to the upstream.
+    eventually("forwarded name resolves", Duration::from_secs(10), || {
+        let line = getent(&pod_b, "web.upstream.test");
+        async move { line.starts_with("192.0.2.7") }
+    })
+    .await;
+    // An unknown name in the zone does not resolve.
+    assert!(getent(&pod_b, "nobody.xingren.host").is_empty());
+}

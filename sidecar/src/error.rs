@@ -1,0 +1,263 @@
+//! Errors: why the sidecar could not start or run, and why it answered a
+//! request itself instead of passing on a peer's answer.
+//!
+//! Every answer the sidecar makes up carries an `x-signpost-error` header
+//! with the same one-line message as the body, so a person reading `curl -i`
+//! output, or a log of response headers, can tell a mesh failure ("no
+//! healthy instance of user") from the app's own 503.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::body::{ProxyBody, full};
+use crate::outbound::endpoint::{ConnectError, EndpointError};
+
+/// Header naming why the sidecar answered a request itself.
+pub const ERROR_HEADER: &str = "x-signpost-error";
+
+/// Why the sidecar could not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    /// A listener could not be bound.
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener (`inbound`, `outbound`, `admin`, `upstream db`).
+        what: String,
+        /// The address.
+        addr: SocketAddr,
+        /// The socket error.
+        source: std::io::Error,
+    },
+    /// The configuration is not usable.
+    #[error("invalid sidecar configuration: {0}")]
+    Config(String),
+    /// The control plane refused or could not be reached for something the
+    /// sidecar cannot start without.
+    #[error("control plane: {0}")]
+    ControlPlane(#[from] signpost_control_plane::client::ClientError),
+    /// The certificate could not be obtained or used.
+    #[error("certificate: {0}")]
+    Certificate(String),
+    /// The DNS resolver could not be set up.
+    #[error(transparent)]
+    Resolve(#[from] crate::discovery::ResolveError),
+    /// The sidecar's main task panicked or was aborted.
+    #[error("the sidecar stopped unexpectedly: {0}")]
+    Crashed(String),
+}
+
+/// Why the sidecar answered a request itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Discovery found no endpoint for the destination.
+    #[error("no healthy instance of {service}{}", dns.as_ref().map(|d| format!(" ({d})")).unwrap_or_default())]
+    NoHealthyInstance {
+        /// The destination.
+        service: String,
+        /// Why, when DNS failed rather than answered "none".
+        dns: Option<String>,
+    },
+    /// The destination has more pending requests than allowed.
+    #[error("{service}: too many pending requests (limit {limit})")]
+    Overloaded {
+        /// The destination.
+        service: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// The peer could not be reached.
+    #[error("{service}: {source}")]
+    Unreachable {
+        /// The destination.
+        service: String,
+        /// Why.
+        source: EndpointError,
+    },
+    /// Something else failed on the way to the peer.
+    #[error("{service}: {reason}")]
+    BadGateway {
+        /// The destination.
+        service: String,
+        /// Why.
+        reason: String,
+    },
+    /// No response within the request timeout.
+    #[error("{service}: no response within {}", humantime::format_duration(*.after))]
+    Timeout {
+        /// The destination.
+        service: String,
+        /// The request timeout.
+        after: Duration,
+    },
+    /// The caller may not call this service.
+    #[error("{caller} is not allowed to call {service}")]
+    Forbidden {
+        /// The caller's service, or a description of an unidentified caller.
+        caller: String,
+        /// This service.
+        service: String,
+        /// Why, for the response body (the header keeps the short line).
+        why: String,
+    },
+    /// The request already passed through this sidecar.
+    #[error("loop detected: the request already passed through sidecar {id}")]
+    Loop {
+        /// This sidecar's id.
+        id: String,
+    },
+    /// The request names no usable destination.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
+
+impl ProxyError {
+    /// The status the error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoHealthyInstance { .. } | ProxyError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::Unreachable { .. } | ProxyError::BadGateway { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ProxyError::Loop { .. } => StatusCode::LOOP_DETECTED,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The response: status, `x-signpost-error`, and the message as body.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let message = self.to_string();
+        let header = header_value(&message);
+        let text = match &self {
+            ProxyError::Forbidden { why, .. } if !why.is_empty() => format!("{message}: {why}\n"),
+            _ => format!("{message}\n"),
+        };
+        let mut rsp = Response::new(full(text));
+        *rsp.status_mut() = self.status();
+        rsp.headers_mut().insert(ERROR_HEADER, header);
+        rsp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        rsp
+    }
+
+    /// Maps an error from a destination's service stack.
+    pub fn from_stack(service: &str, err: &crate::body::BoxError, limit: usize) -> Self {
+        if err.is::<tower::load_shed::error::Overloaded>() {
+            return ProxyError::Overloaded {
+                service: service.to_string(),
+                limit,
+            };
+        }
+        if let Some(found) = crate::outbound::endpoint::find_endpoint_error(&**err) {
+            let source = match found {
+                EndpointError::Connect(c) => EndpointError::Connect(clone_connect(c)),
+                EndpointError::Reset { addr, source } => {
+                    return ProxyError::BadGateway {
+                        service: service.to_string(),
+                        reason: format!("{addr} reset the request: {source}"),
+                    };
+                }
+            };
+            return ProxyError::Unreachable {
+                service: service.to_string(),
+                source,
+            };
+        }
+        ProxyError::BadGateway {
+            service: service.to_string(),
+            reason: err.to_string(),
+        }
+    }
+}
+
+/// Rebuilds a connect error for a message (io and hyper errors do not clone).
+fn clone_connect(err: &ConnectError) -> ConnectError {
+    match err {
+        ConnectError::Tcp { addr, source } => ConnectError::Tcp {
+            addr: *addr,
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        ConnectError::Timeout { addr, timeout } => ConnectError::Timeout {
+            addr: *addr,
+            timeout: *timeout,
+        },
+        ConnectError::Tls {
+            addr,
+            reason,
+            source,
+        } => ConnectError::Tls {
+            addr: *addr,
+            reason,
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        ConnectError::Http { addr, source } => ConnectError::Tls {
+            addr: *addr,
+            reason: "http2",
+            source: std::io::Error::other(source.to_string()),
+        },
+    }
+}
+
+/// A header value from any text: characters a header cannot carry become `?`.
+pub fn header_value(text: &str) -> HeaderValue {
+    let clean: String = text
+        .chars()
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    HeaderValue::from_str(&clean).unwrap_or_else(|_| HeaderValue::from_static("error"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_read_as_the_contract_says() {
+        let refused = ProxyError::Unreachable {
+            service: "user".into(),
+            source: EndpointError::Connect(ConnectError::Tcp {
+                addr: "10.0.0.5:15006".parse().unwrap(),
+                source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"),
+            }),
+        };
+        assert!(
+            refused
+                .to_string()
+                .starts_with("user: connection refused by 10.0.0.5:15006"),
+            "{refused}"
+        );
+        assert_eq!(refused.status(), 502);
+        let none = ProxyError::NoHealthyInstance {
+            service: "user".into(),
+            dns: None,
+        };
+        let rsp = none.into_response();
+        assert_eq!(rsp.status(), 503);
+        assert_eq!(rsp.headers()[ERROR_HEADER], "no healthy instance of user");
+        let forbidden = ProxyError::Forbidden {
+            caller: "order".into(),
+            service: "user".into(),
+            why: String::new(),
+        };
+        assert_eq!(forbidden.to_string(), "order is not allowed to call user");
+        let timeout = ProxyError::Timeout {
+            service: "user".into(),
+            after: Duration::from_secs(30),
+        };
+        assert_eq!(timeout.status(), 504);
+        assert_eq!(timeout.to_string(), "user: no response within 30s");
+    }
+}

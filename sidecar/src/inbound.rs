@@ -1,0 +1,434 @@
+//! The inbound side: what peers' sidecars talk to.
+//!
+//! The inbound proxy is responsible for traffic from other services to the
+//! local app. It accepts mesh TLS (TLS 1.3, client certificates), reads the
+//! caller's identity, applies the service's allow-list, and forwards to the
+//! app over plain HTTP/1.1 on loopback, adding `x-signpost-caller`. A
+//! connection negotiating the [`crate::tls::ALPN_TCP`] protocol is an opaque
+//! tunnel: its bytes go to the app unchanged.
+//!
+//! One port serves both mesh TLS and, in `permissive` mode, plain HTTP: the
+//! first byte tells them apart (0x16 starts every TLS handshake; no HTTP
+//! method starts with it). In `strict` mode plain requests and TLS without a
+//! client certificate are refused. The mode and the allow-list come from
+//! the service's config on the control plane and apply from the next
+//! request on, without a restart.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::graceful::Watcher;
+use signpost_certs::Identity;
+use signpost_control_plane::client::Client as ControlPlane;
+use signpost_control_plane::model::{MtlsMode, ServiceConfig, ServiceName};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::body::{self, ProxyBody};
+use crate::error::ProxyError;
+use crate::metrics::{Direction, Metrics};
+use crate::outbound::proxy::{HOP_HEADER, innermost, strip_hop_by_hop};
+use crate::serve;
+use crate::tls::{ALPN_TCP, InboundTls};
+
+/// Header telling the app which mesh service called it. Set only from a
+/// verified certificate; a copy arriving from outside is removed.
+pub const CALLER_HEADER: &str = "x-signpost-caller";
+
+/// How long a new connection may take to send its first byte or finish its
+/// handshake: idle half-open connections must not pile up.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The TLS record type of a handshake, the first byte of every ClientHello.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Decides whether a caller may call `service` under `config`.
+///
+/// `caller` is the identity proven by a client certificate; `None` for a
+/// plain connection or TLS without a certificate.
+pub fn authorize(
+    config: &ServiceConfig,
+    service: &ServiceName,
+    caller: Option<&Identity>,
+) -> Result<(), ProxyError> {
+    let allowed = || {
+        let names: Vec<&str> = config.allow.iter().map(|s| s.as_str()).collect();
+        names.join(", ")
+    };
+    match caller {
+        None if config.mtls == MtlsMode::Strict => Err(ProxyError::Forbidden {
+            caller: "a caller without a mesh certificate".into(),
+            service: service.to_string(),
+            why: format!(
+                "{service} requires mutual TLS (mtls: strict): call it through a Signpost sidecar"
+            ),
+        }),
+        None if !config.allow.is_empty() => Err(ProxyError::Forbidden {
+            caller: "a caller without a mesh identity".into(),
+            service: service.to_string(),
+            why: format!("only these services may call {service}: {}", allowed()),
+        }),
+        None => Ok(()),
+        Some(id) => {
+            if config.allow.is_empty() || config.allow.iter().any(|a| a.as_str() == id.service()) {
+                Ok(())
+            } else {
+                Err(ProxyError::Forbidden {
+                    caller: id.service().to_string(),
+                    service: service.to_string(),
+                    why: format!(
+                        "{} is not in the allow-list of {service}: {}",
+                        id.uri(),
+                        allowed()
+                    ),
+                })
+            }
+        }
+    }
+}
+
+/// Settings of the inbound side.
+#[derive(Debug, Clone)]
+pub struct InboundConfig {
+    /// This service.
+    pub service: ServiceName,
+    /// This sidecar's id, for the loop guard.
+    pub id: String,
+    /// The local app.
+    pub app: SocketAddr,
+    /// Limit for the app's response headers.
+    pub request_timeout: Duration,
+}
+
+/// The inbound proxy.
+pub struct Inbound {
+    config: InboundConfig,
+    policy: Arc<ArcSwap<ServiceConfig>>,
+    tls: Option<InboundTls>,
+    app: Client<HttpConnector, ProxyBody>,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbound")
+            .field("config", &self.config)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl Inbound {
+    /// An inbound proxy. Without `tls` it serves plain connections only
+    /// (for tests; every caller is then unidentified).
+    pub fn new(
+        config: InboundConfig,
+        policy: Arc<ArcSwap<ServiceConfig>>,
+        tls: Option<InboundTls>,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(1)));
+        let app = Client::builder(TokioExecutor::new()).build(http);
+        Arc::new(Self {
+            config,
+            policy,
+            tls,
+            app,
+            metrics,
+        })
+    }
+
+    /// Serves peers on `listener` until `stop`, then drains.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        stop: CancellationToken,
+        drain: Duration,
+    ) {
+        serve::accept_loop(
+            "inbound",
+            listener,
+            stop,
+            drain,
+            move |stream, peer, watcher| {
+                let this = self.clone();
+                async move { this.connection(stream, watcher).await }
+                    .instrument(info_span!("inbound_conn", peer = %peer))
+            },
+        )
+        .await;
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream, watcher: Watcher) {
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+            Ok(Ok(1)) => {}
+            Ok(Ok(_)) | Err(_) => return,
+            Ok(Err(err)) => {
+                debug!(%err, "connection failed before its first byte");
+                return;
+            }
+        }
+        if first[0] != TLS_HANDSHAKE {
+            debug!("plain connection");
+            let this = self.clone();
+            serve::serve_http(stream, watcher, move |req| {
+                let this = this.clone();
+                async move { this.handle(req, None).await }
+            })
+            .await;
+            return;
+        }
+        let Some(tls) = &self.tls else {
+            debug!("TLS connection but this inbound has no certificate");
+            return;
+        };
+        let acceptor = match self.policy.load().mtls {
+            MtlsMode::Strict => tls.strict(),
+            MtlsMode::Permissive => tls.permissive(),
+        };
+        let Some(acceptor) = acceptor else {
+            debug!("TLS connection but no acceptor is configured");
+            return;
+        };
+        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(err)) => {
+                let reason = signpost_certs::classify_io(&err);
+                tls.handshake_failure(reason.as_str());
+                info!(%reason, %err, "TLS handshake refused");
+                return;
+            }
+            Err(_) => {
+                tls.handshake_failure("timeout");
+                return;
+            }
+        };
+        let (_, conn) = stream.get_ref();
+        let caller = signpost_certs::peer_identity(conn).ok();
+        let opaque = conn.alpn_protocol() == Some(ALPN_TCP);
+        let span = info_span!(
+            "mtls",
+            caller = caller
+                .as_ref()
+                .map(|c| c.service().to_string())
+                .unwrap_or_else(|| "-".into())
+        );
+        if opaque {
+            self.tunnel(stream, caller).instrument(span).await;
+            return;
+        }
+        let this = self.clone();
+        serve::serve_http(stream, watcher, move |req| {
+            let this = this.clone();
+            let caller = caller.clone();
+            async move { this.handle(req, caller).await }
+        })
+        .instrument(span)
+        .await;
+    }
+
+    async fn tunnel(
+        &self,
+        mut stream: tokio_rustls::server::TlsStream<TcpStream>,
+        caller: Option<Identity>,
+    ) {
+        let policy = self.policy.load_full();
+        if let Err(err) = authorize(&policy, &self.config.service, caller.as_ref()) {
+            warn!(error = %err, "tunnel refused");
+            return;
+        }
+        let mut app = match TcpStream::connect(self.config.app).await {
+            Ok(s) => s,
+            Err(err) => {
+                warn!(app = %self.config.app, %err, "tunnel: app unreachable");
+                return;
+            }
+        };
+        match tokio::io::copy_bidirectional(&mut stream, &mut app).await {
+            Ok((up, down)) => debug!(up, down, "tunnel closed"),
+            Err(err) => debug!(%err, "tunnel ended with an error"),
+        }
+    }
+
+    /// Handles one request from a peer (`caller` from its certificate).
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        caller: Option<Identity>,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let span = info_span!(
+            "inbound",
+            method = %req.method(),
+            path = %req.uri().path(),
+            caller = caller.as_ref().map(|c| c.service().to_string()).unwrap_or_else(|| "-".into())
+        );
+        let rsp = match self.forward(req, caller).instrument(span).await {
+            Ok(rsp) => rsp,
+            Err(err) => {
+                info!(error = %err, "refused");
+                err.into_response()
+            }
+        };
+        self.metrics.request(
+            Direction::Inbound,
+            self.config.service.as_str(),
+            rsp.status().as_u16(),
+            started.elapsed(),
+        );
+        rsp
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        caller: Option<Identity>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        // No hop check here: this sidecar's own outbound marks the requests
+        // it sends, and an app may legitimately call its own service. The
+        // loop an inbound could cause (`--app` pointing back at the sidecar)
+        // is refused at start-up instead.
+        authorize(&self.policy.load(), &self.config.service, caller.as_ref())?;
+        let (mut parts, incoming) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        // Only this sidecar vouches for callers; and the hop list is the
+        // mesh's business, not the app's (an app that copies all incoming
+        // headers to its own calls would otherwise trip the loop guard).
+        parts.headers.remove(CALLER_HEADER);
+        parts.headers.remove(HOP_HEADER);
+        if let Some(id) = &caller
+            && let Ok(v) = HeaderValue::from_str(id.service())
+        {
+            parts.headers.insert(CALLER_HEADER, v);
+        }
+        if !parts.headers.contains_key(header::HOST)
+            && let Some(a) = parts.uri.authority()
+            && let Ok(v) = HeaderValue::from_str(a.as_str())
+        {
+            parts.headers.insert(header::HOST, v);
+        }
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let app = self.config.app;
+        parts.uri = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(app.to_string().as_str())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        parts.version = Version::HTTP_11;
+        let req = Request::from_parts(parts, body::boxed(incoming));
+        let service = self.config.service.to_string();
+        let timeout = self.config.request_timeout;
+        let rsp = tokio::time::timeout(timeout, self.app.request(req))
+            .await
+            .map_err(|_| ProxyError::Timeout {
+                service: service.clone(),
+                after: timeout,
+            })?
+            .map_err(|e| ProxyError::BadGateway {
+                service: service.clone(),
+                reason: format!("app at {app}: {}", innermost(&e)),
+            })?;
+        let mut rsp = rsp.map(body::boxed);
+        strip_hop_by_hop(rsp.headers_mut());
+        Ok(rsp)
+    }
+}
+
+/// Keeps `policy` equal to the service's config on the control plane with
+/// blocking queries, until `cancel`. Errors keep the last config.
+pub async fn watch_service_config(
+    client: ControlPlane,
+    service: ServiceName,
+    policy: Arc<ArcSwap<ServiceConfig>>,
+    cancel: CancellationToken,
+) {
+    let mut index = None;
+    loop {
+        let query = client.service(&service, index, Duration::from_secs(30));
+        let result = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = query => r,
+        };
+        match result {
+            Ok(view) => {
+                let config = view.config.unwrap_or_default();
+                if **policy.load() != config {
+                    info!(allow = ?config.allow, mtls = ?config.mtls, "service config changed");
+                    policy.store(Arc::new(config));
+                }
+                // An index going backwards means the store was reset: start over.
+                index = match index {
+                    Some(i) if view.index < i => None,
+                    _ => Some(view.index),
+                };
+            }
+            Err(err) => {
+                debug!(%err, "service config query failed; keeping the last config");
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> ServiceName {
+        ServiceName::new(s).unwrap()
+    }
+
+    fn id(s: &str) -> Identity {
+        Identity::new(s, "xingren.host").unwrap()
+    }
+
+    #[test]
+    fn allow_list_decides() {
+        let user = name("user");
+        let open = ServiceConfig::default();
+        assert!(authorize(&open, &user, Some(&id("order"))).is_ok());
+        assert!(
+            authorize(&open, &user, None).is_ok(),
+            "permissive takes plain callers"
+        );
+
+        let closed = ServiceConfig {
+            allow: vec![name("billing")],
+            mtls: MtlsMode::Permissive,
+        };
+        let err = authorize(&closed, &user, Some(&id("order"))).unwrap_err();
+        assert_eq!(err.to_string(), "order is not allowed to call user");
+        assert_eq!(err.status(), 403);
+        assert!(authorize(&closed, &user, Some(&id("billing"))).is_ok());
+        assert!(authorize(&closed, &user, None).is_err());
+
+        let strict = ServiceConfig {
+            allow: vec![],
+            mtls: MtlsMode::Strict,
+        };
+        assert!(authorize(&strict, &user, None).is_err());
+        assert!(authorize(&strict, &user, Some(&id("order"))).is_ok());
+    }
+}

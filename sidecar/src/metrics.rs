@@ -1,0 +1,238 @@
+//! The sidecar's Prometheus metrics, served on the admin port.
+//!
+//! Names are stable and carry their unit; labels are bounded (directions,
+//! service names, status codes, handshake failure reasons), never peer
+//! addresses or paths.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Which way a request went through the sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// From the local app to a peer.
+    Outbound,
+    /// From a peer to the local app.
+    Inbound,
+}
+
+impl Direction {
+    /// The label value: `outbound` or `inbound`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+/// Labels of `signpost_sidecar_requests_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Outbound or inbound.
+    pub direction: Direction,
+    /// The destination service (outbound) or this service (inbound).
+    pub service: String,
+    /// The HTTP status answered.
+    pub status: u16,
+}
+
+/// Labels of the duration histogram.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DurationLabels {
+    /// Outbound or inbound.
+    pub direction: Direction,
+    /// The destination service (outbound) or this service (inbound).
+    pub service: String,
+}
+
+/// Labels carrying only a service name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ServiceLabels {
+    /// The destination service.
+    pub service: String,
+}
+
+/// Labels of `signpost_sidecar_tls_handshake_failures_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// Why it failed (`unknown_ca`, `expired`, `wrong_identity`, ...).
+    pub reason: String,
+}
+
+fn duration_histogram() -> Histogram {
+    // 1 ms to ~16 s: covers an in-memory answer to a slow backend.
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// Every metric the sidecar keeps; cheap to clone (all handles are shared).
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Requests answered, by direction, service and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Request durations, by direction and service.
+    pub durations: Family<DurationLabels, Histogram, fn() -> Histogram>,
+    /// Failed TLS handshakes, by reason.
+    pub handshake_failures: Family<HandshakeLabels, Counter>,
+    /// Endpoints known per destination.
+    pub endpoints: Family<ServiceLabels, Gauge>,
+    /// Outlier ejections, by destination.
+    pub ejections: Family<ServiceLabels, Counter>,
+    /// Retries sent, by destination.
+    pub retries: Family<ServiceLabels, Counter>,
+    /// Unix time at which the workload certificate expires (0 before the
+    /// first one): alert on `signpost_sidecar_certificate_expiry_seconds - time()`.
+    pub certificate_expiry: Gauge,
+    registry: Arc<Registry>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates the metrics and their registry.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let durations =
+            Family::<DurationLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                duration_histogram,
+            );
+        let handshake_failures = Family::<HandshakeLabels, Counter>::default();
+        let endpoints = Family::<ServiceLabels, Gauge>::default();
+        let ejections = Family::<ServiceLabels, Counter>::default();
+        let retries = Family::<ServiceLabels, Counter>::default();
+        let certificate_expiry = Gauge::default();
+        registry.register(
+            "signpost_sidecar_requests",
+            "Requests answered by the sidecar",
+            requests.clone(),
+        );
+        registry.register(
+            "signpost_sidecar_request_duration_seconds",
+            "Time from a request's arrival to its response headers",
+            durations.clone(),
+        );
+        registry.register(
+            "signpost_sidecar_tls_handshake_failures",
+            "Failed mesh TLS handshakes, by reason",
+            handshake_failures.clone(),
+        );
+        registry.register(
+            "signpost_sidecar_endpoints",
+            "Endpoints of a destination service, as last resolved",
+            endpoints.clone(),
+        );
+        registry.register(
+            "signpost_sidecar_ejections",
+            "Endpoints ejected for consecutive failures",
+            ejections.clone(),
+        );
+        registry.register(
+            "signpost_sidecar_retries",
+            "Requests retried on another endpoint",
+            retries.clone(),
+        );
+        registry.register(
+            "signpost_sidecar_certificate_expiry_seconds",
+            "Unix time at which the workload certificate expires",
+            certificate_expiry.clone(),
+        );
+        Self {
+            requests,
+            durations,
+            handshake_failures,
+            endpoints,
+            ejections,
+            retries,
+            certificate_expiry,
+            registry: Arc::new(registry),
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn request(&self, direction: Direction, service: &str, status: u16, took: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                direction,
+                service: service.to_string(),
+                status,
+            })
+            .inc();
+        self.durations
+            .get_or_create(&DurationLabels {
+                direction,
+                service: service.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts a failed handshake.
+    pub fn handshake_failure(&self, reason: &str) {
+        self.handshake_failures
+            .get_or_create(&HandshakeLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Records the current certificate's expiry.
+    pub fn set_certificate_expiry(&self, expires: SystemTime) {
+        let secs = expires
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        self.certificate_expiry.set(secs);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_carry_their_units() {
+        let m = Metrics::new();
+        m.request(Direction::Outbound, "user", 200, Duration::from_millis(3));
+        m.handshake_failure("unknown_ca");
+        m.retries
+            .get_or_create(&ServiceLabels {
+                service: "user".into(),
+            })
+            .inc();
+        let text = m.encode();
+        for name in [
+            "signpost_sidecar_requests_total{direction=\"outbound\",service=\"user\",status=\"200\"} 1",
+            "signpost_sidecar_request_duration_seconds_bucket",
+            "signpost_sidecar_tls_handshake_failures_total{reason=\"unknown_ca\"} 1",
+            "signpost_sidecar_retries_total{service=\"user\"} 1",
+            "signpost_sidecar_certificate_expiry_seconds 0",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! Client-side balancing: tower's power-of-two-choices over peak-EWMA load,
+//! with DNS weights and a penalty for endpoints that just failed.
+//!
+//! P2C picks two ready endpoints at random and sends to the one with the
+//! lower load. The load here is tower's [`PeakEwma`] cost (latency × pending
+//! requests) divided by the endpoint's weight, as linkerd's old `Weighted`
+//! did, so an endpoint of weight 200 takes about twice the traffic of one of
+//! weight 100 at equal latency. An endpoint that failed in the last moments
+//! (see [`super::eject::EjectionConfig::failure_penalty`]) sorts after every
+//! healthy one: a fast failure would otherwise look like the *cheapest*
+//! endpoint, and a retry would likely go straight back to it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tower::Service;
+use tower::balance::p2c::Balance;
+use tower::discover::Change;
+use tower::load::completion::CompleteOnResponse;
+use tower::load::peak_ewma::Cost;
+use tower::load::{Load, PeakEwma};
+
+use super::eject::{EjectionPool, Outlier};
+use crate::discovery::Endpoint;
+
+/// Latency assumed for an endpoint before it has answered: linkerd's
+/// default, low enough that new endpoints get tried promptly.
+pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
+
+/// How fast the latency estimate forgets (linkerd's default): long enough to
+/// smooth bursts, short enough to follow a peer that slowed down.
+pub const DECAY: Duration = Duration::from_secs(10);
+
+/// Added to the load of an endpoint that just failed: more than any healthy
+/// endpoint's cost (a thousand request-seconds), so P2C prefers anything else.
+const FAILURE_PENALTY_COST: f64 = 1e12;
+
+/// Reads the number inside tower's opaque [`Cost`].
+///
+/// tower 0.5's `Cost` offers ordering but no accessor or division (tower
+/// 0.3 had `Div<Weight>`), and weighting needs the number. Its `Debug` form
+/// is `Cost(<f64>)`; the `cost_debug_format_is_understood` test pins that so
+/// a tower upgrade that changes it fails loudly instead of silently
+/// unweighting the balancer.
+fn cost_value(cost: Cost) -> f64 {
+    let text = format!("{cost:?}");
+    text.strip_prefix("Cost(")
+        .and_then(|t| t.strip_suffix(')'))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The load metric the balancer compares.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+pub struct WeightedCost(pub f64);
+
+/// An endpoint as the balancer sees it: peak-EWMA load divided by weight,
+/// outlier detection inside.
+pub struct Weighted<S> {
+    inner: PeakEwma<Outlier<S>, CompleteOnResponse>,
+    addr: SocketAddr,
+    weight: f64,
+    pool: Arc<EjectionPool>,
+}
+
+impl<S> std::fmt::Debug for Weighted<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weighted")
+            .field("addr", &self.addr)
+            .field("weight", &self.weight)
+            .finish()
+    }
+}
+
+impl<S> Weighted<S> {
+    /// Wraps `svc`, the connection to `endpoint`, as a balancer member.
+    pub fn new(svc: S, endpoint: Endpoint, pool: Arc<EjectionPool>) -> Self {
+        let outlier = Outlier::new(svc, endpoint.addr, pool.clone());
+        let inner = PeakEwma::new(
+            outlier,
+            DEFAULT_RTT,
+            DECAY.as_nanos() as f64,
+            CompleteOnResponse::default(),
+        );
+        Self {
+            inner,
+            addr: endpoint.addr,
+            weight: f64::from(endpoint.weight.max(1)),
+            pool,
+        }
+    }
+}
+
+impl<S> Load for Weighted<S> {
+    type Metric = WeightedCost;
+
+    fn load(&self) -> WeightedCost {
+        let mut cost = cost_value(self.inner.load()) / self.weight;
+        if self.pool.penalized(self.addr, Instant::now()) {
+            cost += FAILURE_PENALTY_COST;
+        }
+        WeightedCost(cost)
+    }
+}
+
+impl<S, Req> Service<Req> for Weighted<S>
+where
+    Outlier<S>: Service<Req>,
+{
+    type Response = <PeakEwma<Outlier<S>, CompleteOnResponse> as Service<Req>>::Response;
+    type Error = <PeakEwma<Outlier<S>, CompleteOnResponse> as Service<Req>>::Error;
+    type Future = <PeakEwma<Outlier<S>, CompleteOnResponse> as Service<Req>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        self.inner.call(req)
+    }
+}
+
+/// The stream of endpoint changes a [`Balance`] discovers from.
+pub type DiscoverStream<S> = std::pin::Pin<
+    Box<
+        dyn Stream<Item = Result<Change<SocketAddr, Weighted<S>>, std::convert::Infallible>> + Send,
+    >,
+>;
+
+/// Builds a P2C balancer fed by discovery changes; `connect` makes the
+/// service of a newly found endpoint. Removed endpoints leave the ejection
+/// pool too.
+pub fn balancer<S, Req, F>(
+    mut changes: mpsc::UnboundedReceiver<Change<SocketAddr, Endpoint>>,
+    pool: Arc<EjectionPool>,
+    mut connect: F,
+) -> Balance<DiscoverStream<S>, Req>
+where
+    F: FnMut(Endpoint) -> S + Send + 'static,
+    S: Send + 'static,
+    Weighted<S>: Service<Req>,
+    <Weighted<S> as Service<Req>>::Error: Into<tower::BoxError>,
+{
+    let stream = futures::stream::poll_fn(move |cx| {
+        changes.poll_recv(cx).map(|change| {
+            change.map(|change| {
+                Ok(match change {
+                    Change::Insert(addr, endpoint) => Change::Insert(
+                        addr,
+                        Weighted::new(connect(endpoint), endpoint, pool.clone()),
+                    ),
+                    Change::Remove(addr) => {
+                        pool.remove(addr);
+                        Change::Remove(addr)
+                    }
+                })
+            })
+        })
+    });
+    Balance::new(Box::pin(stream) as DiscoverStream<S>)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use prometheus_client::metrics::counter::Counter;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::outbound::eject::{EjectionConfig, Outcome};
+
+    #[test]
+    fn cost_debug_format_is_understood() {
+        // tower's `Cost` is opaque; see `cost_value`.
+        let svc = PeakEwma::new(
+            tower::service_fn(|()| async { Ok::<_, ()>(()) }),
+            Duration::from_millis(30),
+            1e9,
+            CompleteOnResponse::default(),
+        );
+        let value = cost_value(svc.load());
+        assert!(value > 0.0, "could not read {:?}", svc.load());
+    }
+
+    /// An endpoint service answering at once with the endpoint's address.
+    fn echo(
+        endpoint: Endpoint,
+    ) -> impl Service<
+        (),
+        Response = http::Response<SocketAddr>,
+        Error = tower::BoxError,
+        Future: Send,
+    > + Send
+    + 'static {
+        tower::service_fn(move |()| async move { Ok(http::Response::new(endpoint.addr)) })
+    }
+
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, n], 15006))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn weights_shape_the_traffic() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pool = Arc::new(EjectionPool::new(
+            EjectionConfig::default(),
+            Counter::default(),
+        ));
+        let mut balance = balancer(rx, pool, echo);
+        tx.send(Change::Insert(
+            addr(1),
+            Endpoint {
+                addr: addr(1),
+                weight: 100,
+            },
+        ))
+        .unwrap();
+        tx.send(Change::Insert(
+            addr(2),
+            Endpoint {
+                addr: addr(2),
+                weight: 400,
+            },
+        ))
+        .unwrap();
+        let mut seen: HashMap<SocketAddr, u32> = HashMap::new();
+        // Keep requests in flight so the pending count drives the cost.
+        let mut inflight = Vec::new();
+        for _ in 0..200 {
+            // A fresh coop budget each round: once tokio's budget runs out,
+            // the ready cache cannot re-poll a just-called endpoint, and P2C
+            // sees a single ready endpoint for that pick.
+            tokio::task::yield_now().await;
+            let fut = balance.ready().await.unwrap().call(());
+            inflight.push(fut);
+            if inflight.len() == 10 {
+                for f in inflight.drain(..) {
+                    *seen.entry(*f.await.unwrap().body()).or_default() += 1;
+                }
+            }
+        }
+        let (light, heavy) = (seen[&addr(1)], seen[&addr(2)]);
+        assert!(
+            heavy > light * 2,
+            "weight 400 got {heavy}, weight 100 got {light}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn just_failed_endpoint_is_avoided() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pool = Arc::new(EjectionPool::new(
+            EjectionConfig::default(),
+            Counter::default(),
+        ));
+        let mut balance = balancer(rx, pool.clone(), echo);
+        for n in [1, 2] {
+            tx.send(Change::Insert(
+                addr(n),
+                Endpoint {
+                    addr: addr(n),
+                    weight: 100,
+                },
+            ))
+            .unwrap();
+        }
+        // P2C picks in `poll_ready`: use up that pick before the failure.
+        balance.ready().await.unwrap().call(()).await.unwrap();
+        pool.record(addr(1), Outcome::Failure, Instant::now());
+        for _ in 0..20 {
+            // A fresh coop budget each round: once tokio's budget runs out,
+            // the ready cache cannot re-poll a just-called endpoint, and P2C
+            // sees a single ready endpoint for that pick.
+            tokio::task::yield_now().await;
+            let rsp = balance.ready().await.unwrap().call(()).await.unwrap();
+            assert_eq!(*rsp.body(), addr(2));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejected_endpoint_gets_nothing_and_removed_endpoint_leaves() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pool = Arc::new(EjectionPool::new(
+            EjectionConfig::default(),
+            Counter::default(),
+        ));
+        let mut balance = balancer(rx, pool.clone(), echo);
+        for n in [1, 2, 3] {
+            tx.send(Change::Insert(
+                addr(n),
+                Endpoint {
+                    addr: addr(n),
+                    weight: 100,
+                },
+            ))
+            .unwrap();
+        }
+        balance.ready().await.unwrap();
+        for _ in 0..5 {
+            pool.record(addr(1), Outcome::Failure, Instant::now());
+        }
+        tokio::time::advance(Duration::from_secs(3)).await; // past the penalty
+        tx.send(Change::Remove(addr(3))).unwrap();
+        for _ in 0..30 {
+            // A fresh coop budget each round: once tokio's budget runs out,
+            // the ready cache cannot re-poll a just-called endpoint, and P2C
+            // sees a single ready endpoint for that pick.
+            tokio::task::yield_now().await;
+            let rsp = balance.ready().await.unwrap().call(()).await.unwrap();
+            assert_eq!(*rsp.body(), addr(2));
+        }
+        // Back after 30 s, on probation: with the other endpoint just
+        // failed, P2C must pick it.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        pool.record(addr(2), Outcome::Failure, Instant::now());
+        let mut got = Vec::new();
+        for _ in 0..30 {
+            // A fresh coop budget each round: once tokio's budget runs out,
+            // the ready cache cannot re-poll a just-called endpoint, and P2C
+            // sees a single ready endpoint for that pick.
+            tokio::task::yield_now().await;
+            got.push(
+                *balance
+                    .ready()
+                    .await
+                    .unwrap()
+                    .call(())
+                    .await
+                    .unwrap()
+                    .body(),
+            );
+        }
+        assert!(
+            got.iter().all(|a| *a == addr(1)),
+            "returned endpoint not picked: {got:?}"
+        );
+    }
+}

@@ -1,0 +1,292 @@
+//! The outbound side: routing the local app's calls to peer sidecars.
+//!
+//! The outbound proxy is responsible for traffic from the local app to other
+//! services: it finds the destination's endpoints through DNS
+//! ([`crate::discovery`]), balances across them ([`balance`]), ejects
+//! failing ones ([`eject`]), retries what is safe to retry ([`retry`]),
+//! limits pending requests, and sends each request over one pooled HTTP/2
+//! connection per peer ([`endpoint`]). The HTTP front that parses the app's
+//! requests is [`proxy`].
+//!
+//! Per destination, the stack is, outermost first:
+//! `LoadShed → ConcurrencyLimit → Retry → Buffer → Balance(P2C) →
+//! Weighted(PeakEwma) → Outlier → PeerConnection`. The request timeout wraps
+//! the whole stack in [`proxy`], so it bounds retries too.
+
+pub mod balance;
+pub mod eject;
+pub mod endpoint;
+pub mod proxy;
+pub mod retry;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response};
+use signpost_control_plane::model::ServiceName;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use tower::util::BoxCloneSyncService;
+use tracing::{Instrument, debug, info_span};
+
+use self::eject::{EjectionConfig, EjectionPool};
+use self::endpoint::{Connect, PeerConnection};
+use self::retry::RetryPolicy;
+use crate::body::{BoxError, ProxyBody};
+use crate::discovery::{DiscoveryState, Resolve, watch_endpoints};
+use crate::metrics::{Metrics, ServiceLabels};
+
+/// A destination's whole service stack, type-erased.
+pub type DestinationService =
+    BoxCloneSyncService<Request<ProxyBody>, Response<ProxyBody>, BoxError>;
+
+/// Makes the connector for a destination: mesh TLS expecting that service's
+/// identity, or plain TCP in tests.
+pub type MakeConnect = Arc<dyn Fn(&ServiceName) -> Arc<dyn Connect> + Send + Sync>;
+
+/// Settings of the per-destination stacks.
+#[derive(Debug, Clone)]
+pub struct DestinationConfig {
+    /// Limit for establishing a connection to a peer.
+    pub connect_timeout: Duration,
+    /// Pending requests per destination past which new ones get 503 at once.
+    pub max_pending: usize,
+    /// A destination unused this long is dropped (its DNS watch stops).
+    pub idle_timeout: Duration,
+    /// Outlier ejection settings.
+    pub ejection: EjectionConfig,
+}
+
+impl Default for DestinationConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            max_pending: 1000,
+            idle_timeout: Duration::from_secs(300),
+            ejection: EjectionConfig::default(),
+        }
+    }
+}
+
+/// One destination service: its stack and its discovery state.
+#[derive(Debug)]
+pub struct Destination {
+    /// The service name.
+    pub name: ServiceName,
+    service: DestinationService,
+    state: watch::Receiver<DiscoveryState>,
+    last_used: Mutex<Instant>,
+    stop: CancellationToken,
+}
+
+impl Destination {
+    /// A handle to the stack for one request.
+    pub fn service(&self) -> DestinationService {
+        if let Ok(mut t) = self.last_used.lock() {
+            *t = Instant::now();
+        }
+        self.service.clone()
+    }
+
+    /// Waits for the first resolution and returns the current state.
+    pub async fn resolved(&self) -> DiscoveryState {
+        let mut state = self.state.clone();
+        match state.wait_for(|s| s.resolved).await {
+            Ok(s) => s.clone(),
+            Err(_) => DiscoveryState::default(),
+        }
+    }
+}
+
+impl Drop for Destination {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The destinations in use, created on first request and dropped when idle.
+pub struct Destinations {
+    resolver: Arc<dyn Resolve>,
+    make_connect: MakeConnect,
+    config: DestinationConfig,
+    metrics: Metrics,
+    active: Mutex<HashMap<ServiceName, Arc<Destination>>>,
+}
+
+impl std::fmt::Debug for Destinations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Destinations")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Destinations {
+    /// An empty set of destinations.
+    pub fn new(
+        resolver: Arc<dyn Resolve>,
+        make_connect: MakeConnect,
+        config: DestinationConfig,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            resolver,
+            make_connect,
+            config,
+            metrics,
+            active: Mutex::default(),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &DestinationConfig {
+        &self.config
+    }
+
+    /// The destination `name`, created (and its discovery started) on first use.
+    pub fn get(&self, name: &ServiceName) -> Arc<Destination> {
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(dest) = active.get(name) {
+            return dest.clone();
+        }
+        let dest = Arc::new(self.build(name));
+        active.insert(name.clone(), dest.clone());
+        dest
+    }
+
+    fn build(&self, name: &ServiceName) -> Destination {
+        let labels = ServiceLabels {
+            service: name.to_string(),
+        };
+        let (changes_tx, changes_rx) = mpsc::unbounded_channel();
+        let (state_tx, state_rx) = watch::channel(DiscoveryState::default());
+        let stop = CancellationToken::new();
+        tokio::spawn(
+            watch_endpoints(
+                self.resolver.clone(),
+                name.clone(),
+                changes_tx,
+                state_tx,
+                stop.clone(),
+            )
+            .instrument(info_span!("discovery", service = %name)),
+        );
+        // Keep the endpoints gauge current from the discovery state.
+        let gauge = self.metrics.endpoints.get_or_create(&labels).clone();
+        let mut watch_state = state_rx.clone();
+        let stop_gauge = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                gauge.set(i64::try_from(watch_state.borrow_and_update().endpoints).unwrap_or(0));
+                tokio::select! {
+                    () = stop_gauge.cancelled() => { gauge.set(0); return; }
+                    changed = watch_state.changed() => if changed.is_err() { return; },
+                }
+            }
+        });
+
+        let pool = Arc::new(EjectionPool::new(
+            self.config.ejection,
+            self.metrics.ejections.get_or_create(&labels).clone(),
+        ));
+        let connector = (self.make_connect)(name);
+        let connect_timeout = self.config.connect_timeout;
+        let balance = balance::balancer(changes_rx, pool, move |ep: crate::discovery::Endpoint| {
+            PeerConnection::new(ep.addr, connector.clone(), connect_timeout)
+        });
+        let policy = RetryPolicy::new(
+            retry::budget(),
+            self.metrics.retries.get_or_create(&labels).clone(),
+        );
+        let max_pending = self.config.max_pending.max(1);
+        let service = ServiceBuilder::new()
+            .load_shed()
+            .concurrency_limit(max_pending)
+            .retry(policy)
+            .buffer(max_pending)
+            .service(balance);
+        Destination {
+            name: name.clone(),
+            service: BoxCloneSyncService::new(service),
+            state: state_rx,
+            last_used: Mutex::new(Instant::now()),
+            stop,
+        }
+    }
+
+    /// Drops destinations unused for the idle timeout, every minute, until
+    /// `cancel` fires.
+    pub async fn run_idle_reaper(self: Arc<Self>, cancel: CancellationToken) {
+        let period = (self.config.idle_timeout / 5).max(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(period) => {}
+            }
+            self.reap(Instant::now());
+        }
+    }
+
+    /// Drops destinations idle at `now`.
+    pub fn reap(&self, now: Instant) {
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        active.retain(|name, dest| {
+            let last = dest.last_used.lock().map(|t| *t).unwrap_or(now);
+            let keep = now.saturating_duration_since(last) < self.config.idle_timeout;
+            if !keep {
+                debug!(service = %name, "dropping idle destination");
+            }
+            keep
+        });
+    }
+
+    /// How many destinations are active.
+    pub fn len(&self) -> usize {
+        self.active.lock().map(|a| a.len()).unwrap_or(0)
+    }
+
+    /// Whether no destination is active.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::StaticResolver;
+    use crate::outbound::endpoint::TcpConnect;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_destinations_are_dropped_and_stop_resolving() {
+        let resolver = StaticResolver::new(Duration::from_secs(5));
+        let make: MakeConnect =
+            Arc::new(|_: &ServiceName| Arc::new(TcpConnect) as Arc<dyn Connect>);
+        let destinations = Destinations::new(
+            Arc::new(resolver),
+            make,
+            DestinationConfig::default(),
+            Metrics::new(),
+        );
+        let user = ServiceName::new("user").unwrap();
+        let dest = destinations.get(&user);
+        assert!(Arc::ptr_eq(&dest, &destinations.get(&user)));
+        assert_eq!(dest.resolved().await.endpoints, 0);
+        let stop = dest.stop.clone();
+        drop(dest);
+
+        tokio::time::advance(Duration::from_secs(299)).await;
+        destinations.reap(Instant::now());
+        assert_eq!(destinations.len(), 1, "used 299 s ago: kept");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        destinations.reap(Instant::now());
+        assert!(destinations.is_empty());
+        assert!(
+            stop.is_cancelled(),
+            "discovery of a dropped destination stops"
+        );
+    }
+}

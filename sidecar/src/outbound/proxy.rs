@@ -1,0 +1,473 @@
+//! The HTTP front of the outbound side: what the app talks to.
+//!
+//! The app sends plain HTTP/1.1 here, either as to a forward proxy
+//! (`GET http://user/users/1`, what clients send with `http_proxy` set) or
+//! straight to the port with a `Host` header (`Host: user.xingren.host`).
+//! The host decides the route:
+//!
+//! - `user` or `user.<zone>` (any port): the mesh destination `user`, over
+//!   the balanced, retried, mTLS stack of [`super::Destinations`];
+//! - anything else (another domain, an IP address, `localhost`): forwarded
+//!   as plain HTTP to that host, outside the mesh, so `http_proxy` can be
+//!   set for a whole process without breaking its other calls.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use signpost_control_plane::model::ServiceName;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+use tracing::{Instrument, debug, info_span};
+
+use super::Destinations;
+use crate::body::{self, BoxError, ProxyBody, Replay};
+use crate::discovery::DiscoveryState;
+use crate::error::ProxyError;
+use crate::metrics::{Direction, Metrics};
+use crate::serve;
+
+/// Header listing the sidecars a request passed through (their ids), to
+/// refuse a request that comes back to the sidecar that sent it.
+pub const HOP_HEADER: &str = "x-signpost-hop";
+
+/// Label used in metrics for calls that leave the mesh: one label, not one
+/// per host, so a crawler cannot explode the metric's cardinality.
+pub const EXTERNAL: &str = "external";
+
+/// Where an app's request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A mesh service.
+    Mesh(ServiceName),
+    /// A host outside the mesh, with its port.
+    External(Authority),
+}
+
+/// Decides the route of a request from its URI (absolute form) or `Host`.
+pub fn target(zone: &str, uri: &Uri, headers: &HeaderMap) -> Result<Target, ProxyError> {
+    let authority = match uri.authority() {
+        Some(a) => a.clone(),
+        None => {
+            let host = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .ok_or_else(|| {
+                    ProxyError::BadRequest(
+                        "no destination: send an absolute URL (http://user/...) or a Host header"
+                            .into(),
+                    )
+                })?;
+            host.parse::<Authority>()
+                .map_err(|e| ProxyError::BadRequest(format!("invalid Host {host:?}: {e}")))?
+        }
+    };
+    let host = authority.host().trim_end_matches('.').to_ascii_lowercase();
+    if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') || host == "localhost" {
+        return Ok(Target::External(authority));
+    }
+    let zone = zone.trim_end_matches('.').to_ascii_lowercase();
+    let label = if let Some(rest) = host.strip_suffix(&format!(".{zone}")) {
+        if rest.contains('.') {
+            return Err(ProxyError::BadRequest(format!(
+                "{host}: only service names (<service>.{zone}) are routed through the mesh"
+            )));
+        }
+        rest.to_string()
+    } else if !host.contains('.') {
+        host
+    } else {
+        return Ok(Target::External(authority));
+    };
+    ServiceName::new(&label)
+        .map(Target::Mesh)
+        .map_err(|e| ProxyError::BadRequest(format!("{label:?} is not a service name: {e}")))
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy ones: never forwarded,
+/// and forbidden in HTTP/2.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers, including those named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// Whether `id` is among the sidecars in the hop header.
+pub fn passed_through(headers: &HeaderMap, id: &str) -> bool {
+    headers
+        .get_all(HOP_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|hop| hop.trim() == id)
+}
+
+/// Appends `id` to the hop header.
+pub fn add_hop(headers: &mut HeaderMap, id: &str) {
+    let value = match headers.get(HOP_HEADER).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {id}"),
+        _ => id.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(HOP_HEADER, v);
+    }
+}
+
+/// Settings of the outbound front.
+#[derive(Debug, Clone)]
+pub struct OutboundConfig {
+    /// This sidecar's id, for the loop guard.
+    pub id: String,
+    /// The mesh zone.
+    pub zone: String,
+    /// Limit for a whole request (retries included) until response headers.
+    pub request_timeout: Duration,
+    /// Limit for connecting to a host outside the mesh.
+    pub connect_timeout: Duration,
+}
+
+/// The outbound HTTP proxy.
+pub struct OutboundProxy {
+    config: OutboundConfig,
+    destinations: Arc<Destinations>,
+    external: Client<HttpConnector, ProxyBody>,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for OutboundProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboundProxy")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl OutboundProxy {
+    /// A proxy routing mesh calls through `destinations`.
+    pub fn new(
+        config: OutboundConfig,
+        destinations: Arc<Destinations>,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(config.connect_timeout));
+        http.set_nodelay(true);
+        let external = Client::builder(TokioExecutor::new()).build(http);
+        Arc::new(Self {
+            config,
+            destinations,
+            external,
+            metrics,
+        })
+    }
+
+    /// Serves the app's connections on `listener` until `stop`, then drains.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        stop: CancellationToken,
+        drain: Duration,
+    ) {
+        serve::accept_loop(
+            "outbound",
+            listener,
+            stop,
+            drain,
+            move |stream, peer, watcher| {
+                let this = self.clone();
+                async move {
+                    serve::serve_http(stream, watcher, move |req| {
+                        let this = this.clone();
+                        async move { this.handle(req).await }
+                    })
+                    .await;
+                }
+                .instrument(info_span!("outbound_conn", client = %peer))
+            },
+        )
+        .await;
+    }
+
+    /// Handles one request from the app.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let (label, rsp) = match self.route(req).await {
+            Ok((label, rsp)) => (label, rsp),
+            Err((label, err)) => {
+                debug!(error = %err, "answered by the sidecar");
+                (label, err.into_response())
+            }
+        };
+        self.metrics.request(
+            Direction::Outbound,
+            &label,
+            rsp.status().as_u16(),
+            started.elapsed(),
+        );
+        rsp
+    }
+
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<(String, Response<ProxyBody>), (String, ProxyError)> {
+        let none = || String::from("-");
+        if req.method() == Method::CONNECT {
+            return Err((
+                none(),
+                ProxyError::BadRequest(
+                    "CONNECT is not supported: call http:// URLs through the sidecar (the mesh encrypts them)".into(),
+                ),
+            ));
+        }
+        if passed_through(req.headers(), &self.config.id) {
+            return Err((
+                none(),
+                ProxyError::Loop {
+                    id: self.config.id.clone(),
+                },
+            ));
+        }
+        let target =
+            target(&self.config.zone, req.uri(), req.headers()).map_err(|e| (none(), e))?;
+        let (mut parts, incoming) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        add_hop(&mut parts.headers, &self.config.id);
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        match target {
+            Target::Mesh(service) => {
+                let label = service.to_string();
+                let span = info_span!("outbound", service = %service, method = %parts.method, path = %path.path());
+                let result = self
+                    .call_mesh(service, parts, path, incoming)
+                    .instrument(span)
+                    .await;
+                result.map(|r| (label.clone(), r)).map_err(|e| (label, e))
+            }
+            Target::External(authority) => {
+                let span = info_span!("outbound", external = %authority, method = %parts.method);
+                let result = self
+                    .call_external(authority, parts, path, incoming)
+                    .instrument(span)
+                    .await;
+                result
+                    .map(|r| (EXTERNAL.to_string(), r))
+                    .map_err(|e| (EXTERNAL.to_string(), e))
+            }
+        }
+    }
+
+    async fn call_mesh(
+        &self,
+        service: ServiceName,
+        mut parts: http::request::Parts,
+        path: PathAndQuery,
+        incoming: Incoming,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let timeout = self.config.request_timeout;
+        let name = service.to_string();
+        let dest = self.destinations.get(&service);
+        let limit = self.destinations.config().max_pending;
+        let work = async {
+            let resolved: Pin<Box<dyn Future<Output = DiscoveryState> + Send + '_>> =
+                Box::pin(dest.resolved());
+            let state = resolved.await;
+            if state.endpoints == 0 {
+                return Err(ProxyError::NoHealthyInstance {
+                    service: name.clone(),
+                    dns: state.error,
+                });
+            }
+            let (body, replay) = body::buffer(incoming).await.map_err(|e| {
+                ProxyError::BadRequest(format!("cannot read the request body: {e}"))
+            })?;
+            // The peer sees the logical name as :authority; the port the app
+            // used means nothing to it.
+            let authority = format!("{}.{}", service, self.config.zone.trim_end_matches('.'));
+            parts.uri = Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(authority.as_str())
+                .path_and_query(path)
+                .build()
+                .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+            parts.headers.remove(header::HOST);
+            parts.version = Version::HTTP_2;
+            let mut req = Request::from_parts(parts, body);
+            if let Some(bytes) = replay {
+                req.extensions_mut().insert(Replay(bytes));
+            }
+            // Boxed as a plain `Send` future: awaiting the stack's future
+            // directly trips rustc's higher-ranked `Send` inference
+            // (rust-lang/rust#102211) once this runs inside `tokio::spawn`.
+            let call: Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, BoxError>> + Send>> =
+                Box::pin(dest.service().oneshot(req));
+            call.await
+                .map_err(|e| ProxyError::from_stack(&name, &e, limit))
+        };
+        let mut rsp =
+            tokio::time::timeout(timeout, work)
+                .await
+                .map_err(|_| ProxyError::Timeout {
+                    service: name.clone(),
+                    after: timeout,
+                })??;
+        strip_hop_by_hop(rsp.headers_mut());
+        *rsp.version_mut() = Version::HTTP_11;
+        Ok(rsp)
+    }
+
+    async fn call_external(
+        &self,
+        authority: Authority,
+        mut parts: http::request::Parts,
+        path: PathAndQuery,
+        incoming: Incoming,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let name = authority.host().to_string();
+        parts.uri = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        if !parts.headers.contains_key(header::HOST)
+            && let Ok(v) = HeaderValue::from_str(authority.as_str())
+        {
+            parts.headers.insert(header::HOST, v);
+        }
+        parts.version = Version::HTTP_11;
+        let req = Request::from_parts(parts, body::boxed(incoming));
+        let timeout = self.config.request_timeout;
+        let rsp = tokio::time::timeout(timeout, self.external.request(req))
+            .await
+            .map_err(|_| ProxyError::Timeout {
+                service: name.clone(),
+                after: timeout,
+            })?
+            .map_err(|e| ProxyError::BadGateway {
+                service: name.clone(),
+                reason: innermost(&e),
+            })?;
+        let mut rsp = rsp.map(body::boxed);
+        strip_hop_by_hop(rsp.headers_mut());
+        Ok(rsp)
+    }
+}
+
+/// The innermost cause of an error, which is the one a person can act on
+/// ("Connection refused" rather than "client error (Connect)").
+pub fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = err;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(uri: &str, host: Option<&str>) -> Result<Target, ProxyError> {
+        let uri: Uri = uri.parse().unwrap();
+        let mut headers = HeaderMap::new();
+        if let Some(h) = host {
+            headers.insert(header::HOST, HeaderValue::from_str(h).unwrap());
+        }
+        target("xingren.host", &uri, &headers)
+    }
+
+    fn mesh(name: &str) -> Target {
+        Target::Mesh(ServiceName::new(name).unwrap())
+    }
+
+    #[test]
+    fn names_route_to_the_mesh_or_out() {
+        assert_eq!(route("http://user/users/1", None).unwrap(), mesh("user"));
+        assert_eq!(
+            route("http://user.xingren.host:8080/x", None).unwrap(),
+            mesh("user")
+        );
+        assert_eq!(
+            route("/users/1", Some("USER.xingren.host.")).unwrap(),
+            mesh("user")
+        );
+        assert_eq!(route("/", Some("user")).unwrap(), mesh("user"));
+        assert!(matches!(
+            route("http://example.com/", None).unwrap(),
+            Target::External(_)
+        ));
+        assert!(matches!(
+            route("http://10.1.2.3:80/", None).unwrap(),
+            Target::External(_)
+        ));
+        assert!(matches!(
+            route("/", Some("localhost:8080")).unwrap(),
+            Target::External(_)
+        ));
+        assert!(route("/", None).is_err());
+        assert!(route("http://u1.user.xingren.host/", None).is_err());
+    }
+
+    #[test]
+    fn hops_are_recorded_and_recognized() {
+        let mut headers = HeaderMap::new();
+        add_hop(&mut headers, "o1");
+        add_hop(&mut headers, "u1");
+        assert_eq!(headers[HOP_HEADER], "o1, u1");
+        assert!(passed_through(&headers, "u1"));
+        assert!(!passed_through(&headers, "u"));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-private"),
+        );
+        headers.insert("x-private", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("5"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("x-kept"));
+    }
+}
