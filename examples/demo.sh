@@ -36,6 +36,7 @@ BRIDGE=spdemo0
 cleanup() {
     local code=$?
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for ns in "${NETNS[@]}"; do ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null || true; done
     sleep 0.3
     for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
@@ -43,6 +44,7 @@ cleanup() {
         ip netns del "$ns" 2>/dev/null || true
         rm -rf "/etc/netns/$ns"
     done
+    for n in 1 2 3; do ip link del "spdemo-h$n" 2>/dev/null || true; done
     ip link del "$BRIDGE" 2>/dev/null || true
     if [ $code -ne 0 ]; then
         echo "logs were in $WORK:" >&2
@@ -58,7 +60,7 @@ if [ -n "${SIGNPOST_DEMO_BIN_DIR:-}" ]; then
     BIN=$SIGNPOST_DEMO_BIN_DIR
 else
     bold "Building signpost and the example services (cargo build --release)"
-    cargo build --release --quiet --bin signpost -p signpost-examples --bins
+    cargo build --release --quiet -p signpost -p signpost-examples --bins
     BIN=$PWD/target/release
 fi
 SIGNPOST=$BIN/signpost
@@ -81,6 +83,16 @@ fi
 API=http://$NODE:18500
 export SIGNPOST_ADDR=$API
 in_pod() { local pod=$1; shift; if [ $USE_NETNS = 1 ]; then ip netns exec "spdemo-$pod" "$@"; else "$@"; fi; }
+# Starts a command in a pod in the background; $! is the command itself (exec
+# all the way down), so killing $! kills it.
+bg_in_pod() {
+    local pod=$1 log=$2; shift 2
+    if [ $USE_NETNS = 1 ]; then
+        (exec ip netns exec "spdemo-$pod" "$@" >"$log" 2>&1) &
+    else
+        (exec "$@" >"$log" 2>&1) &
+    fi
+}
 
 # --- etcd ---------------------------------------------------------------------
 ETCD=http://127.0.0.1:12379
@@ -111,6 +123,7 @@ if [ $USE_NETNS = 1 ]; then
         n=$((n + 1))
         ns=spdemo-$pod
         ip netns del "$ns" 2>/dev/null || true
+        ip link del "spdemo-h$n" 2>/dev/null || true
         ip netns add "$ns"; NETNS+=("$ns")
         ip link add "spdemo-h$n" type veth peer name "spdemo-c$n"
         ip link set "spdemo-c$n" netns "$ns"
@@ -155,19 +168,19 @@ start_pod() {
         app_addr=$ip:8080; inbound=$ip:15006; outbound=$ip:15001; admin=$ip:15000
     fi
     if [ "$svc" = order ]; then
-        in_pod "$pod" env http_proxy="http://$outbound" "$BIN/order" --listen "$app_addr" --id "$pod" >"$WORK/$pod-app.log" 2>&1 &
+        bg_in_pod "$pod" "$WORK/$pod-app.log" env http_proxy="http://$outbound" "$BIN/order" --listen "$app_addr" --id "$pod"
     else
-        in_pod "$pod" "$BIN/user" --listen "$app_addr" --id "$pod" >"$WORK/$pod-app.log" 2>&1 &
+        bg_in_pod "$pod" "$WORK/$pod-app.log" "$BIN/user" --listen "$app_addr" --id "$pod"
     fi
     PIDS+=($!)
-    eval "APP_PID_${pod//-/_}=$!"
-    in_pod "$pod" "$SIGNPOST" sidecar --service "$svc" --id "$pod" --address "$ip" --app "$app_addr" \
+    APP_PID[$pod]=$!
+    bg_in_pod "$pod" "$WORK/$pod-sidecar.log" "$SIGNPOST" sidecar --service "$svc" --id "$pod" --address "$ip" --app "$app_addr" \
         --app-health /health --inbound "$inbound" --outbound "$outbound" --admin "$admin" \
         --control-plane "$API" --dns "$NODE:$DNS_PORT" --token-file "$WORK/$svc.token" \
-        --ttl 6s --linger 2s --drain 5s >"$WORK/$pod-sidecar.log" 2>&1 &
+        --ttl 6s --linger 5s --drain 5s
     PIDS+=($!)
-    eval "SIDECAR_PID_${pod//-/_}=$!"
 }
+declare -A APP_PID=()
 pod_admin() { if [ $USE_NETNS = 1 ]; then echo 127.0.0.1:15000; else echo "${POD_IP[$1]}:15000"; fi; }
 pod_app() { if [ $USE_NETNS = 1 ]; then echo 127.0.0.1:8080; else echo "${POD_IP[$1]}:8080"; fi; }
 
@@ -234,9 +247,9 @@ say "plain HTTP to user-1's sidecar -> HTTP $code (mTLS required)"
 pause
 
 bold "7. Kill user-1's app: the sidecars eject it, requests keep working"
-eval "kill \$APP_PID_user_1"
-say "user-1's app is gone; its sidecar still answers, with 502 — order's sidecar ejects it after failures"
-say "and user-1's health check reports critical, so DNS drops it."
+kill "${APP_PID[user-1]}"
+say "user-1's app is gone; its sidecar still answers, with an error — order's sidecar retries on user-2"
+say "and ejects user-1 after failures; user-1's sidecar reports its app critical, so DNS drops it."
 failed=0
 for i in $(seq 1 20); do
     if ! in_pod order-1 curl -fsS -o /dev/null "http://$(pod_app order-1)/orders/$i"; then failed=$((failed + 1)); fi
@@ -247,6 +260,8 @@ for _ in $(seq 100); do
     [ "$("${DIG[@]}" user.xingren.host +short | wc -l)" -eq 1 ] && break
     sleep 0.2
 done
+[ "$("${DIG[@]}" user.xingren.host +short)" = "${POD_IP[user-2]}" ] || fail "user-1 is still in DNS after its app died"
+
 run "${DIG[@]}" user.xingren.host +short
 run "$SIGNPOST" instances user
 in_pod order-1 curl -fsS "http://$(pod_admin order-1)/metrics" | grep -E '^signpost_sidecar_(ejections|retries)_total' || true
