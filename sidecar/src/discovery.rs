@@ -20,12 +20,14 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use hickory_resolver::{Resolver, TokioResolver};
 use signpost_control_plane::model::ServiceName;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::discover::Change;
 use tracing::{debug, warn};
@@ -337,8 +339,52 @@ pub struct DiscoveryState {
     pub error: Option<String>,
 }
 
-/// Re-resolves `service` whenever its answer expires and sends the
-/// differences to `changes`, until `cancel` fires or the receiver is gone.
+/// A way for the data path to ask discovery to resolve again before the
+/// answer's TTL runs out.
+///
+/// Waiting out the TTL is fine while the endpoints work, but not once one
+/// refuses connections: an instance going away deregisters first, so DNS
+/// already names its replacement while we still hold the old answer. In a
+/// rolling restart whose instances linger less than a TTL, every endpoint we
+/// know can be gone before the TTL ends, and retries have nowhere to go. So
+/// a connection failure asks for a new answer now (at most one resolution
+/// per [`MIN_REFRESH`]); an endpoint DNS still lists is left to the
+/// balancer's penalty and to outlier ejection.
+#[derive(Debug, Clone, Default)]
+pub struct Refresh(Arc<Notify>);
+
+impl Refresh {
+    /// A handle no resolution watches yet; pass a clone to
+    /// [`watch_endpoints`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks for a resolution as soon as [`MIN_REFRESH`] allows. Requests
+    /// made before that resolution starts fold into it.
+    pub fn request(&self) {
+        // `notify_one` keeps a permit when nobody waits, so a request made
+        // during a resolution is not lost.
+        self.0.notify_one();
+    }
+
+    /// Takes the request made so far, if any: whether one was pending.
+    pub(crate) fn take_request(&self) -> bool {
+        // Polling once takes a stored permit, if any; dropping the future
+        // otherwise deregisters it.
+        self.0.notified().now_or_never().is_some()
+    }
+
+    /// Resolves once a refresh is requested and `not_before` has passed.
+    async fn requested(&self, not_before: Instant) {
+        self.0.notified().await;
+        tokio::time::sleep_until(not_before).await;
+    }
+}
+
+/// Re-resolves `service` whenever its answer expires, or sooner when
+/// `refresh` asks, and sends the differences to `changes`, until `cancel`
+/// fires or the receiver is gone.
 ///
 /// A failed resolution keeps the endpoints already sent: a DNS outage must
 /// not empty the balancer while the peers themselves are fine.
@@ -347,10 +393,14 @@ pub async fn watch_endpoints(
     service: ServiceName,
     changes: mpsc::UnboundedSender<Change<SocketAddr, Endpoint>>,
     state: watch::Sender<DiscoveryState>,
+    refresh: Refresh,
     cancel: CancellationToken,
 ) {
     let mut current: HashMap<SocketAddr, Endpoint> = HashMap::new();
     loop {
+        let started = Instant::now();
+        // Requests made until now are answered by this resolution.
+        refresh.take_request();
         let wait = match resolver.resolve(&service).await {
             Ok(resolution) => {
                 let next: HashMap<SocketAddr, Endpoint> =
@@ -391,6 +441,9 @@ pub async fn watch_endpoints(
             () = cancel.cancelled() => return,
             () = changes.closed() => return,
             () = tokio::time::sleep(wait) => {}
+            () = refresh.requested(started + MIN_REFRESH) => {
+                debug!(%service, "an endpoint failed; resolving before the TTL runs out");
+            }
         }
     }
 }
@@ -418,6 +471,7 @@ mod tests {
             user.clone(),
             tx,
             state_tx,
+            Refresh::new(),
             cancel.clone(),
         ));
         let mut inserted = Vec::new();
@@ -451,6 +505,7 @@ mod tests {
             svc("user"),
             tx,
             state_tx,
+            Refresh::new(),
             CancellationToken::new(),
         ));
         drop(rx);
@@ -458,5 +513,57 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_request_resolves_before_the_ttl_but_not_more_than_once_a_second() {
+        let resolver = StaticResolver::new(Duration::from_secs(5));
+        let user = svc("user");
+        let old: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let new: SocketAddr = "127.0.0.2:1".parse().unwrap();
+        resolver.set(&user, &[old]);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (state_tx, _state) = watch::channel(DiscoveryState::default());
+        let refresh = Refresh::new();
+        let cancel = CancellationToken::new();
+        tokio::spawn(watch_endpoints(
+            Arc::new(resolver.clone()),
+            user.clone(),
+            tx,
+            state_tx,
+            refresh.clone(),
+            cancel.clone(),
+        ));
+        assert!(matches!(rx.recv().await.unwrap(), Change::Insert(a, _) if a == old));
+        let started = Instant::now();
+
+        // The old instance deregistered and its replacement registered;
+        // `old` refused a connection well before the 5 s TTL runs out.
+        resolver.set(&user, &[new]);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        refresh.request();
+        refresh.request(); // folds into the same resolution
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            got.push(match rx.recv().await.unwrap() {
+                Change::Insert(a, _) => format!("+{a}"),
+                Change::Remove(a) => format!("-{a}"),
+            });
+        }
+        got.sort();
+        assert_eq!(got, [format!("+{new}"), format!("-{old}")]);
+        assert_eq!(
+            started.elapsed(),
+            MIN_REFRESH,
+            "resolved again once MIN_REFRESH allowed, not at the TTL"
+        );
+
+        // A request right after that waits out MIN_REFRESH again.
+        resolver.set(&user, &[]);
+        refresh.request();
+        let asked = Instant::now();
+        assert!(matches!(rx.recv().await.unwrap(), Change::Remove(a) if a == new));
+        assert_eq!(asked.elapsed(), MIN_REFRESH);
+        cancel.cancel();
     }
 }

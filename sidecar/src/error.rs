@@ -75,6 +75,17 @@ pub enum ProxyError {
         /// Why.
         source: EndpointError,
     },
+    /// The local app does not accept connections (stopped, crashed, not
+    /// started yet): the request never reached it.
+    #[error("{service}: app at {app}: {reason}")]
+    AppUnavailable {
+        /// This service.
+        service: String,
+        /// The app's address.
+        app: SocketAddr,
+        /// Why the connection failed.
+        reason: String,
+    },
     /// Something else failed on the way to the peer.
     #[error("{service}: {reason}")]
     BadGateway {
@@ -116,9 +127,14 @@ impl ProxyError {
     /// The status the error is answered with.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoHealthyInstance { .. } | ProxyError::Overloaded { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            // 503 rather than linkerd's 502 for an app that refuses
+            // connections: the request certainly did not reach it, so the
+            // caller's sidecar may retry it on another instance (it retries
+            // 503, never 502, which may follow a request the app processed)
+            // and counts it towards ejecting this one.
+            ProxyError::NoHealthyInstance { .. }
+            | ProxyError::Overloaded { .. }
+            | ProxyError::AppUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Unreachable { .. } | ProxyError::BadGateway { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -253,6 +269,17 @@ mod tests {
             why: String::new(),
         };
         assert_eq!(forbidden.to_string(), "order is not allowed to call user");
+        let app_down = ProxyError::AppUnavailable {
+            service: "user".into(),
+            app: "127.0.0.1:8080".parse().unwrap(),
+            reason: "Connection refused (os error 111)".into(),
+        };
+        assert_eq!(app_down.status(), 503, "retryable: the app never saw it");
+        let rsp = app_down.into_response();
+        assert_eq!(
+            rsp.headers()[ERROR_HEADER],
+            "user: app at 127.0.0.1:8080: Connection refused (os error 111)"
+        );
         let timeout = ProxyError::Timeout {
             service: "user".into(),
             after: Duration::from_secs(30),

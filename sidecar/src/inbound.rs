@@ -343,9 +343,21 @@ impl Inbound {
                 service: service.clone(),
                 after: timeout,
             })?
-            .map_err(|e| ProxyError::BadGateway {
-                service: service.clone(),
-                reason: format!("app at {app}: {}", innermost(&e)),
+            .map_err(|e| {
+                if e.is_connect() {
+                    // Not sent: answered 503 so that callers retry elsewhere
+                    // (see `ProxyError::status`).
+                    ProxyError::AppUnavailable {
+                        service: service.clone(),
+                        app,
+                        reason: innermost(&e),
+                    }
+                } else {
+                    ProxyError::BadGateway {
+                        service: service.clone(),
+                        reason: format!("app at {app}: {}", innermost(&e)),
+                    }
+                }
             })?;
         let mut rsp = rsp.map(body::boxed);
         strip_hop_by_hop(rsp.headers_mut());

@@ -325,3 +325,115 @@ async fn pending_requests_past_the_cap_get_503_at_once() {
         assert_eq!(s.await.unwrap().unwrap().status(), 200);
     }
 }
+
+/// Starts a plain inbound like [`inbound`], stopped (no longer accepting,
+/// draining) when `stop` fires.
+async fn stoppable_inbound(ip: &str, app: SocketAddr, stop: CancellationToken) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let inbound = Inbound::new(
+        InboundConfig {
+            service: name("user"),
+            id: format!("user-{ip}"),
+            app,
+            request_timeout: Duration::from_secs(5),
+        },
+        Arc::new(ArcSwap::from_pointee(ServiceConfig::default())),
+        None,
+        Metrics::new(),
+    );
+    tokio::spawn(inbound.serve(listener, stop, Duration::from_secs(1)));
+    addr
+}
+
+/// One instance in a rolling restart: its app and its stoppable inbound.
+struct Instance {
+    addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+async fn instance(ip: &str) -> Instance {
+    let stop = CancellationToken::new();
+    let app = support::app(ip, "user").await;
+    let addr = stoppable_inbound(ip, app, stop.clone()).await;
+    Instance { addr, stop }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_within_one_dns_ttl_fails_no_request() {
+    // A TTL far longer than the restart: without asking DNS again when a
+    // peer refuses connections, the balancer would only know the two old
+    // instances when both are gone.
+    let resolver = StaticResolver::new(Duration::from_secs(60));
+    let (u1, u2) = (instance("127.0.0.11").await, instance("127.0.0.12").await);
+    resolver.set(&name("user"), &[u1.addr, u2.addr]);
+    let out = outbound(&resolver, Duration::from_secs(5)).await;
+    let client = support::proxied(out.addr);
+    let stream = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut failures = Vec::new();
+            for i in 0..400 {
+                let rsp = client.get(format!("http://user/{i}")).send().await.unwrap();
+                if rsp.status() != 200 {
+                    let error = rsp.headers().get("x-signpost-error").cloned();
+                    failures.push(format!("{i}: {} {error:?}", rsp.status()));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            failures
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // As `signpost sidecar` does on SIGTERM: the new instance is up, the old
+    // one leaves DNS, lingers less than a TTL, then stops accepting.
+    let u3 = instance("127.0.0.13").await;
+    resolver.set(&name("user"), &[u2.addr, u3.addr]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    u1.stop.cancel();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let u4 = instance("127.0.0.14").await;
+    resolver.set(&name("user"), &[u3.addr, u4.addr]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    u2.stop.cancel();
+    let failures = stream.await.unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+    let metrics = out.metrics.encode();
+    assert!(
+        metrics.contains("signpost_sidecar_endpoints{service=\"user\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn app_refusing_connections_is_a_retryable_503() {
+    let dead_app = support::closed_port("127.0.0.15").await;
+    let peer = inbound("127.0.0.15", "user", dead_app, MtlsMode::Permissive).await;
+    let rsp = support::direct()
+        .get(format!("http://{peer}/users/1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 503);
+    let error = rsp.headers()["x-signpost-error"].to_str().unwrap();
+    assert!(
+        error.starts_with(&format!("user: app at {dead_app}: ")),
+        "{error}"
+    );
+
+    // Through the mesh, the caller's sidecar retries it on a live instance.
+    let app = support::app("127.0.0.16", "user").await;
+    let good = inbound("127.0.0.16", "user", app, MtlsMode::Permissive).await;
+    let resolver = StaticResolver::new(Duration::from_secs(5));
+    resolver.set(&name("user"), &[peer, good]);
+    let out = outbound(&resolver, Duration::from_secs(5)).await;
+    let client = support::proxied(out.addr);
+    for i in 0..20 {
+        let rsp = client.get(format!("http://user/{i}")).send().await.unwrap();
+        assert_eq!(rsp.status(), 200, "request {i}");
+    }
+}

@@ -43,6 +43,15 @@ pub struct EjectionConfig {
     pub forget_after: Duration,
     /// For how long a failed endpoint counts as "just failed", making the
     /// balancer prefer others (so a retry goes to another endpoint).
+    ///
+    /// Short (250 ms): the retry it protects follows the failure at once,
+    /// and while it lasts the endpoint gets no traffic, so no failure can
+    /// add up towards ejection. With two endpoints P2C always compares the
+    /// same pair, so a failing endpoint is tried exactly once per penalty:
+    /// 2 s made the five failures that eject take ten seconds, longer than
+    /// a dead app takes to leave DNS, and the ejection never happened.
+    /// At 250 ms it is out in about a second, each probe on the way costing
+    /// a retry (or, for a request that cannot be retried, one error).
     pub failure_penalty: Duration,
 }
 
@@ -53,7 +62,7 @@ impl Default for EjectionConfig {
             base: Duration::from_secs(30),
             max: Duration::from_secs(300),
             forget_after: Duration::from_secs(600),
-            failure_penalty: Duration::from_secs(2),
+            failure_penalty: Duration::from_millis(250),
         }
     }
 }

@@ -5,7 +5,10 @@
 //! first use and again after it closes. Connecting is bounded by the
 //! connect timeout. The service is always ready: readiness belongs to
 //! outlier ejection and the balancer, and a connection attempt per request
-//! at worst costs one connect timeout.
+//! at worst costs one connect timeout. A failed connection, or one the peer
+//! closes, asks discovery to resolve again (see
+//! [`crate::discovery::Refresh`]): a peer that hangs up or is not listening
+//! has most likely left, and DNS may already know.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,6 +25,7 @@ use tower::Service;
 use tracing::{Instrument, debug, debug_span};
 
 use crate::body::{BoxError, ProxyBody};
+use crate::discovery::Refresh;
 
 /// A byte stream to a peer.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -148,6 +152,7 @@ pub struct PeerConnection {
     addr: SocketAddr,
     connector: Arc<dyn Connect>,
     connect_timeout: Duration,
+    refresh: Option<Refresh>,
     sender: Arc<Mutex<Option<Sender>>>,
 }
 
@@ -166,8 +171,15 @@ impl PeerConnection {
             addr,
             connector,
             connect_timeout,
+            refresh: None,
             sender: Arc::default(),
         }
+    }
+
+    /// Asks `refresh` for a new DNS answer whenever a connection fails.
+    pub fn with_refresh(mut self, refresh: Refresh) -> Self {
+        self.refresh = Some(refresh);
+        self
     }
 
     async fn sender(&self) -> Result<Sender, ConnectError> {
@@ -195,10 +207,22 @@ impl PeerConnection {
             .handshake(TokioIo::new(io))
             .await
             .map_err(|source| ConnectError::Http { addr, source })?;
+        let refresh = self.refresh.clone();
+        let in_use = Arc::downgrade(&self.sender);
         tokio::spawn(
             async move {
                 if let Err(err) = conn.await {
                     debug!(%err, "connection closed");
+                }
+                // The peer closed a connection we still use: a sidecar
+                // sends GOAWAY when it stops accepting, after leaving DNS,
+                // so the next answer likely names its replacement. (When
+                // the endpoint was dropped, nobody uses it: no question.)
+                if in_use.strong_count() > 0
+                    && let Some(refresh) = refresh
+                {
+                    debug!("peer closed the connection; asking DNS again");
+                    refresh.request();
                 }
             }
             .instrument(debug_span!("peer", peer = %addr)),
@@ -220,7 +244,15 @@ impl Service<http::Request<ProxyBody>> for PeerConnection {
     fn call(&mut self, req: http::Request<ProxyBody>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let mut sender = this.sender().await.map_err(EndpointError::from)?;
+            let mut sender = match this.sender().await {
+                Ok(sender) => sender,
+                Err(err) => {
+                    if let Some(refresh) = &this.refresh {
+                        refresh.request();
+                    }
+                    return Err(EndpointError::from(err).into());
+                }
+            };
             let rsp = sender
                 .send_request(req)
                 .await
@@ -261,5 +293,100 @@ mod tests {
             EndpointError::Connect(ConnectError::Timeout { .. })
         ));
         assert!(err.is_connect());
+    }
+
+    /// A connector refusing every connection, as a stopped peer does.
+    struct Refused;
+    impl Connect for Refused {
+        fn connect(&self, addr: SocketAddr) -> BoxFuture<Result<BoxedIo, ConnectError>> {
+            Box::pin(async move {
+                Err(ConnectError::Tcp {
+                    addr,
+                    source: std::io::ErrorKind::ConnectionRefused.into(),
+                })
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_connection_asks_discovery_to_resolve_again() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let refresh = Refresh::new();
+        let mut conn = PeerConnection::new(addr, Arc::new(Refused), Duration::from_secs(1))
+            .with_refresh(refresh.clone());
+        assert!(!refresh.take_request(), "nothing asked yet");
+        let err = conn
+            .call(http::Request::new(crate::body::empty()))
+            .await
+            .unwrap_err();
+        assert!(find_endpoint_error(&*err).unwrap().is_connect());
+        assert!(
+            refresh.take_request(),
+            "the failed connection must ask for a new DNS answer"
+        );
+    }
+
+    /// Serves HTTP/2 on a loopback port; each connection answers 200 until
+    /// `stop` fires, then closes gracefully (GOAWAY), as a sidecar's inbound
+    /// does when it stops accepting.
+    async fn h2_server(stop: tokio_util::sync::CancellationToken) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let svc = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(crate::body::empty()))
+            });
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_peer_closes_asks_discovery_to_resolve_again() {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let addr = h2_server(stop.clone()).await;
+        let refresh = Refresh::new();
+        let mut conn = PeerConnection::new(addr, Arc::new(TcpConnect), Duration::from_secs(1))
+            .with_refresh(refresh.clone());
+        let rsp = conn
+            .call(http::Request::new(crate::body::empty()))
+            .await
+            .unwrap();
+        assert_eq!(rsp.status(), 200);
+        assert!(!refresh.take_request(), "a working connection asks nothing");
+        stop.cancel();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !refresh.take_request() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the peer's GOAWAY did not ask for a new DNS answer"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn dropping_an_endpoint_asks_nothing() {
+        let addr = h2_server(tokio_util::sync::CancellationToken::new()).await;
+        let refresh = Refresh::new();
+        let mut conn = PeerConnection::new(addr, Arc::new(TcpConnect), Duration::from_secs(1))
+            .with_refresh(refresh.clone());
+        conn.call(http::Request::new(crate::body::empty()))
+            .await
+            .unwrap();
+        drop(conn);
+        // Our side closes the connection; give its task time to end.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!refresh.take_request());
     }
 }

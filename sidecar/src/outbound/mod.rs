@@ -12,6 +12,11 @@
 //! `LoadShed → ConcurrencyLimit → Retry → Buffer → Balance(P2C) →
 //! Weighted(PeakEwma) → Outlier → PeerConnection`. The request timeout wraps
 //! the whole stack in [`proxy`], so it bounds retries too.
+//!
+//! A peer that refuses a connection or closes one asks discovery for a new
+//! answer before the TTL runs out ([`crate::discovery::Refresh`]), so the
+//! balancer learns of replacements while there is still an endpoint left to
+//! retry on.
 
 pub mod balance;
 pub mod eject;
@@ -36,7 +41,7 @@ use self::eject::{EjectionConfig, EjectionPool};
 use self::endpoint::{Connect, PeerConnection};
 use self::retry::RetryPolicy;
 use crate::body::{BoxError, ProxyBody};
-use crate::discovery::{DiscoveryState, Resolve, watch_endpoints};
+use crate::discovery::{DiscoveryState, Refresh, Resolve, watch_endpoints};
 use crate::metrics::{Metrics, ServiceLabels};
 
 /// A destination's whole service stack, type-erased.
@@ -69,6 +74,25 @@ impl Default for DestinationConfig {
             ejection: EjectionConfig::default(),
         }
     }
+}
+
+/// Puts the layers above the balancer around `balance`: load shedding, the
+/// pending limit, retries, and the buffer that lets the balancer be shared.
+fn stack<S>(balance: S, policy: RetryPolicy, max_pending: usize) -> DestinationService
+where
+    S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = BoxError>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let max_pending = max_pending.max(1);
+    let service = ServiceBuilder::new()
+        .load_shed()
+        .concurrency_limit(max_pending)
+        .retry(policy)
+        .buffer(max_pending)
+        .service(balance);
+    BoxCloneSyncService::new(service)
 }
 
 /// One destination service: its stack and its discovery state.
@@ -164,12 +188,14 @@ impl Destinations {
         let (changes_tx, changes_rx) = mpsc::unbounded_channel();
         let (state_tx, state_rx) = watch::channel(DiscoveryState::default());
         let stop = CancellationToken::new();
+        let refresh = Refresh::new();
         tokio::spawn(
             watch_endpoints(
                 self.resolver.clone(),
                 name.clone(),
                 changes_tx,
                 state_tx,
+                refresh.clone(),
                 stop.clone(),
             )
             .instrument(info_span!("discovery", service = %name)),
@@ -196,21 +222,15 @@ impl Destinations {
         let connect_timeout = self.config.connect_timeout;
         let balance = balance::balancer(changes_rx, pool, move |ep: crate::discovery::Endpoint| {
             PeerConnection::new(ep.addr, connector.clone(), connect_timeout)
+                .with_refresh(refresh.clone())
         });
         let policy = RetryPolicy::new(
             retry::budget(),
             self.metrics.retries.get_or_create(&labels).clone(),
         );
-        let max_pending = self.config.max_pending.max(1);
-        let service = ServiceBuilder::new()
-            .load_shed()
-            .concurrency_limit(max_pending)
-            .retry(policy)
-            .buffer(max_pending)
-            .service(balance);
         Destination {
             name: name.clone(),
-            service: BoxCloneSyncService::new(service),
+            service: stack(balance, policy, self.config.max_pending),
             state: state_rx,
             last_used: Mutex::new(Instant::now()),
             stop,
@@ -288,5 +308,91 @@ mod tests {
             stop.is_cancelled(),
             "discovery of a dropped destination stops"
         );
+    }
+
+    fn addr(n: u8) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, n], 15006))
+    }
+
+    /// Endpoint 1 answers 503 as a peer sidecar whose app was killed does;
+    /// the others answer 200. Each answer names the endpoint.
+    fn one_app_down(
+        ep: crate::discovery::Endpoint,
+    ) -> impl tower::Service<
+        Request<ProxyBody>,
+        Response = Response<ProxyBody>,
+        Error = BoxError,
+        Future: Send,
+    > + Send
+    + 'static {
+        tower::service_fn(move |_: Request<ProxyBody>| async move {
+            let status = if ep.addr == addr(1) { 503 } else { 200 };
+            Ok(Response::builder()
+                .status(status)
+                .header("x-endpoint", ep.addr.to_string())
+                .body(crate::body::empty())
+                .unwrap())
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn endpoint_whose_app_died_is_ejected_within_seconds_and_fails_no_request() {
+        use tower::discover::Change;
+        use tower::{Service, ServiceExt};
+
+        use crate::body::{Replay, empty};
+        use crate::discovery::Endpoint;
+        use prometheus_client::metrics::counter::Counter;
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let ejections = Counter::default();
+        let pool = Arc::new(EjectionPool::new(
+            EjectionConfig::default(),
+            ejections.clone(),
+        ));
+        for n in [1, 2] {
+            let ep = Endpoint {
+                addr: addr(n),
+                weight: 100,
+            };
+            tx.send(Change::Insert(ep.addr, ep)).unwrap();
+        }
+        let retries = Counter::default();
+        let service = stack(
+            balance::balancer(rx, pool.clone(), one_app_down),
+            RetryPolicy::new(retry::budget(), retries.clone()),
+            100,
+        );
+        // A steady stream, one GET every 10 ms, as in the mesh test.
+        let started = Instant::now();
+        let mut ejected_after = None;
+        let mut to_dead = 0;
+        for i in 0..300 {
+            let mut req = Request::new(empty());
+            req.extensions_mut().insert(Replay(bytes::Bytes::new()));
+            let rsp = service
+                .clone()
+                .ready()
+                .await
+                .unwrap()
+                .call(req)
+                .await
+                .unwrap();
+            assert_eq!(rsp.status(), 200, "request {i} failed");
+            if pool.ejected_until(addr(1), Instant::now()).is_some() {
+                ejected_after.get_or_insert(started.elapsed());
+            } else {
+                to_dead = i;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let after = ejected_after.expect("the endpoint answering 503 was never ejected");
+        assert!(
+            after < Duration::from_secs(2),
+            "ejected only after {after:?}"
+        );
+        assert_eq!(ejections.get(), 1);
+        // Every request that met the dead app was retried on the other one.
+        assert_eq!(retries.get(), 5, "last probe at request {to_dead}");
     }
 }

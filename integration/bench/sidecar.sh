@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# Sidecar benchmark: one request path measured three ways, side by side:
+#   direct      wrk -> nginx
+#   signpost    wrk -> sidecar A (outbound) == mTLS, HTTP/2 ==> sidecar B (inbound) -> nginx
+#   haproxy     wrk -> haproxy A == mTLS ==> haproxy B -> nginx
+# Every server is pinned to CPU 0, wrk to CPU 1. Prints req/s and latency
+# percentiles per path (median of RUNS runs), the sidecars' RSS under load,
+# and, when `oha` is installed (cargo install oha), open-loop latency at a
+# fixed 5000 req/s with latency correction.
+#
+#   ./integration/bench/sidecar.sh [RUNS] [SECONDS] [CONNECTIONS]   (defaults: 3 10 32)
+# Needs: nginx, haproxy, wrk, openssl (apt-get install nginx-light haproxy wrk openssl).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RUNS=${1:-3}
+SECS=${2:-10}
+CONNS=${3:-32}
+for tool in nginx haproxy wrk openssl taskset curl; do
+    command -v $tool >/dev/null || { echo "missing $tool: apt-get install nginx-light haproxy wrk openssl" >&2; exit 1; }
+done
+
+cargo build --release --quiet -p signpost --bins
+BIN=$PWD/target/release/signpost
+WORK=$(mktemp -d /tmp/signpost-sidecar-bench.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+# --- nginx: the app -----------------------------------------------------------
+mkdir -p "$WORK/nginx"
+cat >"$WORK/nginx.conf" <<NGINX
+worker_processes 1;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx;
+    proxy_temp_path $WORK/nginx;
+    fastcgi_temp_path $WORK/nginx;
+    uwsgi_temp_path $WORK/nginx;
+    scgi_temp_path $WORK/nginx;
+    keepalive_requests 1000000;
+    server {
+        listen 127.0.0.1:28080;
+        location / { return 200 "hello from nginx\n"; }
+    }
+}
+NGINX
+taskset -c 0 nginx -c "$WORK/nginx.conf" -g 'daemon off;' &
+PIDS+=($!)
+
+# --- Signpost: control plane (dev), two sidecars ----------------------------
+taskset -c 0 "$BIN" server --dev --api 127.0.0.1:28500 --dns 127.0.0.1:28053 --udp-sockets 1 >"$WORK/server.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do curl -fsS http://127.0.0.1:28500/readyz >/dev/null 2>&1 && break; sleep 0.1; done
+RUST_LOG=warn taskset -c 0 "$BIN" sidecar --service app --id b1 --address 127.0.0.1 --app 127.0.0.1:28080 \
+    --inbound 127.0.0.1:28006 --outbound 127.0.0.1:28101 --admin 127.0.0.1:28100 \
+    --control-plane http://127.0.0.1:28500 --dns 127.0.0.1:28053 >"$WORK/sidecar-b.log" 2>&1 &
+SIDECAR_B=$!; PIDS+=($SIDECAR_B)
+RUST_LOG=warn taskset -c 0 "$BIN" sidecar --service client --id a1 --address 127.0.0.2 --app 127.0.0.1:28081 \
+    --inbound 127.0.0.2:28006 --outbound 127.0.0.1:28001 --admin 127.0.0.1:28000 \
+    --control-plane http://127.0.0.1:28500 --dns 127.0.0.1:28053 >"$WORK/sidecar-a.log" 2>&1 &
+SIDECAR_A=$!; PIDS+=($SIDECAR_A)
+for port in 28000 28100; do
+    for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$port/ready" >/dev/null 2>&1 && break; sleep 0.1; done
+done
+curl -fsS -H 'Host: app' http://127.0.0.1:28001/ >/dev/null || { echo "signpost chain does not answer" >&2; tail "$WORK"/sidecar-*.log >&2; exit 1; }
+
+# --- HAProxy: the same chain with mTLS ----------------------------------------
+cd "$WORK"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench-ca \
+    -keyout ca.key -out ca.pem 2>/dev/null
+for who in a b; do
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$who" \
+        -keyout "$who.key" -out "$who.csr" 2>/dev/null
+    printf 'subjectAltName=DNS:%s,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n' "$who" >"$who.ext"
+    openssl x509 -req -in "$who.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+        -extfile "$who.ext" -out "$who.crt" 2>/dev/null
+    cat "$who.crt" "$who.key" >"$who.pem"
+done
+cd - >/dev/null
+cat >"$WORK/haproxy-b.cfg" <<CFG
+global
+    nbthread 1
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 30s
+    timeout server 30s
+frontend mtls_in
+    bind 127.0.0.1:29443 ssl crt $WORK/b.pem ca-file $WORK/ca.pem verify required ssl-min-ver TLSv1.3 alpn h2,http/1.1
+    default_backend app
+backend app
+    http-reuse always
+    server nginx 127.0.0.1:28080
+CFG
+cat >"$WORK/haproxy-a.cfg" <<CFG
+global
+    nbthread 1
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 30s
+    timeout server 30s
+frontend plain_in
+    bind 127.0.0.1:29001
+    default_backend peer
+backend peer
+    http-reuse always
+    server b 127.0.0.1:29443 ssl crt $WORK/a.pem ca-file $WORK/ca.pem verify required ssl-min-ver TLSv1.3 alpn h2
+CFG
+taskset -c 0 haproxy -f "$WORK/haproxy-b.cfg" -db >"$WORK/haproxy-b.log" 2>&1 &
+PIDS+=($!)
+taskset -c 0 haproxy -f "$WORK/haproxy-a.cfg" -db >"$WORK/haproxy-a.log" 2>&1 &
+PIDS+=($!)
+sleep 0.5
+curl -fsS http://127.0.0.1:29001/ >/dev/null || { echo "haproxy chain does not answer" >&2; cat "$WORK"/haproxy-*.log >&2; exit 1; }
+
+rss_mb() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+
+# run NAME URL [Host] -> "req/s p50 p99" (ms)
+run() {
+    local out hdr=()
+    [ -n "${3:-}" ] && hdr=(-H "Host: $3")
+    out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "${hdr[@]}" "$2")
+    local rps p50 p99
+    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    p50=$(echo "$out" | awk '$1 == "50%" {print $2}')
+    p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
+    echo "$rps $p50 $p99"
+}
+
+echo "wrk -t1 -c$CONNS -d${SECS}s, servers on CPU 0, wrk on CPU 1, $RUNS runs each (alternating)"
+printf '%-4s %-9s %10s %10s %10s\n' run path req/s p50 p99
+declare -A RPS P99
+for r in $(seq 1 "$RUNS"); do
+    for path in direct signpost haproxy; do
+        case $path in
+            direct) read -r rps p50 p99 < <(run direct http://127.0.0.1:28080/) ;;
+            signpost) read -r rps p50 p99 < <(run signpost http://127.0.0.1:28001/ app)
+                      RSS_A=$(rss_mb $SIDECAR_A); RSS_B=$(rss_mb $SIDECAR_B) ;;
+            haproxy) read -r rps p50 p99 < <(run haproxy http://127.0.0.1:29001/) ;;
+        esac
+        RPS[$path]="${RPS[$path]:-} $rps"; P99[$path]="${P99[$path]:-} $p99"
+        printf '%-4s %-9s %10s %10s %10s\n' "$r" "$path" "$rps" "$p50" "$p99"
+    done
+done
+median() { printf '%s\n' $@ | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : a[NR/2]}'; }
+echo
+for path in direct signpost haproxy; do
+    echo "median $path: $(median ${RPS[$path]}) req/s, p99 $(median ${P99[$path]})"
+done
+echo "signpost/haproxy req/s ratio: $(awk -v a="$(median ${RPS[signpost]})" -v b="$(median ${RPS[haproxy]})" 'BEGIN {printf "%.2f", a/b}')"
+echo "sidecar RSS after the last signpost run: A ${RSS_A} MB, B ${RSS_B} MB"
+
+if command -v oha >/dev/null; then
+    echo
+    echo "open loop, 5000 req/s for ${SECS}s with latency correction (oha):"
+    for path in "signpost http://127.0.0.1:28001/ app" "haproxy http://127.0.0.1:29001/ haproxy"; do
+        set -- $path
+        out=$(taskset -c 1 oha --no-tui -q 5000 --latency-correction -z "${SECS}s" -c "$CONNS" -H "Host: $3" "$2")
+        echo "  $1: $(echo "$out" | grep -E '^\s+(50|99|99.9)(\.00)?% in' | tr -s ' ' | tr '\n' ';')"
+    done
+else
+    echo "(oha not installed: cargo install oha, for the open-loop 5000 req/s figures)"
+fi
