@@ -53,4 +53,7 @@ pub enum DnsError {
     /// A listener stopped unexpectedly.
     #[error("DNS server stopped: {0}")]
     Serve(#[source] NetError),
+    /// A UDP receive loop ended while the server was running.
+    #[error("DNS server stopped: a UDP receive loop ended unexpectedly (see the log)")]
+    UdpStopped,
 }

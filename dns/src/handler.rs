@@ -46,7 +46,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Whether `ip` may have names outside the zone resolved.
-    fn may_recurse(&self, ip: std::net::IpAddr) -> bool {
+    pub(crate) fn may_recurse(&self, ip: std::net::IpAddr) -> bool {
         self.forwarder.is_some() && self.allow_recursion.iter().any(|n| n.contains(&ip))
     }
 }

@@ -25,9 +25,9 @@ use crate::table_tests::{Catalog, instance};
 
 /// Collects encoded responses, encoding like hickory's UDP/TCP handle.
 #[derive(Clone)]
-struct Capture {
-    udp: bool,
-    sent: Arc<Mutex<Vec<Vec<u8>>>>,
+pub(crate) struct Capture {
+    pub(crate) udp: bool,
+    pub(crate) sent: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
 #[async_trait::async_trait]
@@ -61,7 +61,7 @@ impl ResponseHandler for Capture {
     }
 }
 
-fn handler() -> Handler {
+pub(crate) fn handler() -> Handler {
     let mut c = Catalog::new();
     for i in 0..40u8 {
         let mut inst = instance("user", &format!("u{i}"), &format!("10.0.0.{i}"), 8080);
@@ -89,7 +89,7 @@ fn handler() -> Handler {
 }
 
 /// Valid queries to mutate.
-fn seeds() -> Vec<Vec<u8>> {
+pub(crate) fn seeds() -> Vec<Vec<u8>> {
     let names = [
         ("user.xingren.host.", RecordType::A),
         ("USER.xingren.host.", RecordType::SRV),
@@ -117,7 +117,7 @@ fn seeds() -> Vec<Vec<u8>> {
 }
 
 /// Hand-made packets that have broken parsers elsewhere.
-fn nasties() -> Vec<Vec<u8>> {
+pub(crate) fn nasties() -> Vec<Vec<u8>> {
     let header = |qd: u16, an: u16, ar: u16| -> Vec<u8> {
         let mut h = vec![0x12, 0x34, 0x01, 0x00];
         h.extend_from_slice(&qd.to_be_bytes());
@@ -187,7 +187,7 @@ fn nasties() -> Vec<Vec<u8>> {
     out
 }
 
-fn mutate(rng: &mut SmallRng, seed: &[u8]) -> Vec<u8> {
+pub(crate) fn mutate(rng: &mut SmallRng, seed: &[u8]) -> Vec<u8> {
     let mut p = seed.to_vec();
     for _ in 0..rng.random_range(1..=2) {
         match rng.random_range(0..6) {

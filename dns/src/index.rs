@@ -1,8 +1,13 @@
 //! The answer index: every record the zone can answer, built once per catalog
 //! snapshot.
 //!
-//! A query is then one hash lookup of its lower-cased name, a pick of the
-//! record set for its type, a weighted shuffle and an encode. The index also
+//! A query is then a hash lookup of its lower-cased name (two for names
+//! below a service: the service's label, then the name among the
+//! service's), a pick of the record set for its type, a weighted shuffle
+//! and a copy of pre-encoded records ([`crate::wire`]). Each service's names
+//! are built apart and shared from one index to the next while the service
+//! does not change, so that a registration costs a rebuild of its service
+//! and of the zone's few shared names, not of every service. The index also
 //! holds every name that exists without records of its own (empty
 //! non-terminals such as `tag.<svc>.Z` or `_tcp.<svc>.Z`), so that a miss
 //! can tell NODATA (the name exists) from NXDOMAIN (RFC 8020: nothing exists
@@ -26,15 +31,17 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
-use signpost_control_plane::catalog::{InstanceEntry, Snapshot};
+use signpost_control_plane::catalog::{InstanceEntry, ServiceEntry, Snapshot};
 use signpost_control_plane::store::Revision;
 
-use crate::name::{NameKey, is_at_or_below, key_of};
+use crate::name::{KeyMap, NameKey, is_at_or_below, key_of};
+use crate::wire::{self, Chunk, Owner, WireRecord};
 
 /// SRV priority of every instance: one tier, weights decide (CONTRACT.md).
 pub(crate) const SRV_PRIORITY: u16 = 10;
@@ -73,6 +80,9 @@ pub(crate) struct Item {
     /// Upper bound of the encoded size of the record plus its glue (names
     /// uncompressed), so most answers can skip the exact fit check.
     pub(crate) wire_len: usize,
+    /// The record and its glue pre-encoded for the UDP fast path; `None`
+    /// if they could not be, and then the hickory path answers.
+    pub(crate) wire: Option<WireRecord>,
 }
 
 /// The records of one type at one name.
@@ -115,11 +125,22 @@ pub(crate) enum Resolution<'a> {
     Outside,
 }
 
+/// How the index answers one name and one type other than ANY.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Single<'a> {
+    /// The name is ours: this set, or none (NODATA).
+    Found(Option<&'a RecordSet>),
+    /// The name is in the zone but does not exist.
+    NxDomain,
+    /// Not ours: forward it or refuse it.
+    Outside,
+}
+
 /// The immutable index of one snapshot.
 #[derive(Debug)]
 pub(crate) struct Index {
     /// The zone's key.
-    origin_key: NameKey,
+    pub(crate) origin_key: NameKey,
     /// The snapshot revision (SOA serial).
     pub(crate) revision: Revision,
     /// When the snapshot was built (for the age metric).
@@ -128,8 +149,31 @@ pub(crate) struct Index {
     pub(crate) soa: Record,
     /// Upper bound of the SOA record's encoded size.
     pub(crate) soa_len: usize,
-    /// Every name.
-    nodes: HashMap<NameKey, Node>,
+    /// The SOA pre-encoded for the authority section of negative answers.
+    pub(crate) soa_wire: Option<Chunk>,
+    /// The names of the zone that belong to no service: the apex, `ns.Z`
+    /// and the DNS-SD names.
+    zone_nodes: KeyMap<Node>,
+    /// Every service's names, by the service's label.
+    pub(crate) services: KeyMap<Arc<ServicePart>>,
+    /// Reverse names of instance addresses.
+    reverse: KeyMap<Node>,
+}
+
+/// The names at and below `<svc>.Z` of one service, kept from one index to
+/// the next while the service does not change: a registration rebuilds its
+/// own service, not the zone (a full build of 1000 services takes tens of
+/// milliseconds; registration must show in DNS well within 50 ms).
+#[derive(Debug)]
+pub(crate) struct ServicePart {
+    /// What it was built from.
+    entry: ServiceEntry,
+    /// Its names.
+    nodes: KeyMap<Node>,
+    /// Its record in the DNS-SD enumeration.
+    browse: Option<Item>,
+    /// The PTR records of its instances' reverse names.
+    reverse: Vec<(NameKey, Item)>,
 }
 
 /// Appends a record of `rtype` to the node of `name`, creating both as
@@ -137,7 +181,9 @@ pub(crate) struct Index {
 struct Builder<'z> {
     zone: &'z ZoneConfig,
     origin_key: NameKey,
-    nodes: HashMap<NameKey, Node>,
+    nodes: KeyMap<Node>,
+    /// Records at names outside the zone (reverse names).
+    outside: Vec<(NameKey, Item)>,
     ttl: u32,
 }
 
@@ -163,29 +209,54 @@ impl Builder<'_> {
     }
 
     fn add(&mut self, name: &Name, data: RData, weight: u32, glue: Vec<Record>) {
-        let ttl = self.ttl;
-        let record = Record::from_rdata(name.clone(), ttl, data);
-        let wire_len = encoded_len(&record) + glue.iter().map(encoded_len).sum::<usize>();
-        let rtype = record.record_type();
+        let item = self.item(name, data, weight, glue);
+        let key = key_of(name);
+        if !is_at_or_below(&key, &self.origin_key) {
+            self.outside.push((key, item));
+            return;
+        }
+        let rtype = item.record.record_type();
         let node = self.node(name);
-        let item = Item {
+        push_item(node, rtype, item);
+    }
+
+    fn item(&self, name: &Name, data: RData, weight: u32, glue: Vec<Record>) -> Item {
+        let record = Record::from_rdata(name.clone(), self.ttl, data);
+        let wire_len = encoded_len(&record) + glue.iter().map(encoded_len).sum::<usize>();
+        let wire = self.wire(&record, &glue);
+        Item {
             record,
             weight,
             glue,
             wire_len,
-        };
-        match node.sets.iter_mut().find(|s| s.rtype == rtype) {
-            Some(set) => set.items.push(item),
-            None => node.sets.push(RecordSet {
-                rtype,
-                items: vec![item],
-            }),
+            wire,
         }
+    }
+
+    /// `record` and its glue as the fast path writes them.
+    fn wire(&self, record: &Record, glue: &[Record]) -> Option<WireRecord> {
+        let chunk = wire::encode_record(record, Owner::Question, &self.origin_key)?;
+        let glue = glue
+            .iter()
+            .map(|g| wire::encode_glue(g, record))
+            .collect::<Option<_>>()?;
+        Some(WireRecord { chunk, glue })
     }
 
     /// Makes `name` exist without records (NODATA rather than NXDOMAIN).
     fn touch(&mut self, name: &Name) {
         self.node(name);
+    }
+}
+
+/// Adds `item` to the set of `rtype` at `node`.
+fn push_item(node: &mut Node, rtype: RecordType, item: Item) {
+    match node.sets.iter_mut().find(|s| s.rtype == rtype) {
+        Some(set) => set.items.push(item),
+        None => node.sets.push(RecordSet {
+            rtype,
+            items: vec![item],
+        }),
     }
 }
 
@@ -242,19 +313,228 @@ fn add_addresses<'e>(
     }
 }
 
+/// The names of service `svc` (its part of the index), or `None` if its
+/// name is not a valid label below the zone.
+fn build_service(
+    zone: &ZoneConfig,
+    origin_key: &NameKey,
+    svc: &str,
+    entry: &ServiceEntry,
+) -> Option<ServicePart> {
+    let origin = &zone.origin;
+    let ttl = secs(zone.ttl);
+    let svc_name = child(origin, svc)?;
+    let mut b = Builder {
+        zone,
+        origin_key: origin_key.clone(),
+        nodes: KeyMap::with_capacity_and_hasher(8 + entry.instances.len() * 2, Default::default()),
+        outside: Vec::new(),
+        ttl,
+    };
+    b.touch(&svc_name);
+    let browse = browse_name(origin)
+        .map(|browse| b.item(&browse, RData::PTR(PTR(svc_name.clone())), 1, Vec::new()));
+
+    // Each instance's own name, address record (also the glue of
+    // every SRV that targets it) and reverse name.
+    let mut addr_of: HashMap<&str, (Name, Record)> = HashMap::new();
+    for (id, e) in &entry.instances {
+        let Some(inst_name) = child(&svc_name, id.as_str()) else {
+            continue;
+        };
+        let addr = Record::from_rdata(inst_name.clone(), ttl, address_rdata(e.instance.address));
+        b.add(
+            &inst_name,
+            addr.data.clone(),
+            u32::from(e.instance.weight),
+            Vec::new(),
+        );
+        if !e.instance.meta.is_empty() {
+            let strings = e
+                .instance
+                .meta
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            b.add(&inst_name, RData::TXT(TXT::new(strings)), 1, Vec::new());
+        }
+        b.add(
+            &Name::from(e.instance.address),
+            RData::PTR(PTR(inst_name.clone())),
+            1,
+            Vec::new(),
+        );
+        addr_of.insert(id.as_str(), (inst_name, addr));
+    }
+
+    let srv = |b: &mut Builder<'_>, at: &Name, e: &InstanceEntry, port: u16| {
+        if let Some((target, addr)) = addr_of.get(e.instance.id.as_str()) {
+            let data = RData::SRV(SRV::new(
+                SRV_PRIORITY,
+                e.instance.weight,
+                port,
+                target.clone(),
+            ));
+            b.add(at, data, u32::from(e.instance.weight), vec![addr.clone()]);
+        }
+    };
+
+    // The service name.
+    add_addresses(&mut b, &svc_name, entry.healthy());
+    for e in entry.healthy() {
+        srv(&mut b, &svc_name, e, e.instance.port);
+    }
+
+    // Tags. A tag name exists while any instance carries it, so a
+    // tag whose instances are all unhealthy is NODATA, not NXDOMAIN.
+    let mut tags: Vec<&str> = entry
+        .instances
+        .values()
+        .flat_map(|e| e.instance.tags.iter().map(String::as_str))
+        .collect();
+    tags.sort_unstable();
+    tags.dedup();
+    if let Some(tag_root) = child(&svc_name, "tag") {
+        for tag in tags {
+            let Some(tag_name) = child(&tag_root, tag) else {
+                continue;
+            };
+            b.touch(&tag_name);
+            let with_tag = || {
+                entry
+                    .healthy()
+                    .filter(move |e| e.instance.tags.iter().any(|t| t == tag))
+            };
+            add_addresses(&mut b, &tag_name, with_tag());
+            for e in with_tag() {
+                srv(&mut b, &tag_name, e, e.instance.port);
+            }
+        }
+    }
+
+    // Named ports, the same under `_tcp` and `_udp`: the catalog
+    // does not record a port's protocol, and a client asks for the
+    // one it speaks.
+    let mut ports: Vec<&str> = entry
+        .instances
+        .values()
+        .flat_map(|e| e.instance.ports.keys().map(String::as_str))
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    for proto in ["_tcp", "_udp"] {
+        let Some(proto_name) = child(&svc_name, proto) else {
+            continue;
+        };
+        for port in &ports {
+            let Some(port_name) = child(&proto_name, &format!("_{port}")) else {
+                continue;
+            };
+            b.touch(&port_name);
+            for e in entry.healthy() {
+                if let Some(&p) = e.instance.ports.get(*port) {
+                    srv(&mut b, &port_name, e, p);
+                }
+            }
+        }
+    }
+
+    Some(ServicePart {
+        entry: entry.clone(),
+        nodes: b.nodes,
+        browse,
+        reverse: b.outside,
+    })
+}
+
+/// `_services._dns-sd._udp.Z`.
+fn browse_name(origin: &Name) -> Option<Name> {
+    ["_udp", "_dns-sd", "_services"]
+        .iter()
+        .try_fold(origin.clone(), |n, l| child(&n, l))
+}
+
+/// Where a name is relative to the zone.
+enum Place<'k> {
+    /// Outside it.
+    Outside,
+    /// The apex.
+    Apex,
+    /// Below it, under this label of the apex (a service's, or the
+    /// zone's own such as `ns` and `_udp`).
+    Below(&'k [u8]),
+}
+
+/// Where `key` is relative to the zone whose key is `zone`, on label
+/// boundaries.
+fn service_label<'k>(key: &'k [u8], zone: &[u8]) -> Place<'k> {
+    let mut previous: Option<(usize, usize)> = None;
+    let mut at = 0;
+    while at < key.len() {
+        if key[at..] == *zone {
+            return match previous {
+                None => Place::Apex,
+                Some((start, len)) => Place::Below(&key[start..start + len]),
+            };
+        }
+        let len = usize::from(key[at]);
+        if len == 0 {
+            return Place::Outside;
+        }
+        previous = Some((at + 1, len));
+        at += 1 + len;
+    }
+    Place::Outside
+}
+
+/// A name looked up in the index.
+enum Lookup<'a> {
+    /// It exists.
+    Node(&'a Node),
+    /// In the zone, but it does not exist.
+    NxDomain,
+    /// Outside the zone, and not a reverse name we know.
+    Outside,
+}
+
 impl Index {
     /// Builds the index of `snapshot` for `zone`.
     pub(crate) fn build(snapshot: &Snapshot, zone: &ZoneConfig) -> Self {
+        Self::build_from(snapshot, zone, None)
+    }
+
+    /// Builds the index of `snapshot` for `zone`, taking from `previous`
+    /// (an index of the same zone) every service that has not changed.
+    pub(crate) fn build_from(
+        snapshot: &Snapshot,
+        zone: &ZoneConfig,
+        previous: Option<&Index>,
+    ) -> Self {
         let origin = &zone.origin;
         let origin_key = key_of(origin);
         let ttl = secs(zone.ttl);
+
+        let mut services =
+            KeyMap::with_capacity_and_hasher(snapshot.services.len(), Default::default());
+        for (svc, entry) in &snapshot.services {
+            let label: Box<[u8]> = svc.as_str().as_bytes().into();
+            let part = match previous.and_then(|p| p.services.get(&label)) {
+                Some(part) if part.entry == *entry => part.clone(),
+                _ => match build_service(zone, &origin_key, svc.as_str(), entry) {
+                    Some(part) => Arc::new(part),
+                    None => continue,
+                },
+            };
+            services.insert(label, part);
+        }
+
         let mut b = Builder {
             zone,
             origin_key: origin_key.clone(),
-            nodes: HashMap::with_capacity(16 + snapshot.services.len() * 8),
+            nodes: KeyMap::default(),
+            outside: Vec::new(),
             ttl,
         };
-
         let fallback = || origin.clone();
         let ns_name = child(origin, "ns").unwrap_or_else(fallback);
         let hostmaster = child(origin, "hostmaster").unwrap_or_else(fallback);
@@ -280,7 +560,7 @@ impl Index {
         // `ns.Z` is the server itself, unless a service took that name: the
         // service's records win (its users asked for them), and the NS then
         // goes without glue.
-        let ns_is_service = snapshot.services.keys().any(|s| s.as_str() == "ns");
+        let ns_is_service = services.contains_key(&b"ns"[..]);
         let ns_glue = match zone.ns_address {
             Some(ip) if !ns_is_service => {
                 let glue = Record::from_rdata(ns_name.clone(), ttl, address_rdata(ip));
@@ -296,158 +576,99 @@ impl Index {
         b.add(origin, RData::NS(NS(ns_name)), 1, ns_glue);
 
         // DNS-SD service enumeration (RFC 6763 §9).
-        if let Some(browse) = ["_udp", "_dns-sd", "_services"]
-            .iter()
-            .try_fold(origin.clone(), |n, l| child(&n, l))
-        {
+        if let Some(browse) = browse_name(origin) {
             b.touch(&browse);
-            for svc in snapshot.services.keys() {
-                if let Some(target) = child(origin, svc.as_str()) {
-                    b.add(&browse, RData::PTR(PTR(target)), 1, Vec::new());
-                }
+            let items = snapshot
+                .services
+                .keys()
+                .filter_map(|svc| services.get(svc.as_str().as_bytes()))
+                .filter_map(|part| part.browse.clone());
+            let node = b.node(&browse);
+            for item in items {
+                push_item(node, RecordType::PTR, item);
             }
         }
 
-        for (svc, entry) in &snapshot.services {
-            let Some(svc_name) = child(origin, svc.as_str()) else {
+        // Reverse names, in service order: an address shared by services
+        // answers with each instance's name.
+        let mut reverse: KeyMap<Node> = KeyMap::default();
+        for svc in snapshot.services.keys() {
+            let Some(part) = services.get(svc.as_str().as_bytes()) else {
                 continue;
             };
-            b.touch(&svc_name);
-
-            // Each instance's own name, address record (also the glue of
-            // every SRV that targets it) and reverse name.
-            let mut addr_of: HashMap<&str, (Name, Record)> = HashMap::new();
-            for (id, e) in &entry.instances {
-                let Some(inst_name) = child(&svc_name, id.as_str()) else {
-                    continue;
-                };
-                let addr =
-                    Record::from_rdata(inst_name.clone(), ttl, address_rdata(e.instance.address));
-                b.add(
-                    &inst_name,
-                    addr.data.clone(),
-                    u32::from(e.instance.weight),
-                    Vec::new(),
-                );
-                if !e.instance.meta.is_empty() {
-                    let strings = e
-                        .instance
-                        .meta
-                        .iter()
-                        .map(|(k, v)| format!("{k}={v}"))
-                        .collect();
-                    b.add(&inst_name, RData::TXT(TXT::new(strings)), 1, Vec::new());
-                }
-                b.add(
-                    &Name::from(e.instance.address),
-                    RData::PTR(PTR(inst_name.clone())),
-                    1,
-                    Vec::new(),
-                );
-                addr_of.insert(id.as_str(), (inst_name, addr));
-            }
-
-            let srv = |b: &mut Builder<'_>, at: &Name, e: &InstanceEntry, port: u16| {
-                if let Some((target, addr)) = addr_of.get(e.instance.id.as_str()) {
-                    let data = RData::SRV(SRV::new(
-                        SRV_PRIORITY,
-                        e.instance.weight,
-                        port,
-                        target.clone(),
-                    ));
-                    b.add(at, data, u32::from(e.instance.weight), vec![addr.clone()]);
-                }
-            };
-
-            // The service name.
-            add_addresses(&mut b, &svc_name, entry.healthy());
-            for e in entry.healthy() {
-                srv(&mut b, &svc_name, e, e.instance.port);
-            }
-
-            // Tags. A tag name exists while any instance carries it, so a
-            // tag whose instances are all unhealthy is NODATA, not NXDOMAIN.
-            let mut tags: Vec<&str> = entry
-                .instances
-                .values()
-                .flat_map(|e| e.instance.tags.iter().map(String::as_str))
-                .collect();
-            tags.sort_unstable();
-            tags.dedup();
-            if let Some(tag_root) = child(&svc_name, "tag") {
-                for tag in tags {
-                    let Some(tag_name) = child(&tag_root, tag) else {
-                        continue;
-                    };
-                    b.touch(&tag_name);
-                    let with_tag = || {
-                        entry
-                            .healthy()
-                            .filter(move |e| e.instance.tags.iter().any(|t| t == tag))
-                    };
-                    add_addresses(&mut b, &tag_name, with_tag());
-                    for e in with_tag() {
-                        srv(&mut b, &tag_name, e, e.instance.port);
-                    }
-                }
-            }
-
-            // Named ports, the same under `_tcp` and `_udp`: the catalog
-            // does not record a port's protocol, and a client asks for the
-            // one it speaks.
-            let mut ports: Vec<&str> = entry
-                .instances
-                .values()
-                .flat_map(|e| e.instance.ports.keys().map(String::as_str))
-                .collect();
-            ports.sort_unstable();
-            ports.dedup();
-            for proto in ["_tcp", "_udp"] {
-                let Some(proto_name) = child(&svc_name, proto) else {
-                    continue;
-                };
-                for port in &ports {
-                    let Some(port_name) = child(&proto_name, &format!("_{port}")) else {
-                        continue;
-                    };
-                    b.touch(&port_name);
-                    for e in entry.healthy() {
-                        if let Some(&p) = e.instance.ports.get(*port) {
-                            srv(&mut b, &port_name, e, p);
-                        }
-                    }
-                }
+            for (key, item) in &part.reverse {
+                let node = reverse.entry(key.clone()).or_default();
+                push_item(node, RecordType::PTR, item.clone());
             }
         }
 
         Index {
+            soa_wire: wire::encode_record(&soa, Owner::Zone, &origin_key),
             origin_key,
             revision: snapshot.revision,
             built: snapshot.built,
             soa_len: encoded_len(&soa),
             soa,
-            nodes: b.nodes,
+            zone_nodes: b.nodes,
+            services,
+            reverse,
+        }
+    }
+
+    /// The node of the name whose key is `key`.
+    fn lookup(&self, key: &[u8]) -> Lookup<'_> {
+        let nodes = match service_label(key, &self.origin_key) {
+            Place::Outside => {
+                return self.reverse.get(key).map_or(Lookup::Outside, Lookup::Node);
+            }
+            Place::Apex => &self.zone_nodes,
+            Place::Below(label) => match self.services.get(label) {
+                Some(part) => &part.nodes,
+                None => &self.zone_nodes,
+            },
+        };
+        nodes.get(key).map_or(Lookup::NxDomain, Lookup::Node)
+    }
+
+    /// How to answer `qtype`, any type but ANY, at the name whose key is
+    /// `key`, without allocating: the fast path's lookup.
+    pub(crate) fn resolve_single(&self, key: &[u8], qtype: RecordType) -> Single<'_> {
+        match self.lookup(key) {
+            Lookup::Node(node) if node.in_zone => Single::Found(node.set(qtype)),
+            Lookup::Node(node) => match node.set(RecordType::PTR) {
+                Some(set) if qtype == RecordType::PTR => Single::Found(Some(set)),
+                _ => Single::Outside,
+            },
+            Lookup::NxDomain => Single::NxDomain,
+            Lookup::Outside => Single::Outside,
         }
     }
 
     /// How to answer `qtype` at the name whose key is `key`.
     pub(crate) fn resolve(&self, key: &[u8], qtype: RecordType) -> Resolution<'_> {
-        match self.nodes.get(key) {
-            Some(node) if node.in_zone => Resolution::Found {
+        if qtype != RecordType::ANY {
+            return match self.resolve_single(key, qtype) {
+                Single::Found(set) => Resolution::Found {
+                    sets: set.into_iter().collect(),
+                },
+                Single::NxDomain => Resolution::NxDomain,
+                Single::Outside => Resolution::Outside,
+            };
+        }
+        match self.lookup(key) {
+            Lookup::Node(node) if node.in_zone => Resolution::Found {
                 sets: select_sets(node, qtype),
             },
             // A known reverse name answers PTR only; other types are not
             // ours to deny (we are not the authority for the arpa zones).
-            Some(node) => match qtype {
-                RecordType::PTR | RecordType::ANY if node.set(RecordType::PTR).is_some() => {
-                    Resolution::Found {
-                        sets: select_sets(node, RecordType::PTR),
-                    }
-                }
-                _ => Resolution::Outside,
+            Lookup::Node(node) => match node.set(RecordType::PTR) {
+                Some(_) => Resolution::Found {
+                    sets: select_sets(node, RecordType::PTR),
+                },
+                None => Resolution::Outside,
             },
-            None if is_at_or_below(key, &self.origin_key) => Resolution::NxDomain,
-            None => Resolution::Outside,
+            Lookup::NxDomain => Resolution::NxDomain,
+            Lookup::Outside => Resolution::Outside,
         }
     }
 }

@@ -7,8 +7,11 @@
 //!
 //! Every snapshot the [`Catalog`](signpost_control_plane::catalog::Catalog)
 //! publishes is turned into an index of ready-made record sets (one hash
-//! lookup per query); hickory-server runs the UDP receive loops (several
-//! sockets sharing the port with SO_REUSEPORT) and the TCP listener.
+//! lookup per query), each record also pre-encoded as wire bytes. UDP is
+//! served by one receive/answer thread per socket (several sockets share the
+//! port with SO_REUSEPORT) that answers common queries straight from those
+//! bytes and hands anything unusual to the hickory handler; hickory-server
+//! runs the TCP listener.
 //!
 //! Decisions a user can observe, beyond ../shared/CONTRACT.md:
 //!
@@ -32,6 +35,7 @@
 
 mod config;
 mod error;
+mod fast;
 mod forward;
 mod handler;
 mod index;
@@ -40,6 +44,7 @@ mod name;
 mod response;
 mod select;
 mod server;
+mod wire;
 
 #[cfg(test)]
 mod hostile_tests;

@@ -33,6 +33,17 @@ pub(crate) fn weighted_order<R: Rng + ?Sized>(
     rng: &mut R,
     order: &mut Vec<usize>,
 ) {
+    weighted_order_with(weights.iter().copied(), rng, &mut Vec::new(), order);
+}
+
+/// [`weighted_order`] with a scratch buffer for the keys, so that a caller
+/// answering many queries allocates nothing.
+pub(crate) fn weighted_order_with<R: Rng + ?Sized>(
+    weights: impl ExactSizeIterator<Item = u32>,
+    rng: &mut R,
+    keyed: &mut Vec<(f64, usize)>,
+    order: &mut Vec<usize>,
+) {
     order.clear();
     match weights.len() {
         0 => return,
@@ -42,17 +53,14 @@ pub(crate) fn weighted_order<R: Rng + ?Sized>(
         }
         _ => {}
     }
-    let mut keyed: Vec<(f64, usize)> = weights
-        .iter()
-        .enumerate()
-        .map(|(i, &w)| {
-            // 1 - u lies in (0, 1], so the logarithm is finite.
-            let u: f64 = 1.0 - rng.random::<f64>();
-            (-u.ln() / f64::from(w.max(1)), i)
-        })
-        .collect();
+    keyed.clear();
+    keyed.extend(weights.enumerate().map(|(i, w)| {
+        // 1 - u lies in (0, 1], so the logarithm is finite.
+        let u: f64 = 1.0 - rng.random::<f64>();
+        (-u.ln() / f64::from(w.max(1)), i)
+    }));
     keyed.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
-    order.extend(keyed.into_iter().map(|(_, i)| i));
+    order.extend(keyed.iter().map(|&(_, i)| i));
 }
 
 #[cfg(test)]

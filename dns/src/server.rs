@@ -1,9 +1,11 @@
-//! The server: sockets, hickory's receive loops, and the task that rebuilds
-//! the index whenever the catalog publishes a snapshot.
+//! The server: sockets, the UDP receive threads, hickory's TCP listener, and
+//! the task that rebuilds the index whenever the catalog publishes a
+//! snapshot.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -16,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::DnsConfig;
 use crate::error::DnsError;
+use crate::fast::UdpLoop;
 use crate::forward::Forwarder;
 use crate::handler::{Handler, Shared};
 use crate::index::{Index, ZoneConfig};
@@ -166,16 +169,37 @@ impl DnsServer {
     /// as their index is built.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), DnsError> {
         let local_addr = self.local_addr;
-        let mut server = Server::new(Handler(self.shared.clone()));
-        for socket in self.udp {
-            let socket =
-                tokio::net::UdpSocket::from_std(socket).map_err(|source| DnsError::Bind {
-                    addr: local_addr,
-                    proto: "UDP",
-                    source,
-                })?;
-            server.register_socket(socket);
+        let udp_err = |source| DnsError::Bind {
+            addr: local_addr,
+            proto: "UDP",
+            source,
+        };
+        // The UDP receive loops, one thread per socket. Any of them ending
+        // before `cancel` (it cannot, short of a bug) stops the server
+        // rather than leaving it half deaf.
+        let stop = Arc::new(AtomicBool::new(false));
+        let udp_down = CancellationToken::new();
+        let mut threads = Vec::with_capacity(self.udp.len());
+        for (i, socket) in self.udp.into_iter().enumerate() {
+            UdpLoop::prepare(&socket).map_err(udp_err)?;
+            let udp_loop = UdpLoop {
+                shared: self.shared.clone(),
+                socket: Arc::new(socket),
+                runtime: tokio::runtime::Handle::current(),
+                stop: stop.clone(),
+            };
+            let down = udp_down.clone().drop_guard();
+            let thread = std::thread::Builder::new()
+                .name(format!("dns-udp-{i}"))
+                .spawn(move || {
+                    let _down = down;
+                    udp_loop.run();
+                })
+                .map_err(udp_err)?;
+            threads.push(thread);
         }
+
+        let mut server = Server::new(Handler(self.shared.clone()));
         let listener =
             tokio::net::TcpListener::from_std(self.tcp).map_err(|source| DnsError::Bind {
                 addr: local_addr,
@@ -192,16 +216,29 @@ impl DnsServer {
         let shutdown = server.shutdown_token().clone();
         let stopper = {
             let cancel = cancel.clone();
+            let udp_down = udp_down.clone();
             tokio::spawn(async move {
-                cancel.cancelled().await;
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = udp_down.cancelled() => {}
+                }
                 shutdown.cancel();
             })
         };
         let result = server.block_until_done().await;
+        stop.store(true, Ordering::Relaxed);
         stopper.abort();
         watcher.abort();
+        let joined =
+            tokio::task::spawn_blocking(move || threads.into_iter().all(|t| t.join().is_ok()))
+                .await
+                .unwrap_or(false);
         tracing::info!(addr = %local_addr, "DNS server stopped");
-        result.map_err(DnsError::Serve)
+        result.map_err(DnsError::Serve)?;
+        if !joined || !cancel.is_cancelled() {
+            return Err(DnsError::UdpStopped);
+        }
+        Ok(())
     }
 }
 
@@ -218,9 +255,19 @@ async fn watch_catalog(catalog: Arc<Catalog>, shared: Arc<Shared>, cancel: Cance
             let snap = snapshot.clone();
             // Building walks every instance: keep it off the receive loops'
             // worker threads.
-            match tokio::task::spawn_blocking(move || Index::build(&snap, &zone)).await {
+            let previous = shared.index.load_full();
+            let started = std::time::Instant::now();
+            // Unchanged services are taken from the previous index.
+            let build = move || Index::build_from(&snap, &zone, Some(&previous));
+            match tokio::task::spawn_blocking(build).await {
                 Ok(index) => {
-                    tracing::debug!(revision = index.revision, "DNS index rebuilt");
+                    tracing::debug!(
+                        revision = index.revision,
+                        build_ms = started.elapsed().as_secs_f64() * 1e3,
+                        since_snapshot_ms =
+                            index.built.elapsed().map_or(0.0, |d| d.as_secs_f64() * 1e3),
+                        "DNS index rebuilt"
+                    );
                     shared.metrics.snapshot(index.revision, index.built);
                     shared.index.store(Arc::new(index));
                 }
@@ -320,8 +367,8 @@ fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, DnsError> {
 }
 
 /// `count` UDP sockets on `addr` sharing it with SO_REUSEPORT: the kernel
-/// spreads datagrams over them by flow hash, and hickory runs one receive
-/// loop per socket, so several cores receive at once.
+/// spreads datagrams over them by flow hash, and each has its own receive
+/// thread, so several cores receive at once.
 fn bind_udp_group(addr: SocketAddr, count: usize) -> Result<Vec<std::net::UdpSocket>, DnsError> {
     (0..count.max(1))
         .map(|_| bind_udp(addr, count > 1))

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::iter;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use hickory_proto::op::{Message, MessageType, Metadata, OpCode, Query, ResponseCode};
@@ -664,4 +665,111 @@ fn cut_answers_follow_the_weights() {
         heavy_first > 8 * light_first.max(1),
         "first: heavy {heavy_first}, light {light_first}"
     );
+}
+
+#[test]
+fn incremental_builds_answer_like_full_builds() {
+    let mut c = Catalog::new();
+    let mut u1 = instance("user", "u1", "10.0.0.1", 8080);
+    u1.tags = vec!["v2".into()];
+    c.put(&u1).put(&instance("order", "o1", "10.0.1.1", 7000));
+    let zone = zone(Some("192.0.2.53"));
+    let first = Index::build(&c.snapshot(), &zone);
+    // Change `user` (health, then a new instance sharing o1's address), add
+    // `ns` (which takes ns.Z from the server) and remove nothing else.
+    c.critical("user", "u1");
+    c.put(&instance("user", "u2", "10.0.1.1", 8080));
+    c.put(&instance("ns", "n1", "10.0.2.1", 53));
+    let snapshot = c.snapshot();
+    let incremental = Index::build_from(&snapshot, &zone, Some(&first));
+    let full = Index::build(&snapshot, &zone);
+    let queries = [
+        ("user.xingren.host.", RecordType::A),
+        ("user.xingren.host.", RecordType::SRV),
+        ("v2.tag.user.xingren.host.", RecordType::A),
+        ("u2.user.xingren.host.", RecordType::A),
+        ("order.xingren.host.", RecordType::A),
+        ("ns.xingren.host.", RecordType::A),
+        ("xingren.host.", RecordType::NS),
+        ("xingren.host.", RecordType::SOA),
+        ("_services._dns-sd._udp.xingren.host.", RecordType::PTR),
+        ("1.1.0.10.in-addr.arpa.", RecordType::PTR),
+        ("1.0.0.10.in-addr.arpa.", RecordType::PTR),
+        ("nobody.xingren.host.", RecordType::A),
+        ("u1.user.xingren.host.", RecordType::ANY),
+    ];
+    let text = |a: Option<Answer>| {
+        a.map(|a| {
+            let mut v: Vec<String> = a
+                .answers
+                .iter()
+                .chain(&a.authorities)
+                .chain(&a.additionals)
+                .map(|r| r.to_string())
+                .collect();
+            v.sort();
+            (a.rcode, v)
+        })
+    };
+    for (name, qtype) in queries {
+        assert_eq!(
+            text(ask(&incremental, name, qtype)),
+            text(ask(&full, name, qtype)),
+            "{name} {qtype}"
+        );
+    }
+    // The unchanged service is shared, not rebuilt.
+    let order = |i: &Index| i.services.get(&b"order"[..]).cloned().unwrap();
+    assert!(Arc::ptr_eq(&order(&first), &order(&incremental)));
+    assert!(!Arc::ptr_eq(
+        &first.services.get(&b"user"[..]).cloned().unwrap(),
+        &incremental.services.get(&b"user"[..]).cloned().unwrap()
+    ));
+    // The PTR of the shared address names both instances.
+    let ptr = answer(&incremental, "1.1.0.10.in-addr.arpa.", RecordType::PTR);
+    assert_eq!(ptr.answers.len(), 2);
+}
+
+/// How long building the index of a 1000-service catalog takes (run with
+/// `cargo test --release -p signpost-dns --lib -- --ignored --nocapture`).
+#[test]
+#[ignore = "timing, not a check"]
+fn index_build_time() {
+    let mut c = Catalog::new();
+    for s in 0..1000u32 {
+        for j in 1..=2u32 {
+            c.put(&instance(
+                &format!("svc{s}"),
+                &format!("i{j}"),
+                &format!("10.{j}.{}.{}", s / 250, s % 250),
+                8080,
+            ));
+        }
+    }
+    let snapshot = c.snapshot();
+    let zone = zone(Some("127.0.0.1"));
+    let mut index = Index::build(&snapshot, &zone);
+    for _ in 0..3 {
+        let start = std::time::Instant::now();
+        index = Index::build(&snapshot, &zone);
+        println!(
+            "index of {} services built in {:?}",
+            snapshot.services.len(),
+            start.elapsed()
+        );
+    }
+    for i in 0..3 {
+        c.put(&instance(&format!("new{i}"), "n1", "10.9.9.9", 80));
+        let snapshot = c.snapshot();
+        let start = std::time::Instant::now();
+        index = Index::build_from(&snapshot, &zone, Some(&index));
+        println!(
+            "index rebuilt after one registration in {:?}",
+            start.elapsed()
+        );
+    }
+    let start = std::time::Instant::now();
+    let snap = c.snapshot();
+    println!("catalog snapshot in {:?}", start.elapsed());
+    drop(snap);
 }

@@ -14,6 +14,7 @@ use hickory_net::tcp::TcpClientStream;
 use hickory_net::udp::UdpClientStream;
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use tokio::net::UdpSocket;
 
 fn addrs(records: &[Record]) -> Vec<IpAddr> {
     let mut v: Vec<IpAddr> = records
@@ -450,5 +451,46 @@ async fn dig_sees_the_table() {
         soa.starts_with("ns.xingren.host. hostmaster.xingren.host. "),
         "{soa}"
     );
+    server.stop().await;
+}
+
+/// A burst of queries sent without waiting: the receive loop takes them in
+/// batches and answers every one, each with its own id and answer.
+#[tokio::test]
+async fn a_burst_of_queries_is_answered_query_by_query() {
+    let server = start(test_config(), &standard_fill()).await;
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let names = [
+        ("user.xingren.host.", RecordType::A, 2),
+        ("order.xingren.host.", RecordType::A, 1),
+        ("user.xingren.host.", RecordType::SRV, 3),
+        ("nobody.xingren.host.", RecordType::A, 0),
+    ];
+    // Few enough that the replies fit the client socket's default buffer.
+    let count = 100u16;
+    for id in 0..count {
+        let (name, qtype, _) = names[usize::from(id) % names.len()];
+        let mut msg = query_message(name, qtype, Some(1232), false);
+        msg.metadata.id = id;
+        socket
+            .send_to(&msg.to_vec().unwrap(), server.addr)
+            .await
+            .unwrap();
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut buf = vec![0u8; 2048];
+    while seen.len() < usize::from(count) {
+        let (n, _) = tokio::time::timeout(STEP, socket.recv_from(&mut buf))
+            .await
+            .expect("every query answered within 5 s")
+            .unwrap();
+        let reply = Message::from_vec(&buf[..n]).unwrap();
+        let id = reply.metadata.id;
+        let (name, qtype, answers) = names[usize::from(id) % names.len()];
+        assert_eq!(reply.queries[0].name().to_ascii(), name, "id {id}");
+        assert_eq!(reply.queries[0].query_type(), qtype, "id {id}");
+        assert_eq!(reply.answers.len(), answers, "id {id}");
+        assert!(seen.insert(id), "id {id} answered twice");
+    }
     server.stop().await;
 }

@@ -19,7 +19,7 @@ for tool in nginx haproxy wrk openssl taskset curl; do
     command -v $tool >/dev/null || { echo "missing $tool: apt-get install nginx-light haproxy wrk openssl" >&2; exit 1; }
 done
 
-cargo build --release --quiet -p signpost --bins
+[ -n "${SIGNPOST_BENCH_NO_BUILD:-}" ] || cargo build --release --quiet -p signpost --bins
 BIN=$PWD/target/release/signpost
 WORK=$(mktemp -d /tmp/signpost-sidecar-bench.XXXXXX)
 PIDS=()
@@ -126,13 +126,16 @@ run() {
     out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "${hdr[@]}" "$2")
     local rps p50 p99
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-    p50=$(echo "$out" | awk '$1 == "50%" {print $2}')
-    p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
+    # wrk prints 653.00us / 3.71ms / 1.02s: normalise to ms.
+    ms() { awk -v v="$1" 'BEGIN { u = v; sub(/[0-9.]+/, "", u); n = v + 0;
+        if (u == "us") n /= 1000; else if (u == "s") n *= 1000; printf "%.2f", n }'; }
+    p50=$(ms "$(echo "$out" | awk '$1 == "50%" {print $2}')")
+    p99=$(ms "$(echo "$out" | awk '$1 == "99%" {print $2}')")
     echo "$rps $p50 $p99"
 }
 
 echo "wrk -t1 -c$CONNS -d${SECS}s, servers on CPU 0, wrk on CPU 1, $RUNS runs each (alternating)"
-printf '%-4s %-9s %10s %10s %10s\n' run path req/s p50 p99
+printf '%-4s %-9s %10s %10s %10s\n' run path req/s "p50 ms" "p99 ms"
 declare -A RPS P99
 for r in $(seq 1 "$RUNS"); do
     for path in direct signpost haproxy; do
@@ -149,7 +152,7 @@ done
 median() { printf '%s\n' $@ | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : a[NR/2]}'; }
 echo
 for path in direct signpost haproxy; do
-    echo "median $path: $(median ${RPS[$path]}) req/s, p99 $(median ${P99[$path]})"
+    echo "median $path: $(median ${RPS[$path]}) req/s, p99 $(median ${P99[$path]}) ms"
 done
 echo "signpost/haproxy req/s ratio: $(awk -v a="$(median ${RPS[signpost]})" -v b="$(median ${RPS[haproxy]})" 'BEGIN {printf "%.2f", a/b}')"
 echo "sidecar RSS after the last signpost run: A ${RSS_A} MB, B ${RSS_B} MB"

@@ -1,0 +1,148 @@
+//! Writing the response to a [`Question`] from the index's pre-encoded
+//! records, with the same decisions as the hickory path
+//! ([`crate::handler`] and [`crate::response`]): the same sets, the same
+//! weighted order, the same cut to the UDP size (as many answer records as
+//! fit, then the glue that fits, TC only when not one answer fits), the same
+//! flags and the same OPT record.
+
+use hickory_proto::rr::RecordType;
+use rand::Rng;
+
+use super::query::{HEADER_LEN, Question};
+use crate::index::{Index, RecordSet, Single};
+use crate::response::OPT_LEN;
+use crate::select::weighted_order_with;
+
+const NOERROR: u16 = 0;
+const NXDOMAIN: u16 = 3;
+const REFUSED: u16 = 5;
+
+/// What the response depends on besides the question and the index.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Context {
+    /// The server's cap of UDP answers.
+    pub(crate) max_udp_payload: u16,
+    /// Whether this client may have names outside the zone forwarded (RA).
+    pub(crate) recursion: bool,
+}
+
+/// Buffers reused from one query to the next.
+#[derive(Debug, Default)]
+pub(crate) struct Scratch {
+    keyed: Vec<(f64, usize)>,
+    order: Vec<usize>,
+    /// Where each answer record starts in the response.
+    at: Vec<usize>,
+}
+
+/// Writes into `out` the response to `q` (read from `packet`) and returns
+/// its response code, or `None` when hickory must answer (forwarding, or a
+/// record the index could not pre-encode).
+pub(crate) fn respond<R: Rng + ?Sized>(
+    packet: &[u8],
+    q: &Question,
+    index: &Index,
+    cx: Context,
+    rng: &mut R,
+    scratch: &mut Scratch,
+    out: &mut Vec<u8>,
+) -> Option<u16> {
+    let rd = packet[2] & 0x01 != 0;
+    let (rcode, set) = match index.resolve_single(q.key(), RecordType::from(q.qtype)) {
+        // Ours to forward: hickory's resolver does it.
+        Single::Outside if cx.recursion && rd => return None,
+        Single::Outside => (REFUSED, None),
+        Single::NxDomain => (NXDOMAIN, None),
+        Single::Found(set) => (NOERROR, set.filter(|s| !s.items.is_empty())),
+    };
+    let authoritative = rcode != REFUSED;
+
+    // The client's size (512 without EDNS), capped by ours, never below 512.
+    let client_max = q.edns_payload.map_or(512, |p| p.max(512));
+    let mut limit = usize::from(client_max.min(cx.max_udp_payload).max(512));
+    if q.edns_payload.is_some() {
+        limit -= OPT_LEN;
+    }
+
+    out.clear();
+    out.extend_from_slice(&packet[..HEADER_LEN]);
+    out.extend_from_slice(&packet[HEADER_LEN..q.end]);
+    let (mut an, mut ns, mut ar) = (0u16, 0u16, 0u16);
+    let mut truncated = false;
+    match set {
+        Some(set) => {
+            let (answers, glue) = write_set(set, q.zone_at, limit, rng, scratch, out)?;
+            an = answers;
+            ar = glue;
+            truncated = answers == 0;
+        }
+        None if rcode == REFUSED => {}
+        None => {
+            let soa = index.soa_wire.as_ref()?;
+            if out.len() + soa.len(q.zone_at) <= limit {
+                soa.write(out, q.zone_at);
+                ns = 1;
+            } else {
+                truncated = true;
+            }
+        }
+    }
+    if q.edns_payload.is_some() {
+        // Root owner, type OPT, our payload size, version 0, no flags, no
+        // options (RFC 6891 §6.1.1), as the hickory path sends.
+        out.extend_from_slice(&[0, 0, 41]);
+        out.extend_from_slice(&cx.max_udp_payload.max(512).to_be_bytes());
+        out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        ar += 1;
+    }
+
+    // QR, opcode QUERY, AA, TC, RD echoed; RA, CD echoed, RCODE.
+    out[2] = 0x80
+        | if authoritative { 0x04 } else { 0 }
+        | if truncated { 0x02 } else { 0 }
+        | (packet[2] & 0x01);
+    out[3] = if cx.recursion { 0x80 } else { 0 } | (packet[3] & 0x10) | rcode as u8;
+    out[4..6].copy_from_slice(&1u16.to_be_bytes());
+    out[6..8].copy_from_slice(&an.to_be_bytes());
+    out[8..10].copy_from_slice(&ns.to_be_bytes());
+    out[10..12].copy_from_slice(&ar.to_be_bytes());
+    Some(rcode)
+}
+
+/// Writes as many records of `set` as fit in `limit`, in a fresh weighted
+/// order, then the glue of those that fit; returns the counts of both. When
+/// not one record fits, nothing is written (the caller sets TC).
+fn write_set<R: Rng + ?Sized>(
+    set: &RecordSet,
+    zone_at: Option<u16>,
+    limit: usize,
+    rng: &mut R,
+    scratch: &mut Scratch,
+    out: &mut Vec<u8>,
+) -> Option<(u16, u16)> {
+    let Scratch { keyed, order, at } = scratch;
+    weighted_order_with(set.items.iter().map(|i| i.weight), rng, keyed, order);
+    at.clear();
+    for &i in order.iter() {
+        let wire = set.items.get(i)?.wire.as_ref()?;
+        if out.len() + wire.chunk.len(zone_at) > limit {
+            break;
+        }
+        at.push(out.len());
+        wire.chunk.write(out, zone_at);
+    }
+    // Glue in answer order; stop at the first that does not fit, as the
+    // hickory path keeps a prefix of it too.
+    let mut glue = 0u16;
+    'glue: for (&i, &answer_at) in order.iter().zip(at.iter()) {
+        let wire = set.items.get(i)?.wire.as_ref()?;
+        for g in &wire.glue {
+            if out.len() + g.len(answer_at) > limit {
+                break 'glue;
+            }
+            g.write(out, answer_at);
+            glue += 1;
+        }
+    }
+    Some((at.len() as u16, glue))
+}
