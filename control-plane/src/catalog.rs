@@ -105,15 +105,6 @@ impl Snapshot {
     pub fn service(&self, name: &ServiceName) -> Option<&ServiceEntry> {
         self.services.get(name)
     }
-
-    /// The blocking-query index of `name`: the last revision that changed it,
-    /// or, for a service that does not exist, this snapshot's revision (so
-    /// that a wait on it wakes when it appears).
-    pub fn service_index(&self, name: &ServiceName) -> Revision {
-        self.services
-            .get(name)
-            .map_or(self.revision, |s| s.index.max(1))
-    }
 }
 
 /// The mutable state the watch task folds events into. Public so that tests
@@ -482,7 +473,7 @@ mod tests {
         );
         let snap = state.snapshot();
         assert_eq!(snap.service(&user).unwrap().healthy_count(), 0);
-        assert_eq!(snap.service_index(&user), 6);
+        assert_eq!(snap.service(&user).unwrap().index, 6);
 
         state.delete(&keys, &keys.instance(&user, &u1), 7);
         state.delete(&keys, &keys.health(&user, &u1), 7);

@@ -30,6 +30,14 @@ impl Drop for Api {
 }
 
 async fn start(store: Arc<dyn Store>, dev: bool) -> Api {
+    start_with_ca(store, dev, None).await
+}
+
+async fn start_with_ca(
+    store: Arc<dyn Store>,
+    dev: bool,
+    ca: Option<Arc<signpost_control_plane::api::certs::CertAuthority>>,
+) -> Api {
     let cancel = CancellationToken::new();
     let auth = if dev {
         AuthConfig {
@@ -49,7 +57,7 @@ async fn start(store: Arc<dyn Store>, dev: bool) -> Api {
             keys: Keys::default(),
             auth,
             candidate: "test".into(),
-            ca: None,
+            ca,
         },
         Registry::default(),
         None,
@@ -122,22 +130,15 @@ fn reg() -> Value {
     json!({"address": "10.0.0.5", "port": 8080})
 }
 
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+async fn eventually<F, Fut>(what: &str, timeout: Duration, f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if f().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        signpost_control_plane::testing::eventually(timeout, Duration::from_millis(50), f).await,
+        "timed out waiting for: {what}"
+    );
 }
 
 #[tokio::test]
@@ -605,37 +606,12 @@ mod certificates {
     use signpost_control_plane::api::certs::CertAuthority;
 
     async fn with_ca() -> Api {
-        let cancel = CancellationToken::new();
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let cp = ControlPlane::start(
-            ControlPlaneOptions {
-                api: "127.0.0.1:0".parse().unwrap(),
-                store: store.clone(),
-                keys: Keys::default(),
-                auth: AuthConfig {
-                    admin_hash: Some(tokens::hash(ADMIN)),
-                    dev: false,
-                },
-                candidate: "test".into(),
-                ca: Some(Arc::new(CertAuthority {
-                    ca: Ca::generate_in_memory().unwrap(),
-                    zone: "xingren.host".into(),
-                    cert_ttl: Duration::from_secs(3600),
-                })),
-            },
-            Registry::default(),
-            None,
-            cancel.clone(),
-        )
-        .await
-        .unwrap();
-        assert!(cp.catalog.wait_synced(Duration::from_secs(5)).await);
-        Api {
-            base: format!("http://{}", cp.api_addr),
-            http: reqwest::Client::new(),
-            store,
-            cancel,
-        }
+        let ca = CertAuthority {
+            ca: Ca::generate_in_memory().unwrap(),
+            zone: "xingren.host".into(),
+            cert_ttl: Duration::from_secs(3600),
+        };
+        start_with_ca(Arc::new(MemoryStore::new()), false, Some(Arc::new(ca))).await
     }
 
     async fn post(api: &Api, token: Option<&str>, body: Value) -> (StatusCode, Value) {

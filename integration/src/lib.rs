@@ -179,24 +179,17 @@ pub fn dig_short(server: SocketAddr, name: &str, qtype: &str, tcp: bool) -> Vec<
     lines
 }
 
-/// Polls `f` every 50 ms until it returns true or `timeout` passes; panics
-/// with `what` on timeout.
-pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+/// Polls `f` every 50 ms until it returns true; panics with `what` after
+/// `timeout` (the control plane's `testing::eventually`, as an assertion).
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if f().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        signpost_control_plane::testing::eventually(timeout, Duration::from_millis(50), f).await,
+        "timed out after {timeout:?} waiting for: {what}"
+    );
 }
 
 /// Waits until `url` answers 200, or panics after `timeout`.

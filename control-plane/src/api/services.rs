@@ -16,9 +16,7 @@ use super::error::ApiError;
 use super::extract::JsonBody;
 use super::{ApiState, INDEX_HEADER};
 use crate::catalog::{InstanceEntry, Snapshot};
-use crate::model::{
-    Health, HealthStatus, Instance, InstanceId, Registration, ServiceConfig, ServiceName,
-};
+use crate::model::{HealthStatus, Instance, InstanceId, Registration, ServiceConfig, ServiceName};
 use crate::store::StoreError;
 
 /// Longest a blocking query may wait (Consul's cap is 10 minutes; 5 keeps
@@ -255,7 +253,16 @@ pub async fn report_health(
         .service(&svc)
         .and_then(|s| s.instances.get(&id))
         .and_then(|e| e.health.clone());
-    let written = write_health(&state, &svc, &id, report.status, report.output, current).await?;
+    let written = crate::health::write(
+        &*state.store,
+        &state.keys,
+        &svc,
+        &id,
+        report.status,
+        report.output,
+        current,
+    )
+    .await?;
     if written {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -263,19 +270,6 @@ pub async fn report_health(
             "instance {id} of {svc} is not registered"
         )))
     }
-}
-
-/// Writes a health record (keeping `since` when the status did not change)
-/// if the instance still exists. Shared with the health checker.
-pub(crate) async fn write_health(
-    state: &ApiState,
-    svc: &ServiceName,
-    id: &InstanceId,
-    status: HealthStatus,
-    output: String,
-    current: Option<Health>,
-) -> Result<bool, StoreError> {
-    crate::health::write(&*state.store, &state.keys, svc, id, status, output, current).await
 }
 
 /// Query of `GET /v1/services/{svc}`.
