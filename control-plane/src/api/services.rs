@@ -118,6 +118,18 @@ pub struct ServiceList {
     pub services: Vec<ServiceSummary>,
 }
 
+/// How long a write waits for the catalog watch to show it.
+const READ_YOUR_WRITES: Duration = Duration::from_secs(1);
+
+/// Read-your-writes: a write answers once the catalog (and so the API's
+/// reads and DNS in this process) shows it, or after [`READ_YOUR_WRITES`]
+/// when the watch lags; the write itself has succeeded either way.
+async fn visible(state: &ApiState, done: impl Fn(&Snapshot) -> bool) {
+    if !state.catalog.wait_until(READ_YOUR_WRITES, done).await {
+        tracing::debug!("the catalog watch did not show a write within {READ_YOUR_WRITES:?}");
+    }
+}
+
 fn with_index(index: i64, body: impl IntoResponse) -> Response {
     let mut resp = body.into_response();
     if let Ok(v) = HeaderValue::from_str(&index.to_string()) {
@@ -156,6 +168,7 @@ pub async fn register(
         tracing::warn!(%err, lease = old, "could not revoke the previous registration's lease");
     }
     tracing::info!(service = %svc, id = %id, address = %instance.address, port = instance.port, ttl = ?instance.ttl, "registered");
+    visible(&state, |snap| snap.revision >= revision).await;
     Ok(with_index(revision, Json(instance)))
 }
 
@@ -223,6 +236,11 @@ pub async fn deregister(
         )));
     }
     tracing::info!(service = %svc, id = %id, "deregistered");
+    visible(&state, |snap| {
+        snap.service(&svc)
+            .is_none_or(|s| !s.instances.contains_key(&id))
+    })
+    .await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -369,6 +387,7 @@ pub async fn put_config(
         .put(&state.keys.config(&svc), value, None)
         .await?;
     tracing::info!(service = %svc, allow = ?config.allow, mtls = ?config.mtls, "service config written");
+    visible(&state, |snap| snap.revision >= revision).await;
     Ok(with_index(revision, Json(config)))
 }
 
