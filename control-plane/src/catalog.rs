@@ -9,7 +9,7 @@
 //! compacted, it reads the range again and watches anew; meanwhile readers
 //! keep the last snapshot.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
@@ -86,8 +86,10 @@ pub struct Snapshot {
     pub revision: Revision,
     /// When it was built (for the snapshot-age metric).
     pub built: SystemTime,
-    /// Services by name. A service with no instances and no config is absent.
-    pub services: BTreeMap<ServiceName, ServiceEntry>,
+    /// Services by name. A service with no instances and no config is
+    /// absent. A service that did not change between two snapshots is the
+    /// same `Arc` in both.
+    pub services: BTreeMap<ServiceName, Arc<ServiceEntry>>,
 }
 
 impl Default for Snapshot {
@@ -103,20 +105,32 @@ impl Default for Snapshot {
 impl Snapshot {
     /// A service by name.
     pub fn service(&self, name: &ServiceName) -> Option<&ServiceEntry> {
-        self.services.get(name)
+        self.services.get(name).map(|entry| &**entry)
     }
 }
 
+/// An instance record as read: the instance, its revision and its lease.
+type Record = (Instance, Revision, Option<LeaseId>);
+
 /// The mutable state the watch task folds events into. Public so that tests
 /// (and the DNS crate's tests) can build snapshots without a store.
+///
+/// Snapshots are built incrementally: every service keeps its last built
+/// [`ServiceEntry`] behind an `Arc`, and an event rebuilds only the services
+/// it touched. Unchanged services are the same `Arc` from one snapshot to
+/// the next, so consumers (the DNS index) can skip them by pointer.
 #[derive(Debug, Clone, Default)]
 pub struct CatalogState {
-    instances: BTreeMap<(ServiceName, InstanceId), (Instance, Revision, Option<LeaseId>)>,
-    health: BTreeMap<(ServiceName, InstanceId), Health>,
+    instances: BTreeMap<ServiceName, BTreeMap<InstanceId, Record>>,
+    health: BTreeMap<ServiceName, BTreeMap<InstanceId, Health>>,
     configs: BTreeMap<ServiceName, ServiceConfig>,
     /// Last revision that touched each service, kept after the service is
     /// gone so a blocking query on it sees the deletion.
     index: BTreeMap<ServiceName, Revision>,
+    /// The services as last built.
+    built: BTreeMap<ServiceName, Arc<ServiceEntry>>,
+    /// Services changed since they were last built.
+    dirty: BTreeSet<ServiceName>,
     revision: Revision,
 }
 
@@ -148,7 +162,9 @@ impl CatalogState {
                 Ok(inst) => {
                     self.touch(&svc, kv.mod_revision);
                     self.instances
-                        .insert((svc, id), (inst, kv.mod_revision, kv.lease));
+                        .entry(svc)
+                        .or_default()
+                        .insert(id, (inst, kv.mod_revision, kv.lease));
                 }
                 Err(err) => {
                     tracing::warn!(key = %kv.key, %err, "ignoring unreadable instance record")
@@ -157,7 +173,7 @@ impl CatalogState {
             KeyKind::Health(svc, id) => match serde_json::from_slice::<Health>(&kv.value) {
                 Ok(h) => {
                     self.touch(&svc, kv.mod_revision);
-                    self.health.insert((svc, id), h);
+                    self.health.entry(svc).or_default().insert(id, h);
                 }
                 Err(err) => {
                     tracing::warn!(key = %kv.key, %err, "ignoring unreadable health record")
@@ -182,11 +198,11 @@ impl CatalogState {
         match keys.parse(key) {
             KeyKind::Instance(svc, id) => {
                 self.touch(&svc, revision);
-                self.instances.remove(&(svc, id));
+                remove_nested(&mut self.instances, &svc, &id);
             }
             KeyKind::Health(svc, id) => {
                 self.touch(&svc, revision);
-                self.health.remove(&(svc, id));
+                remove_nested(&mut self.health, &svc, &id);
             }
             KeyKind::Config(svc) => {
                 self.touch(&svc, revision);
@@ -213,33 +229,55 @@ impl CatalogState {
     fn touch(&mut self, svc: &ServiceName, revision: Revision) {
         let entry = self.index.entry(svc.clone()).or_insert(revision);
         *entry = (*entry).max(revision);
+        self.dirty.insert(svc.clone());
     }
 
-    /// Builds an immutable snapshot of the current state.
-    pub fn snapshot(&self) -> Snapshot {
-        let mut services: BTreeMap<ServiceName, ServiceEntry> = BTreeMap::new();
-        for ((svc, id), (inst, rev, lease)) in &self.instances {
-            let entry = services.entry(svc.clone()).or_default();
-            entry.instances.insert(
-                id.clone(),
-                InstanceEntry {
+    /// Builds one service from the records, or `None` when it has neither
+    /// instances nor config.
+    fn build_service(&self, svc: &ServiceName) -> Option<ServiceEntry> {
+        let config = self.configs.get(svc).cloned();
+        let records = self.instances.get(svc);
+        if config.is_none() && records.is_none_or(BTreeMap::is_empty) {
+            return None;
+        }
+        let health = self.health.get(svc);
+        let instances = records
+            .into_iter()
+            .flatten()
+            .map(|(id, (inst, rev, lease))| {
+                let entry = InstanceEntry {
                     instance: inst.clone(),
-                    health: self.health.get(&(svc.clone(), id.clone())).cloned(),
+                    health: health.and_then(|h| h.get(id)).cloned(),
                     mod_revision: *rev,
                     lease: *lease,
-                },
-            );
-        }
-        for (svc, config) in &self.configs {
-            services.entry(svc.clone()).or_default().config = Some(config.clone());
-        }
-        for (svc, entry) in services.iter_mut() {
-            entry.index = self.index.get(svc).copied().unwrap_or(self.revision);
+                };
+                (id.clone(), entry)
+            })
+            .collect();
+        Some(ServiceEntry {
+            instances,
+            config,
+            index: self.index.get(svc).copied().unwrap_or(self.revision),
+        })
+    }
+
+    /// An immutable snapshot of the current state. Only the services
+    /// changed since the last call are built again.
+    pub fn snapshot(&mut self) -> Snapshot {
+        for svc in std::mem::take(&mut self.dirty) {
+            match self.build_service(&svc) {
+                Some(entry) => {
+                    self.built.insert(svc, Arc::new(entry));
+                }
+                None => {
+                    self.built.remove(&svc);
+                }
+            }
         }
         Snapshot {
             revision: self.revision,
             built: SystemTime::now(),
-            services,
+            services: self.built.clone(),
         }
     }
 
@@ -247,6 +285,20 @@ impl CatalogState {
     /// (deleted), if it ever existed.
     pub fn tombstone_index(&self, svc: &ServiceName) -> Option<Revision> {
         self.index.get(svc).copied()
+    }
+}
+
+/// Removes `outer[svc][id]`, and `outer[svc]` once empty.
+fn remove_nested<V>(
+    outer: &mut BTreeMap<ServiceName, BTreeMap<InstanceId, V>>,
+    svc: &ServiceName,
+    id: &InstanceId,
+) {
+    if let Some(inner) = outer.get_mut(svc) {
+        inner.remove(id);
+        if inner.is_empty() {
+            outer.remove(svc);
+        }
     }
 }
 
@@ -324,7 +376,7 @@ impl Catalog {
     }
 
     /// Publishes a snapshot built from `state`.
-    pub fn publish(&self, state: &CatalogState) {
+    pub fn publish(&self, state: &mut CatalogState) {
         let snap = Arc::new(state.snapshot());
         let tombstones: BTreeMap<ServiceName, Revision> = state
             .index
@@ -495,6 +547,51 @@ mod tests {
         let snap = state.snapshot();
         assert!(snap.service(&user).is_none());
         assert_eq!(state.tombstone_index(&user), Some(7));
+    }
+
+    #[test]
+    fn snapshots_share_unchanged_services() {
+        let keys = Keys::default();
+        let mut state = CatalogState::new();
+        let put = |state: &mut CatalogState, svc: &str, id: &str, rev| {
+            let (s, i) = (ServiceName::new(svc).unwrap(), InstanceId::new(id).unwrap());
+            let inst = instance(svc, id, "10.0.0.1");
+            state.put(
+                &keys,
+                &kv(
+                    keys.instance(&s, &i),
+                    serde_json::to_vec(&inst).unwrap(),
+                    rev,
+                ),
+            );
+        };
+        put(&mut state, "user", "u1", 2);
+        put(&mut state, "order", "o1", 3);
+        let first = state.snapshot();
+        put(&mut state, "user", "u2", 4);
+        let second = state.snapshot();
+        let get = |snap: &Snapshot, svc: &str| {
+            snap.services
+                .get(&ServiceName::new(svc).unwrap())
+                .cloned()
+                .unwrap()
+        };
+        assert!(Arc::ptr_eq(&get(&first, "order"), &get(&second, "order")));
+        assert!(!Arc::ptr_eq(&get(&first, "user"), &get(&second, "user")));
+        assert_eq!(get(&second, "user").instances.len(), 2);
+        assert_eq!(get(&second, "user").index, 4);
+        // Removing the last instance removes the service.
+        let user = ServiceName::new("user").unwrap();
+        for id in ["u1", "u2"] {
+            state.delete(
+                &keys,
+                &keys.instance(&user, &InstanceId::new(id).unwrap()),
+                5,
+            );
+        }
+        let third = state.snapshot();
+        assert!(third.service(&user).is_none());
+        assert!(Arc::ptr_eq(&get(&first, "order"), &get(&third, "order")));
     }
 
     #[test]

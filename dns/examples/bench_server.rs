@@ -57,7 +57,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let catalog = Catalog::new(keys);
-    catalog.publish(&state);
+    catalog.publish(&mut state);
     let server = DnsServer::new(
         DnsConfig {
             listen,

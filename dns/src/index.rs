@@ -31,7 +31,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV, TXT};
@@ -156,8 +156,17 @@ pub(crate) struct Index {
     zone_nodes: KeyMap<Node>,
     /// Every service's names, by the service's label.
     pub(crate) services: KeyMap<Arc<ServicePart>>,
-    /// Reverse names of instance addresses.
-    reverse: KeyMap<Node>,
+    /// Every service's part, in name order: what the enumeration and the
+    /// reverse names are built from.
+    ordered: Vec<Arc<ServicePart>>,
+    /// The key of `_services._dns-sd._udp.Z`.
+    browse_key: Option<NameKey>,
+    /// Its PTR records, one per service. Built on first use (or by
+    /// [`Index::warm`] right after the index is published), so that a
+    /// registration shows in DNS before these zone-wide names are redone.
+    browse: OnceLock<Node>,
+    /// Reverse names of instance addresses; built like `browse`.
+    reverse: OnceLock<KeyMap<Node>>,
 }
 
 /// The names at and below `<svc>.Z` of one service, kept from one index to
@@ -167,7 +176,7 @@ pub(crate) struct Index {
 #[derive(Debug)]
 pub(crate) struct ServicePart {
     /// What it was built from.
-    entry: ServiceEntry,
+    entry: Arc<ServiceEntry>,
     /// Its names.
     nodes: KeyMap<Node>,
     /// Its record in the DNS-SD enumeration.
@@ -319,7 +328,7 @@ fn build_service(
     zone: &ZoneConfig,
     origin_key: &NameKey,
     svc: &str,
-    entry: &ServiceEntry,
+    entry: &Arc<ServiceEntry>,
 ) -> Option<ServicePart> {
     let origin = &zone.origin;
     let ttl = secs(zone.ttl);
@@ -516,15 +525,20 @@ impl Index {
 
         let mut services =
             KeyMap::with_capacity_and_hasher(snapshot.services.len(), Default::default());
+        let mut ordered = Vec::with_capacity(snapshot.services.len());
         for (svc, entry) in &snapshot.services {
             let label: Box<[u8]> = svc.as_str().as_bytes().into();
             let part = match previous.and_then(|p| p.services.get(&label)) {
-                Some(part) if part.entry == *entry => part.clone(),
+                // Same `Arc`: the catalog did not touch it.
+                Some(part) if Arc::ptr_eq(&part.entry, entry) || part.entry == *entry => {
+                    part.clone()
+                }
                 _ => match build_service(zone, &origin_key, svc.as_str(), entry) {
                     Some(part) => Arc::new(part),
                     None => continue,
                 },
             };
+            ordered.push(part.clone());
             services.insert(label, part);
         }
 
@@ -575,31 +589,11 @@ impl Index {
         };
         b.add(origin, RData::NS(NS(ns_name)), 1, ns_glue);
 
-        // DNS-SD service enumeration (RFC 6763 §9).
-        if let Some(browse) = browse_name(origin) {
-            b.touch(&browse);
-            let items = snapshot
-                .services
-                .keys()
-                .filter_map(|svc| services.get(svc.as_str().as_bytes()))
-                .filter_map(|part| part.browse.clone());
-            let node = b.node(&browse);
-            for item in items {
-                push_item(node, RecordType::PTR, item);
-            }
-        }
-
-        // Reverse names, in service order: an address shared by services
-        // answers with each instance's name.
-        let mut reverse: KeyMap<Node> = KeyMap::default();
-        for svc in snapshot.services.keys() {
-            let Some(part) = services.get(svc.as_str().as_bytes()) else {
-                continue;
-            };
-            for (key, item) in &part.reverse {
-                let node = reverse.entry(key.clone()).or_default();
-                push_item(node, RecordType::PTR, item.clone());
-            }
+        // DNS-SD service enumeration (RFC 6763 §9): the name exists now,
+        // its records come with `browse()`.
+        let browse_name = browse_name(origin);
+        if let Some(browse) = &browse_name {
+            b.touch(browse);
         }
 
         Index {
@@ -611,19 +605,64 @@ impl Index {
             soa,
             zone_nodes: b.nodes,
             services,
-            reverse,
+            ordered,
+            browse_key: browse_name.as_ref().map(key_of),
+            browse: OnceLock::new(),
+            reverse: OnceLock::new(),
         }
+    }
+
+    /// Builds the zone-wide names that are otherwise built on first use,
+    /// so that no query waits for them.
+    pub(crate) fn warm(&self) {
+        self.browse();
+        self.reverse();
+    }
+
+    /// `_services._dns-sd._udp.Z`: a PTR to every service.
+    fn browse(&self) -> &Node {
+        self.browse.get_or_init(|| {
+            let mut node = Node {
+                sets: Vec::new(),
+                in_zone: true,
+            };
+            for item in self.ordered.iter().filter_map(|part| part.browse.clone()) {
+                push_item(&mut node, RecordType::PTR, item);
+            }
+            node
+        })
+    }
+
+    /// Reverse names, in service order: an address shared by services
+    /// answers with each instance's name.
+    fn reverse(&self) -> &KeyMap<Node> {
+        self.reverse.get_or_init(|| {
+            let mut reverse: KeyMap<Node> = KeyMap::default();
+            for part in &self.ordered {
+                for (key, item) in &part.reverse {
+                    let node = reverse.entry(key.clone()).or_default();
+                    push_item(node, RecordType::PTR, item.clone());
+                }
+            }
+            reverse
+        })
     }
 
     /// The node of the name whose key is `key`.
     fn lookup(&self, key: &[u8]) -> Lookup<'_> {
         let nodes = match service_label(key, &self.origin_key) {
             Place::Outside => {
-                return self.reverse.get(key).map_or(Lookup::Outside, Lookup::Node);
+                return self
+                    .reverse()
+                    .get(key)
+                    .map_or(Lookup::Outside, Lookup::Node);
             }
             Place::Apex => &self.zone_nodes,
             Place::Below(label) => match self.services.get(label) {
                 Some(part) => &part.nodes,
+                None if self.browse_key.as_deref() == Some(key) => {
+                    return Lookup::Node(self.browse());
+                }
                 None => &self.zone_nodes,
             },
         };

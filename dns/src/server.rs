@@ -269,7 +269,13 @@ async fn watch_catalog(catalog: Arc<Catalog>, shared: Arc<Shared>, cancel: Cance
                         "DNS index rebuilt"
                     );
                     shared.metrics.snapshot(index.revision, index.built);
-                    shared.index.store(Arc::new(index));
+                    let index = Arc::new(index);
+                    shared.index.store(index.clone());
+                    // Now the zone-wide names (enumeration, reverse), off
+                    // the path from registration to answer.
+                    if let Err(err) = tokio::task::spawn_blocking(move || index.warm()).await {
+                        tracing::warn!(%err, "building the reverse names failed; queries build them");
+                    }
                 }
                 Err(err) => {
                     tracing::error!(%err, "building the DNS index failed; keeping the previous one")

@@ -79,7 +79,7 @@ impl Catalog {
         self
     }
 
-    pub(crate) fn snapshot(&self) -> Snapshot {
+    pub(crate) fn snapshot(&mut self) -> Snapshot {
         self.state.snapshot()
     }
 }

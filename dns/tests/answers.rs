@@ -185,14 +185,14 @@ async fn registration_changes_show_on_the_next_query() {
     );
 
     fill.put(&instance("pay", "p1", "10.0.5.1", 443));
-    server.catalog.publish(&fill.state);
+    server.catalog.publish(&mut fill.state);
     eventually("pay appears", || async {
         addrs(&ask("pay.xingren.host.").await.answers) == ips(&["10.0.5.1"])
     })
     .await;
 
     fill.delete("user", "u1");
-    server.catalog.publish(&fill.state);
+    server.catalog.publish(&mut fill.state);
     eventually("u1 leaves", || async {
         addrs(&ask("user.xingren.host.").await.answers) == ips(&["10.0.0.2"])
     })

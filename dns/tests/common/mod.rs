@@ -154,7 +154,7 @@ pub fn test_config() -> DnsConfig {
 /// Starts a server over a catalog holding `fill`.
 pub async fn start(config: DnsConfig, fill: &Fill) -> Running {
     let catalog = Catalog::new(Keys::default());
-    catalog.publish(&fill.state);
+    catalog.publish(&mut fill.state.clone());
     let server = DnsServer::new(config, catalog.clone()).expect("server starts");
     let addr = server.local_addr();
     let cancel = CancellationToken::new();
