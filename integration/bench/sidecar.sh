@@ -3,8 +3,9 @@
 #   direct      wrk -> nginx
 #   signpost    wrk -> sidecar A (outbound) == mTLS, HTTP/2 ==> sidecar B (inbound) -> nginx
 #   haproxy     wrk -> haproxy A == mTLS ==> haproxy B -> nginx
-# Every server is pinned to CPU 0, wrk to CPU 1. Prints req/s and latency
-# percentiles per path (median of RUNS runs), the sidecars' RSS under load,
+# Every server is pinned to CPU 0, wrk to CPU 1. Prints req/s, latency
+# percentiles and each proxy's CPU time per request (from /proc/PID/stat)
+# per path (median of RUNS runs), the sidecars' RSS under load,
 # and, when `oha` is installed (cargo install oha), open-loop latency at a
 # fixed 5000 req/s with latency correction.
 #
@@ -111,42 +112,55 @@ backend peer
     server b 127.0.0.1:29443 ssl crt $WORK/a.pem ca-file $WORK/ca.pem verify required ssl-min-ver TLSv1.3 alpn h2
 CFG
 taskset -c 0 haproxy -f "$WORK/haproxy-b.cfg" -db >"$WORK/haproxy-b.log" 2>&1 &
-PIDS+=($!)
+HAPROXY_B=$!; PIDS+=($HAPROXY_B)
 taskset -c 0 haproxy -f "$WORK/haproxy-a.cfg" -db >"$WORK/haproxy-a.log" 2>&1 &
-PIDS+=($!)
+HAPROXY_A=$!; PIDS+=($HAPROXY_A)
 sleep 0.5
 curl -fsS http://127.0.0.1:29001/ >/dev/null || { echo "haproxy chain does not answer" >&2; cat "$WORK"/haproxy-*.log >&2; exit 1; }
 
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rss_mb() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 
-# run NAME URL [Host] -> "req/s p50 p99" (ms)
+# run NAME URL [Host] [PIDS] -> "req/s p50 p99 cpu" (ms; cpu = µs of CPU per
+# request of each of PIDS, joined by /)
 run() {
     local out hdr=()
     [ -n "${3:-}" ] && hdr=(-H "Host: $3")
+    local before=() after=() pid
+    for pid in ${4:-}; do before+=("$(cpu_ticks "$pid")"); done
     out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "${hdr[@]}" "$2")
-    local rps p50 p99
+    for pid in ${4:-}; do after+=("$(cpu_ticks "$pid")"); done
+    local rps p50 p99 reqs cpu=""
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+    # CPU (user+system) per request of each proxy, in µs.
+    local i
+    for i in "${!before[@]}"; do
+        cpu+="$(awk -v a="${before[$i]}" -v b="${after[$i]}" -v n="$reqs" -v hz="$(getconf CLK_TCK)" \
+            'BEGIN {printf "%.0f", (b - a) / hz / n * 1e6}')/"
+    done
     # wrk prints 653.00us / 3.71ms / 1.02s: normalise to ms.
     ms() { awk -v v="$1" 'BEGIN { u = v; sub(/[0-9.]+/, "", u); n = v + 0;
         if (u == "us") n /= 1000; else if (u == "s") n *= 1000; printf "%.2f", n }'; }
     p50=$(ms "$(echo "$out" | awk '$1 == "50%" {print $2}')")
     p99=$(ms "$(echo "$out" | awk '$1 == "99%" {print $2}')")
-    echo "$rps $p50 $p99"
+    echo "$rps $p50 $p99 ${cpu%/}"
 }
 
 echo "wrk -t1 -c$CONNS -d${SECS}s, servers on CPU 0, wrk on CPU 1, $RUNS runs each (alternating)"
-printf '%-4s %-9s %10s %10s %10s\n' run path req/s "p50 ms" "p99 ms"
+printf '%-4s %-9s %10s %10s %10s  %s\n' run path req/s "p50 ms" "p99 ms" "CPU µs/request (A/B)"
 declare -A RPS P99
 for r in $(seq 1 "$RUNS"); do
     for path in direct signpost haproxy; do
+        cpu=""
         case $path in
             direct) read -r rps p50 p99 < <(run direct http://127.0.0.1:28080/) ;;
-            signpost) read -r rps p50 p99 < <(run signpost http://127.0.0.1:28001/ app)
+            signpost) read -r rps p50 p99 cpu < <(run signpost http://127.0.0.1:28001/ app "$SIDECAR_A $SIDECAR_B")
                       RSS_A=$(rss_mb $SIDECAR_A); RSS_B=$(rss_mb $SIDECAR_B) ;;
-            haproxy) read -r rps p50 p99 < <(run haproxy http://127.0.0.1:29001/) ;;
+            haproxy) read -r rps p50 p99 cpu < <(run haproxy http://127.0.0.1:29001/ "" "$HAPROXY_A $HAPROXY_B") ;;
         esac
         RPS[$path]="${RPS[$path]:-} $rps"; P99[$path]="${P99[$path]:-} $p99"
-        printf '%-4s %-9s %10s %10s %10s\n' "$r" "$path" "$rps" "$p50" "$p99"
+        printf '%-4s %-9s %10s %10s %10s  %s\n' "$r" "$path" "$rps" "$p50" "$p99" "$cpu"
     done
 done
 median() { printf '%s\n' $@ | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : a[NR/2]}'; }
