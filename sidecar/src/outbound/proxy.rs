@@ -55,6 +55,7 @@ pub enum Target {
 }
 
 /// Decides the route of a request from its URI (absolute form) or `Host`.
+/// `zone` is lower-case without the trailing dot (see [`normalize_zone`]).
 pub fn target(zone: &str, uri: &Uri, headers: &HeaderMap) -> Result<Target, ProxyError> {
     let authority = match uri.authority() {
         Some(a) => a.clone(),
@@ -76,8 +77,10 @@ pub fn target(zone: &str, uri: &Uri, headers: &HeaderMap) -> Result<Target, Prox
     if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') || host == "localhost" {
         return Ok(Target::External(authority));
     }
-    let zone = zone.trim_end_matches('.').to_ascii_lowercase();
-    let label = if let Some(rest) = host.strip_suffix(&format!(".{zone}")) {
+    let in_zone = host
+        .strip_suffix(zone)
+        .and_then(|rest| rest.strip_suffix('.'));
+    let label = if let Some(rest) = in_zone {
         if rest.contains('.') {
             return Err(ProxyError::BadRequest(format!(
                 "{host}: only service names (<service>.{zone}) are routed through the mesh"
@@ -92,6 +95,12 @@ pub fn target(zone: &str, uri: &Uri, headers: &HeaderMap) -> Result<Target, Prox
     ServiceName::new(&label)
         .map(Target::Mesh)
         .map_err(|e| ProxyError::BadRequest(format!("{label:?} is not a service name: {e}")))
+}
+
+/// The zone as [`target`] compares it: lower-case, no trailing dot. Done
+/// once when the proxy is made, not per request.
+pub fn normalize_zone(zone: &str) -> String {
+    zone.trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy ones: never forwarded,
@@ -178,10 +187,11 @@ impl std::fmt::Debug for OutboundProxy {
 impl OutboundProxy {
     /// A proxy routing mesh calls through `destinations`.
     pub fn new(
-        config: OutboundConfig,
+        mut config: OutboundConfig,
         destinations: Arc<Destinations>,
         metrics: Metrics,
     ) -> Arc<Self> {
+        config.zone = normalize_zone(&config.zone);
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_nodelay(true);
@@ -320,7 +330,7 @@ impl OutboundProxy {
             })?;
             // The peer sees the logical name as :authority; the port the app
             // used means nothing to it.
-            let authority = format!("{}.{}", service, self.config.zone.trim_end_matches('.'));
+            let authority = format!("{}.{}", service, self.config.zone);
             parts.uri = Uri::builder()
                 .scheme(Scheme::HTTP)
                 .authority(authority.as_str())
