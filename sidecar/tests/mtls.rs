@@ -127,11 +127,7 @@ async fn mtls_call_tells_the_app_who_called() {
     let resolver = StaticResolver::new(Duration::from_secs(5));
     resolver.set(&name("user"), &[user.addr]);
     let (out, _) = outbound(&mesh, "order", &resolver).await;
-    let rsp = support::proxied(out)
-        .get("http://user/hello")
-        .send()
-        .await
-        .unwrap();
+    let rsp = support::get_via(out, "http://user/hello").await;
     assert_eq!(rsp.status(), 200);
     let text = rsp.text().await.unwrap();
     assert!(text.contains("caller=order "), "{text}");
@@ -153,7 +149,7 @@ async fn allow_list_refuses_other_callers_and_follows_changes() {
     let rsp = client.get("http://user/").send().await.unwrap();
     assert_eq!(rsp.status(), 403);
     assert_eq!(
-        rsp.headers()["x-signpost-error"],
+        support::mesh_error(&rsp),
         "order is not allowed to call user"
     );
     let body = rsp.text().await.unwrap();
@@ -176,16 +172,9 @@ async fn peer_with_another_identity_is_refused() {
     let resolver = StaticResolver::new(Duration::from_secs(5));
     resolver.set(&name("user"), &[billing.addr]);
     let (out, metrics) = outbound(&mesh, "order", &resolver).await;
-    let rsp = support::proxied(out)
-        .get("http://user/")
-        .send()
-        .await
-        .unwrap();
+    let rsp = support::get_via(out, "http://user/").await;
     assert_eq!(rsp.status(), 502);
-    let error = rsp.headers()["x-signpost-error"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let error = support::mesh_error(&rsp);
     assert!(error.starts_with("user: TLS handshake with"), "{error}");
     assert!(error.contains("wrong_identity"), "{error}");
     let text = metrics.encode();
@@ -203,16 +192,9 @@ async fn another_mesh_is_refused() {
     let resolver = StaticResolver::new(Duration::from_secs(5));
     resolver.set(&name("user"), &[user.addr]);
     let (out, _) = outbound(&other, "order", &resolver).await;
-    let rsp = support::proxied(out)
-        .get("http://user/")
-        .send()
-        .await
-        .unwrap();
+    let rsp = support::get_via(out, "http://user/").await;
     assert_eq!(rsp.status(), 502);
-    let error = rsp.headers()["x-signpost-error"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let error = support::mesh_error(&rsp);
     assert!(error.contains("unknown_ca"), "{error}");
 }
 
@@ -310,7 +292,7 @@ async fn new_trust_bundle_applies_to_new_connections() {
     let client = support::proxied(out);
     let refused = client.get("http://user/").send().await.unwrap();
     assert_eq!(refused.status(), 502);
-    let error = refused.headers()["x-signpost-error"].to_str().unwrap();
+    let error = &support::mesh_error(&refused);
     assert!(error.contains("unknown_ca"), "{error}");
 
     assert!(tls.set_bundle(both.clone()).unwrap());

@@ -92,11 +92,7 @@ async fn app_request_reaches_peer_app_by_service_name() {
     let out = outbound(&resolver, Duration::from_secs(5)).await;
 
     // Absolute form, as with http_proxy.
-    let rsp = support::proxied(out.addr)
-        .get("http://user/users/1?x=1")
-        .send()
-        .await
-        .unwrap();
+    let rsp = support::get_via(out.addr, "http://user/users/1?x=1").await;
     assert_eq!(rsp.status(), 200);
     let text = rsp.text().await.unwrap();
     assert!(text.starts_with("user /users/1 "), "{text}");
@@ -145,16 +141,9 @@ async fn caller_header_from_outside_is_dropped() {
 async fn unknown_service_gets_a_readable_503() {
     let resolver = StaticResolver::new(Duration::from_secs(5));
     let out = outbound(&resolver, Duration::from_secs(5)).await;
-    let rsp = support::proxied(out.addr)
-        .get("http://nobody/")
-        .send()
-        .await
-        .unwrap();
+    let rsp = support::get_via(out.addr, "http://nobody/").await;
     assert_eq!(rsp.status(), 503);
-    assert_eq!(
-        rsp.headers()["x-signpost-error"],
-        "no healthy instance of nobody"
-    );
+    assert_eq!(support::mesh_error(&rsp), "no healthy instance of nobody");
 }
 
 #[tokio::test]
@@ -163,16 +152,9 @@ async fn refused_connection_is_a_502_naming_the_peer() {
     let resolver = StaticResolver::new(Duration::from_secs(5));
     resolver.set(&name("user"), &[dead]);
     let out = outbound(&resolver, Duration::from_secs(5)).await;
-    let rsp = support::proxied(out.addr)
-        .get("http://user/")
-        .send()
-        .await
-        .unwrap();
+    let rsp = support::get_via(out.addr, "http://user/").await;
     assert_eq!(rsp.status(), 502);
-    let error = rsp.headers()["x-signpost-error"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let error = support::mesh_error(&rsp);
     assert_eq!(error, format!("user: connection refused by {dead}"));
 }
 
@@ -218,16 +200,9 @@ async fn request_timeout_is_a_504() {
     let resolver = StaticResolver::new(Duration::from_secs(5));
     resolver.set(&name("user"), &[peer]);
     let out = outbound(&resolver, Duration::from_millis(300)).await;
-    let rsp = support::proxied(out.addr)
-        .get("http://user/sleep/2000")
-        .send()
-        .await
-        .unwrap();
+    let rsp = support::get_via(out.addr, "http://user/sleep/2000").await;
     assert_eq!(rsp.status(), 504);
-    assert_eq!(
-        rsp.headers()["x-signpost-error"],
-        "user: no response within 300ms"
-    );
+    assert_eq!(support::mesh_error(&rsp), "user: no response within 300ms");
 }
 
 #[tokio::test]
@@ -254,11 +229,7 @@ async fn names_outside_the_zone_go_straight_out() {
     let app = support::app("127.0.0.8", "outside").await;
     let resolver = StaticResolver::new(Duration::from_secs(5));
     let out = outbound(&resolver, Duration::from_secs(5)).await;
-    let rsp = support::proxied(out.addr)
-        .get(format!("http://{app}/plain"))
-        .send()
-        .await
-        .unwrap();
+    let rsp = support::get_via(out.addr, &format!("http://{app}/plain")).await;
     assert_eq!(rsp.status(), 200);
     assert!(rsp.text().await.unwrap().starts_with("outside /plain "));
 }
@@ -273,10 +244,7 @@ async fn strict_inbound_refuses_plaintext() {
         .await
         .unwrap();
     assert_eq!(rsp.status(), 403);
-    let error = rsp.headers()["x-signpost-error"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let error = support::mesh_error(&rsp);
     assert_eq!(
         error,
         "a caller without a mesh certificate is not allowed to call user"
@@ -419,7 +387,7 @@ async fn app_refusing_connections_is_a_retryable_503() {
         .await
         .unwrap();
     assert_eq!(rsp.status(), 503);
-    let error = rsp.headers()["x-signpost-error"].to_str().unwrap();
+    let error = &support::mesh_error(&rsp);
     assert!(
         error.starts_with(&format!("user: app at {dead_app}: ")),
         "{error}"

@@ -185,7 +185,7 @@ async fn two_sidecars_register_talk_and_leave() {
     })
     .await;
     assert_eq!(
-        refused.headers()["x-signpost-error"],
+        support::mesh_error(&refused),
         "order is not allowed to call user"
     );
 

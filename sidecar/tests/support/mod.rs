@@ -100,6 +100,20 @@ pub fn proxied(outbound: SocketAddr) -> reqwest::Client {
         .unwrap()
 }
 
+/// GET `url` through the sidecar's outbound port.
+pub async fn get_via(outbound: SocketAddr, url: &str) -> reqwest::Response {
+    proxied(outbound).get(url).send().await.unwrap()
+}
+
+/// The `x-signpost-error` header of an answer the sidecar gave itself.
+pub fn mesh_error(rsp: &reqwest::Response) -> String {
+    rsp.headers()
+        .get("x-signpost-error")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_else(|| panic!("no x-signpost-error header in {rsp:?}"))
+        .to_string()
+}
+
 /// A client sending requests straight to the address in the URL.
 pub fn direct() -> reqwest::Client {
     reqwest::Client::builder()
