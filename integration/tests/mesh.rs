@@ -273,6 +273,21 @@ fn steady_stream(
     (ok, failed, task)
 }
 
+/// Waits until a request from order's app reaches user through the mesh.
+async fn order_reaches_user(client: &reqwest::Client) {
+    eventually("order reaches user", Duration::from_secs(20), || {
+        let client = client.clone();
+        async move {
+            client
+                .get("http://user/users/1")
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_through_sidecars_reach_both_user_instances_over_mtls() {
     let mesh = Mesh::start(61, "1h").await;
@@ -342,17 +357,7 @@ async fn strict_mtls_refuses_plaintext_and_allow_list_refuses_callers() {
     let _u1 = mesh.pod("user", "u1", 11).await;
     let order = mesh.pod("order", "o1", 21).await;
     let client = mesh.via(&order);
-    eventually("order reaches user", Duration::from_secs(20), || {
-        let client = client.clone();
-        async move {
-            client
-                .get("http://user/users/1")
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        }
-    })
-    .await;
+    order_reaches_user(&client).await;
 
     // Permissive (default): plain HTTP to the inbound port works.
     let plain = format!("http://{}:15006/users/1", mesh.ip(11));
@@ -455,17 +460,7 @@ async fn sigterm_and_rolling_restart_fail_no_request() {
     let mut u2 = mesh.pod("user", "u2", 12).await;
     let order = mesh.pod("order", "o1", 21).await;
     let client = mesh.via(&order);
-    eventually("order reaches user", Duration::from_secs(20), || {
-        let client = client.clone();
-        async move {
-            client
-                .get("http://user/users/1")
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        }
-    })
-    .await;
+    order_reaches_user(&client).await;
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed, task) = steady_stream(client, stop.clone(), 5000);
 
@@ -496,17 +491,7 @@ async fn certificate_rotation_under_load_fails_no_request() {
     let u1 = mesh.pod("user", "u1", 11).await;
     let order = mesh.pod("order", "o1", 21).await;
     let client = mesh.via(&order);
-    eventually("order reaches user", Duration::from_secs(20), || {
-        let client = client.clone();
-        async move {
-            client
-                .get("http://user/users/1")
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        }
-    })
-    .await;
+    order_reaches_user(&client).await;
     let expiry = |m: String| {
         m.lines()
             .find(|l| l.starts_with("signpost_sidecar_certificate_expiry_seconds"))
