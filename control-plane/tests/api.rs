@@ -93,6 +93,11 @@ impl Api {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
+    async fn text(&self, path: &str) -> String {
+        let resp = self.http.get(self.url(path)).send().await.unwrap();
+        resp.text().await.unwrap()
+    }
+
     async fn get(&self, path: &str) -> (StatusCode, Value) {
         let resp = self.http.get(self.url(path)).send().await.unwrap();
         let status = resp.status();
@@ -584,15 +589,7 @@ async fn health_endpoints_and_metrics() {
     let resp = api.http.get(api.url("/readyz")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     api.put("/v1/services/user/instances/u1", None, reg()).await;
-    let text = api
-        .http
-        .get(api.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = api.text("/metrics").await;
     assert!(text.contains("signpost_api_requests_total"), "{text}");
     assert!(text.contains("signpost_catalog_revision"), "{text}");
     let (status, answer) = api.get("/v1/nothing").await;
@@ -682,15 +679,7 @@ mod certificates {
             "spiffe://xingren.host/svc/order"
         );
 
-        let roots = api
-            .http
-            .get(api.url("/v1/ca/roots"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let roots = api.text("/v1/ca/roots").await;
         assert!(roots.starts_with("-----BEGIN CERTIFICATE-----"), "{roots}");
     }
 }
