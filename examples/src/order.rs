@@ -502,19 +502,34 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn with_a_proxy_the_user_call_is_absolute_form_with_host_user() {
-        let (seen, mut requests) = tokio::sync::mpsc::unbounded_channel();
-        let (proxy, _stop_proxy) = start(FakeSidecar {
-            seen,
-            answer: || json(StatusCode::OK, &UserService::new("u9").user(8)),
-        })
-        .await;
-        let (order, _stop) = start(order_service(
+    /// A fake sidecar answering every request with `answer`; the receiver
+    /// gets each request's URI and `Host`.
+    async fn fake_sidecar(
+        answer: fn() -> Response<Body>,
+    ) -> (
+        SocketAddr,
+        oneshot::Sender<()>,
+        tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+    ) {
+        let (seen, requests) = tokio::sync::mpsc::unbounded_channel();
+        let (addr, stop) = start(FakeSidecar { seen, answer }).await;
+        (addr, stop, requests)
+    }
+
+    /// An order service whose calls to user go through the proxy `proxy`.
+    async fn order_via(proxy: SocketAddr) -> (SocketAddr, oneshot::Sender<()>) {
+        start(order_service(
             DEFAULT_USER_URL.into(),
             Some(format!("http://{proxy}")),
         ))
-        .await;
+        .await
+    }
+
+    #[tokio::test]
+    async fn with_a_proxy_the_user_call_is_absolute_form_with_host_user() {
+        let (proxy, _stop_proxy, mut requests) =
+            fake_sidecar(|| json(StatusCode::OK, &UserService::new("u9").user(8))).await;
+        let (order, _stop) = order_via(proxy).await;
 
         let (status, body) = get(order, "/orders/17").await;
         assert_eq!(status, StatusCode::OK, "{body}");
@@ -527,27 +542,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_mesh_error_is_a_502_naming_the_status_and_x_signpost_error() {
-        let (seen, _requests) = tokio::sync::mpsc::unbounded_channel();
-        let (proxy, _stop_proxy) = start(FakeSidecar {
-            seen,
-            answer: || {
-                let mut rsp = text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no healthy instance of user\n",
-                );
-                rsp.headers_mut().insert(
-                    SIGNPOST_ERROR_HEADER,
-                    HeaderValue::from_static("no healthy instance of user"),
-                );
-                rsp
-            },
+        let (proxy, _stop_proxy, _requests) = fake_sidecar(|| {
+            let mut rsp = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy instance of user\n",
+            );
+            rsp.headers_mut().insert(
+                SIGNPOST_ERROR_HEADER,
+                HeaderValue::from_static("no healthy instance of user"),
+            );
+            rsp
         })
         .await;
-        let (order, _stop) = start(order_service(
-            DEFAULT_USER_URL.into(),
-            Some(format!("http://{proxy}")),
-        ))
-        .await;
+        let (order, _stop) = order_via(proxy).await;
 
         let (status, body) = get(order, "/orders/1").await;
         assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
@@ -562,24 +569,16 @@ mod tests {
 
     #[tokio::test]
     async fn an_app_error_from_user_is_passed_on_without_signpost_error() {
-        let (seen, _requests) = tokio::sync::mpsc::unbounded_channel();
-        let (proxy, _stop_proxy) = start(FakeSidecar {
-            seen,
-            answer: || {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "db_down",
-                    "database down",
-                )
-                .into_response()
-            },
+        let (proxy, _stop_proxy, _requests) = fake_sidecar(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "db_down",
+                "database down",
+            )
+            .into_response()
         })
         .await;
-        let (order, _stop) = start(order_service(
-            DEFAULT_USER_URL.into(),
-            Some(format!("http://{proxy}")),
-        ))
-        .await;
+        let (order, _stop) = order_via(proxy).await;
 
         let (status, body) = get(order, "/orders/1").await;
         assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
@@ -591,11 +590,7 @@ mod tests {
     #[tokio::test]
     async fn the_sidecar_itself_down_names_the_proxy() {
         let proxy = dead_port().await;
-        let (order, _stop) = start(order_service(
-            DEFAULT_USER_URL.into(),
-            Some(format!("http://{proxy}")),
-        ))
-        .await;
+        let (order, _stop) = order_via(proxy).await;
 
         let (status, body) = get(order, "/orders/1").await;
         assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
