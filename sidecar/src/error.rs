@@ -15,7 +15,7 @@ use crate::body::{ProxyBody, full};
 use crate::outbound::endpoint::{ConnectError, EndpointError};
 
 /// Header naming why the sidecar answered a request itself.
-pub const ERROR_HEADER: &str = "x-signpost-error";
+pub const ERROR_HEADER: http::HeaderName = http::HeaderName::from_static("x-signpost-error");
 
 /// Why the sidecar could not start, or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -193,7 +193,7 @@ impl ProxyError {
     }
 }
 
-/// Rebuilds a connect error for a message (io and hyper errors do not clone).
+/// Rebuilds a connect error for a message (io and h2 errors do not clone).
 fn clone_connect(err: &ConnectError) -> ConnectError {
     match err {
         ConnectError::Tcp { addr, source } => ConnectError::Tcp {
@@ -262,7 +262,7 @@ mod tests {
         };
         let rsp = none.into_response();
         assert_eq!(rsp.status(), 503);
-        assert_eq!(rsp.headers()[ERROR_HEADER], "no healthy instance of user");
+        assert_eq!(rsp.headers()[&ERROR_HEADER], "no healthy instance of user");
         let forbidden = ProxyError::Forbidden {
             caller: "order".into(),
             service: "user".into(),
@@ -277,7 +277,7 @@ mod tests {
         assert_eq!(app_down.status(), 503, "retryable: the app never saw it");
         let rsp = app_down.into_response();
         assert_eq!(
-            rsp.headers()[ERROR_HEADER],
+            rsp.headers()[&ERROR_HEADER],
             "user: app at 127.0.0.1:8080: Connection refused (os error 111)"
         );
         let timeout = ProxyError::Timeout {

@@ -44,7 +44,7 @@ use crate::tls::{ALPN_TCP, InboundTls};
 
 /// Header telling the app which mesh service called it. Set only from a
 /// verified certificate; a copy arriving from outside is removed.
-pub const CALLER_HEADER: &str = "x-signpost-caller";
+pub const CALLER_HEADER: http::HeaderName = http::HeaderName::from_static("x-signpost-caller");
 
 /// How long a new connection may take to send its first byte or finish its
 /// handshake: idle half-open connections must not pile up.
@@ -308,8 +308,8 @@ impl Inbound {
         // Only this sidecar vouches for callers; and the hop list is the
         // mesh's business, not the app's (an app that copies all incoming
         // headers to its own calls would otherwise trip the loop guard).
-        parts.headers.remove(CALLER_HEADER);
-        parts.headers.remove(HOP_HEADER);
+        parts.headers.remove(&CALLER_HEADER);
+        parts.headers.remove(&HOP_HEADER);
         if let Some(id) = &caller
             && let Ok(v) = HeaderValue::from_str(id.service())
         {

@@ -45,6 +45,7 @@ pub mod certificate;
 pub mod config;
 pub mod discovery;
 pub mod error;
+pub mod http2;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;

@@ -9,16 +9,21 @@
 //! closes, asks discovery to resolve again (see
 //! [`crate::discovery::Refresh`]): a peer that hangs up or is not listening
 //! has most likely left, and DNS may already know.
+//!
+//! Requests go out on the `h2` crate directly (see [`crate::http2`]): the
+//! task that read a request from the app sends it and awaits its response;
+//! only the connection's I/O, and a request body, run in tasks of their own.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Mutex;
 use tower::Service;
@@ -71,8 +76,8 @@ pub enum ConnectError {
     Http {
         /// The peer.
         addr: SocketAddr,
-        /// hyper's error.
-        source: hyper::Error,
+        /// The HTTP/2 error.
+        source: h2::Error,
     },
 }
 
@@ -118,8 +123,8 @@ pub enum EndpointError {
     Reset {
         /// The peer.
         addr: SocketAddr,
-        /// hyper's error.
-        source: hyper::Error,
+        /// The HTTP/2 error (a reset stream, a closed connection).
+        source: h2::Error,
     },
 }
 
@@ -144,7 +149,12 @@ pub fn find_endpoint_error<'a>(
     None
 }
 
-type Sender = http2::SendRequest<ProxyBody>;
+/// A live connection: its sender, and whether the task driving it ended.
+#[derive(Clone)]
+struct Live {
+    send: h2::client::SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
 
 /// The service of one endpoint: requests over its pooled HTTP/2 connection.
 #[derive(Clone)]
@@ -153,7 +163,10 @@ pub struct PeerConnection {
     connector: Arc<dyn Connect>,
     connect_timeout: Duration,
     refresh: Option<Refresh>,
-    sender: Arc<Mutex<Option<Sender>>>,
+    live: Arc<std::sync::Mutex<Option<Live>>>,
+    /// Held while connecting: requests arriving meanwhile wait for that
+    /// connection rather than opening their own.
+    connecting: Arc<Mutex<()>>,
 }
 
 impl std::fmt::Debug for PeerConnection {
@@ -172,7 +185,8 @@ impl PeerConnection {
             connector,
             connect_timeout,
             refresh: None,
-            sender: Arc::default(),
+            live: Arc::default(),
+            connecting: Arc::default(),
         }
     }
 
@@ -182,14 +196,21 @@ impl PeerConnection {
         self
     }
 
-    async fn sender(&self) -> Result<Sender, ConnectError> {
-        // One connect at a time per peer: requests arriving meanwhile wait
-        // for it rather than opening connections of their own.
-        let mut slot = self.sender.lock().await;
-        if let Some(sender) = slot.as_ref()
-            && !sender.is_closed()
-        {
-            return Ok(sender.clone());
+    /// The open connection, if there is one.
+    fn current(&self) -> Option<Live> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.as_ref()
+            .filter(|l| !l.closed.load(Ordering::Acquire))
+            .cloned()
+    }
+
+    async fn sender(&self) -> Result<Live, ConnectError> {
+        if let Some(live) = self.current() {
+            return Ok(live);
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(live) = self.current() {
+            return Ok(live);
         }
         let addr = self.addr;
         let io = tokio::time::timeout(self.connect_timeout, self.connector.connect(addr))
@@ -198,22 +219,33 @@ impl PeerConnection {
                 addr,
                 timeout: self.connect_timeout,
             })??;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            // Detect a peer that vanished without a FIN, so the next request
-            // reconnects instead of waiting for the request timeout.
-            .keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .handshake(TokioIo::new(io))
+        let (send, mut conn) = crate::http2::client_builder()
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(|source| ConnectError::Http { addr, source })?;
+        let ping = conn.ping_pong();
+        let closed = Arc::new(AtomicBool::new(false));
+        let live = Live {
+            send,
+            closed: closed.clone(),
+        };
         let refresh = self.refresh.clone();
-        let in_use = Arc::downgrade(&self.sender);
+        let in_use = Arc::downgrade(&self.live);
         tokio::spawn(
             async move {
-                if let Err(err) = conn.await {
-                    debug!(%err, "connection closed");
+                let keepalive = async {
+                    match ping {
+                        Some(ping) => crate::http2::keepalive(ping).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    result = &mut conn => if let Err(err) = result {
+                        debug!(%err, "connection closed");
+                    },
+                    err = keepalive => debug!(%err, "closing the connection"),
                 }
+                closed.store(true, Ordering::Release);
                 // The peer closed a connection we still use: a sidecar
                 // sends GOAWAY when it stops accepting, after leaving DNS,
                 // so the next answer likely names its replacement. (When
@@ -227,9 +259,57 @@ impl PeerConnection {
             }
             .instrument(debug_span!("peer", peer = %addr)),
         );
-        *slot = Some(sender.clone());
-        Ok(sender)
+        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(live.clone());
+        Ok(live)
     }
+
+    /// Sends `req` on the connection and awaits the response head.
+    async fn send(
+        &self,
+        live: Live,
+        req: http::Request<ProxyBody>,
+    ) -> Result<http::Response<ProxyBody>, EndpointError> {
+        let addr = self.addr;
+        let reset = |source| EndpointError::Reset { addr, source };
+        // Waits while the peer's limit of concurrent streams is reached.
+        let mut send = live.send.ready().await.map_err(reset)?;
+        let (parts, body) = req.into_parts();
+        let mut head = http::Request::from_parts(parts, ());
+        if let Some(len) = body.size_hint().exact()
+            && (len != 0 || method_has_body(head.method()))
+        {
+            head.headers_mut()
+                .entry(http::header::CONTENT_LENGTH)
+                .or_insert_with(|| http::HeaderValue::from(len));
+        }
+        let end = body.is_end_stream();
+        let (rsp, mut stream) = send.send_request(head, end).map_err(reset)?;
+        if !end {
+            // The body goes out beside the wait for the response, which
+            // may come first (a peer refusing a large upload, say).
+            tokio::spawn(
+                async move {
+                    if let Err(err) = crate::http2::send_body(body, &mut stream).await {
+                        debug!(%err, "request body not sent whole");
+                    }
+                }
+                .instrument(debug_span!("request_body", peer = %addr)),
+            );
+        }
+        let rsp = rsp.await.map_err(reset)?;
+        let (parts, recv) = rsp.into_parts();
+        let body = crate::http2::boxed(recv, &parts.headers);
+        Ok(http::Response::from_parts(parts, body))
+    }
+}
+
+/// Whether a request with this method carries a body by definition, so an
+/// empty one gets `content-length: 0` (RFC 9110 §8.6).
+fn method_has_body(method: &http::Method) -> bool {
+    matches!(
+        *method,
+        http::Method::POST | http::Method::PUT | http::Method::PATCH
+    )
 }
 
 impl Service<http::Request<ProxyBody>> for PeerConnection {
@@ -244,8 +324,8 @@ impl Service<http::Request<ProxyBody>> for PeerConnection {
     fn call(&mut self, req: http::Request<ProxyBody>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let mut sender = match this.sender().await {
-                Ok(sender) => sender,
+            let live = match this.sender().await {
+                Ok(live) => live,
                 Err(err) => {
                     if let Some(refresh) = &this.refresh {
                         refresh.request();
@@ -253,20 +333,15 @@ impl Service<http::Request<ProxyBody>> for PeerConnection {
                     return Err(EndpointError::from(err).into());
                 }
             };
-            let rsp = sender
-                .send_request(req)
-                .await
-                .map_err(|source| EndpointError::Reset {
-                    addr: this.addr,
-                    source,
-                })?;
-            Ok(rsp.map(crate::body::boxed))
+            Ok(this.send(live, req).await?)
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
     use super::*;
 
     /// A connector whose connections never complete.

@@ -9,7 +9,7 @@
 //! requests is [`proxy`].
 //!
 //! Per destination, the stack is, outermost first:
-//! `LoadShed → ConcurrencyLimit → Retry → Buffer → Balance(P2C) →
+//! `LoadShed → ConcurrencyLimit → Retry → Shared → Balance(P2C) →
 //! Weighted(PeakEwma) → Outlier → PeerConnection`. The request timeout wraps
 //! the whole stack in [`proxy`], so it bounds retries too.
 //!
@@ -23,6 +23,7 @@ pub mod eject;
 pub mod endpoint;
 pub mod proxy;
 pub mod retry;
+pub mod shared;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -77,7 +78,8 @@ impl Default for DestinationConfig {
 }
 
 /// Puts the layers above the balancer around `balance`: load shedding, the
-/// pending limit, retries, and the buffer that lets the balancer be shared.
+/// pending limit, retries, and the lock that lets every request share the
+/// balancer ([`shared::Shared`]).
 fn stack<S>(balance: S, policy: RetryPolicy, max_pending: usize) -> DestinationService
 where
     S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = BoxError>
@@ -90,8 +92,7 @@ where
         .load_shed()
         .concurrency_limit(max_pending)
         .retry(policy)
-        .buffer(max_pending)
-        .service(balance);
+        .service(shared::Shared::new(balance));
     BoxCloneSyncService::new(service)
 }
 

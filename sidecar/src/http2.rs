@@ -1,0 +1,374 @@
+//! HTTP/2 between sidecars, on the `h2` crate directly.
+//!
+//! hyper's HTTP/2 client and server hand every request to tasks of their
+//! own: the client sends each request through a channel to a dispatch task
+//! and spawns a task per response; the server spawns a task per stream.
+//! Between two sidecars that is several task hand-offs and allocations per
+//! request, for nothing the proxy needs. Here the outbound side sends a
+//! request and awaits its response in the task that read it from the app,
+//! and the inbound side serves a connection's streams inside the
+//! connection's own task ([`crate::inbound`]). One task per connection
+//! still drives its I/O.
+//!
+//! This module holds what both sides share: the connection settings (those
+//! hyper uses), request and response bodies as [`http_body::Body`]
+//! ([`RecvBody`], [`send_body`]), and keep-alive pings ([`keepalive`]).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::{Ping, PingPong, RecvStream, SendStream};
+use http::HeaderMap;
+use http::header::CONTENT_LENGTH;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+
+use crate::body::{BoxError, ProxyBody};
+
+/// How often an idle or busy connection is pinged.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long a ping may go unanswered before the peer counts as gone: a peer
+/// that vanished without a FIN is noticed, and the next request reconnects
+/// instead of waiting for the request timeout.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Streams a peer may open on one connection. Above the default per
+/// destination pending limit, so that limit, not this one, is what callers
+/// meet.
+pub const MAX_CONCURRENT_STREAMS: u32 = 2048;
+
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+const MAX_SEND_BUFFER: usize = 400 * 1024;
+
+/// The client settings, as hyper's defaults.
+pub fn client_builder() -> h2::client::Builder {
+    let mut builder = h2::client::Builder::new();
+    builder
+        .enable_push(false)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_send_buffer_size(MAX_SEND_BUFFER);
+    builder
+}
+
+/// The server settings.
+pub fn server_builder() -> h2::server::Builder {
+    let mut builder = h2::server::Builder::new();
+    builder
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+    builder
+}
+
+/// Why a connection was closed by its keep-alive.
+#[derive(Debug, thiserror::Error)]
+pub enum KeepaliveError {
+    /// The peer did not answer a ping in time.
+    #[error("no answer to a ping within {0:?}")]
+    Timeout(Duration),
+    /// The ping could not be sent or its answer not read.
+    #[error("ping failed: {0}")]
+    Ping(#[from] h2::Error),
+}
+
+/// Pings the peer every [`KEEPALIVE_INTERVAL`]; returns when an answer does
+/// not come within [`KEEPALIVE_TIMEOUT`]. Never returns while the peer
+/// answers: run it beside the connection and drop the connection when it
+/// returns.
+pub async fn keepalive(mut ping_pong: PingPong) -> KeepaliveError {
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping_pong.ping(Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(err)) => return KeepaliveError::Ping(err),
+            Err(_) => return KeepaliveError::Timeout(KEEPALIVE_TIMEOUT),
+        }
+    }
+}
+
+/// The `content-length` of a message, when present and valid.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A received HTTP/2 body, returning flow-control capacity as it is read.
+#[derive(Debug)]
+pub struct RecvBody {
+    stream: RecvStream,
+    data_done: bool,
+    /// Bytes still expected, from `content-length`, for the size hint.
+    remaining: Option<u64>,
+}
+
+impl RecvBody {
+    /// Wraps `stream`, whose message announced `content_length`.
+    pub fn new(stream: RecvStream, content_length: Option<u64>) -> Self {
+        Self {
+            stream,
+            data_done: false,
+            remaining: content_length,
+        }
+    }
+}
+
+impl Body for RecvBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        if !this.data_done {
+            match this.stream.poll_data(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(data))) => {
+                    // The data is ours now: let the peer send more.
+                    let _ = this.stream.flow_control().release_capacity(data.len());
+                    if let Some(left) = &mut this.remaining {
+                        *left = left.saturating_sub(data.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(Some(Err(err))) => return Poll::Ready(Some(Err(err))),
+                Poll::Ready(None) => this.data_done = true,
+            }
+        }
+        match this.stream.poll_trailers(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(Some(trailers))) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Poll::Ready(Ok(None)) => Poll::Ready(None),
+            Poll::Ready(Err(err)) => Poll::Ready(Some(Err(err))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.stream.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+/// Why a body could not be sent whole.
+#[derive(Debug, thiserror::Error)]
+pub enum SendBodyError {
+    /// Reading the body failed (the app or the peer broke off).
+    #[error("reading the body failed: {0}")]
+    Read(BoxError),
+    /// The stream was reset or the connection closed.
+    #[error("sending the body failed: {0}")]
+    Send(#[from] h2::Error),
+}
+
+/// Sends `body` on `stream`, within HTTP/2 flow control, and ends the
+/// stream. A body that fails to read resets the stream, so the other side
+/// sees an error rather than a short message.
+pub async fn send_body(
+    mut body: ProxyBody,
+    stream: &mut SendStream<Bytes>,
+) -> Result<(), SendBodyError> {
+    let result = pump(&mut body, stream).await;
+    if let Err(SendBodyError::Read(_)) = &result {
+        stream.send_reset(h2::Reason::INTERNAL_ERROR);
+    }
+    result
+}
+
+async fn pump(body: &mut ProxyBody, stream: &mut SendStream<Bytes>) -> Result<(), SendBodyError> {
+    loop {
+        let Some(frame) = body.frame().await else {
+            // Ended without a last frame marked as such: close the stream.
+            stream.send_data(Bytes::new(), true)?;
+            return Ok(());
+        };
+        let frame = frame.map_err(SendBodyError::Read)?;
+        let frame = match frame.into_data() {
+            Ok(data) => {
+                let last = body.is_end_stream();
+                send_data(stream, data, last).await?;
+                if last {
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(frame) => frame,
+        };
+        if let Ok(trailers) = frame.into_trailers() {
+            stream.send_trailers(trailers)?;
+            return Ok(());
+        }
+    }
+}
+
+/// Sends `data`, waiting for flow-control capacity; `last` ends the stream
+/// with the final piece.
+async fn send_data(
+    stream: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    last: bool,
+) -> Result<(), h2::Error> {
+    if data.is_empty() {
+        if last {
+            stream.send_data(data, true)?;
+        }
+        return Ok(());
+    }
+    while !data.is_empty() {
+        stream.reserve_capacity(data.len());
+        let granted = match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+            Some(granted) => granted?,
+            None => return Err(h2::Error::from(h2::Reason::STREAM_CLOSED)),
+        };
+        if granted == 0 {
+            continue;
+        }
+        let piece = data.split_to(granted.min(data.len()));
+        stream.send_data(piece, last && data.is_empty())?;
+    }
+    Ok(())
+}
+
+/// Boxes a received HTTP/2 body as the proxy's body type.
+pub fn boxed(stream: RecvStream, headers: &HeaderMap) -> ProxyBody {
+    crate::body::boxed(RecvBody::new(stream, content_length(headers)))
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::StreamBody;
+    use tokio::io::duplex;
+
+    use super::*;
+
+    /// A client and a server over an in-memory pipe; the server's
+    /// connection is driven by a task that answers each request with
+    /// `answer(request body)`.
+    async fn pair<F>(answer: F) -> h2::client::SendRequest<Bytes>
+    where
+        F: Fn(Bytes) -> ProxyBody + Send + Sync + 'static,
+    {
+        let (client_io, server_io) = duplex(64 * 1024);
+        let answer = std::sync::Arc::new(answer);
+        tokio::spawn(async move {
+            let mut conn = server_builder().handshake(server_io).await.unwrap();
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let (parts, recv) = req.into_parts();
+                    let body = boxed(recv, &parts.headers)
+                        .collect()
+                        .await
+                        .unwrap()
+                        .to_bytes();
+                    let rsp = http::Response::new(());
+                    let mut send = respond.send_response(rsp, false).unwrap();
+                    send_body(answer(body), &mut send).await.unwrap();
+                });
+            }
+        });
+        let (send, conn) = client_builder().handshake(client_io).await.unwrap();
+        tokio::spawn(conn);
+        send
+    }
+
+    async fn roundtrip(send: &h2::client::SendRequest<Bytes>, body: ProxyBody) -> Bytes {
+        let mut send = send.clone().ready().await.unwrap();
+        let req = http::Request::post("http://peer/").body(()).unwrap();
+        let (rsp, mut stream) = send.send_request(req, false).unwrap();
+        send_body(body, &mut stream).await.unwrap();
+        let rsp = rsp.await.unwrap();
+        let (parts, recv) = rsp.into_parts();
+        boxed(recv, &parts.headers)
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+    }
+
+    #[tokio::test]
+    async fn bodies_cross_both_ways_beyond_the_flow_control_window() {
+        // 3 MiB: more than a stream's window, so capacity must come back.
+        let send = pair(|body: Bytes| crate::body::full(body)).await;
+        let big = Bytes::from(vec![7u8; 3 * 1024 * 1024]);
+        let echoed = roundtrip(&send, crate::body::full(big.clone())).await;
+        assert_eq!(echoed.len(), big.len());
+        assert_eq!(echoed, big);
+    }
+
+    #[tokio::test]
+    async fn empty_and_chunked_bodies() {
+        let send = pair(|body: Bytes| crate::body::full(body)).await;
+        assert!(roundtrip(&send, crate::body::empty()).await.is_empty());
+        let chunks: Vec<Result<Frame<Bytes>, BoxError>> = ["a", "", "bc"]
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
+            .collect();
+        let body = BodyExt::boxed(StreamBody::new(futures::stream::iter(chunks)));
+        assert_eq!(roundtrip(&send, body).await, "abc");
+    }
+
+    #[tokio::test]
+    async fn trailers_are_carried() {
+        let (client_io, server_io) = duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut conn = server_builder().handshake(server_io).await.unwrap();
+            if let Some(Ok((req, mut respond))) = conn.accept().await {
+                tokio::spawn(async move {
+                    let mut trailers = HeaderMap::new();
+                    trailers.insert("grpc-status", "0".parse().unwrap());
+                    let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+                        Ok(Frame::data(Bytes::from_static(b"x"))),
+                        Ok(Frame::trailers(trailers)),
+                    ];
+                    let body = BodyExt::boxed(StreamBody::new(futures::stream::iter(frames)));
+                    let mut send = respond
+                        .send_response(http::Response::new(()), false)
+                        .unwrap();
+                    send_body(body, &mut send).await.unwrap();
+                    drop(req);
+                });
+                while conn.accept().await.is_some() {}
+            }
+        });
+        let (send, conn) = client_builder()
+            .handshake::<_, Bytes>(client_io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut send = send.ready().await.unwrap();
+        let (rsp, _) = send
+            .send_request(http::Request::get("http://peer/").body(()).unwrap(), true)
+            .unwrap();
+        let (parts, recv) = rsp.await.unwrap().into_parts();
+        let collected = boxed(recv, &parts.headers).collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(collected.to_bytes(), "x");
+    }
+
+    #[tokio::test]
+    async fn content_length_is_read_when_valid() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_LENGTH, "12".parse().unwrap());
+        assert_eq!(content_length(&headers), Some(12));
+        headers.insert(CONTENT_LENGTH, "twelve".parse().unwrap());
+        assert_eq!(content_length(&headers), None);
+    }
+}
