@@ -75,10 +75,10 @@ impl Admin {
             listener,
             stop,
             Duration::from_secs(1),
-            move |stream, _, watcher| {
+            move |stream, _, closing| {
                 let this = this.clone();
                 async move {
-                    serve::serve_http(stream, watcher, move |req: Request<Incoming>| {
+                    serve::serve_http(stream, closing, move |req: Request<Incoming>| {
                         let rsp = this.handle(&req);
                         async move { rsp }
                     })

@@ -19,17 +19,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
+use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use hyper_util::server::graceful::Watcher;
-use signpost_certs::Identity;
+use signpost_certs::{ALPN_H2, Identity};
 use signpost_control_plane::client::Client as ControlPlane;
 use signpost_control_plane::model::{MtlsMode, ServiceConfig, ServiceName};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -37,9 +41,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::body::{self, ProxyBody};
 use crate::error::ProxyError;
+use crate::http2;
 use crate::metrics::{Direction, Metrics};
 use crate::outbound::proxy::{HOP_HEADER, innermost, strip_hop_by_hop};
-use crate::serve;
+use crate::serve::{self, Closing};
 use crate::tls::{ALPN_TCP, InboundTls};
 
 /// Header telling the app which mesh service called it. Set only from a
@@ -163,16 +168,16 @@ impl Inbound {
             listener,
             stop,
             drain,
-            move |stream, peer, watcher| {
+            move |stream, peer, closing| {
                 let this = self.clone();
-                async move { this.connection(stream, watcher).await }
+                async move { this.connection(stream, closing).await }
                     .instrument(info_span!("inbound_conn", peer = %peer))
             },
         )
         .await;
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream, watcher: Watcher) {
+    async fn connection(self: Arc<Self>, stream: TcpStream, closing: Closing) {
         let mut first = [0u8; 1];
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
             Ok(Ok(1)) => {}
@@ -185,9 +190,9 @@ impl Inbound {
         if first[0] != TLS_HANDSHAKE {
             debug!("plain connection");
             let this = self.clone();
-            serve::serve_http(stream, watcher, move |req| {
+            serve::serve_http(stream, closing, move |req: Request<Incoming>| {
                 let this = this.clone();
-                async move { this.handle(req, None).await }
+                async move { this.handle(req.map(body::boxed), None).await }
             })
             .await;
             return;
@@ -219,7 +224,7 @@ impl Inbound {
         };
         let (_, conn) = stream.get_ref();
         let caller = signpost_certs::peer_identity(conn).ok();
-        let opaque = conn.alpn_protocol() == Some(ALPN_TCP);
+        let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
         let span = info_span!(
             "mtls",
             caller = caller
@@ -227,18 +232,123 @@ impl Inbound {
                 .map(|c| c.service().to_string())
                 .unwrap_or_else(|| "-".into())
         );
-        if opaque {
-            self.tunnel(stream, caller).instrument(span).await;
-            return;
+        match alpn.as_deref() {
+            Some(ALPN_TCP) => self.tunnel(stream, caller).instrument(span).await,
+            // What peer sidecars speak.
+            Some(ALPN_H2) => {
+                self.serve_h2(stream, caller, closing)
+                    .instrument(span)
+                    .await
+            }
+            _ => {
+                let this = self.clone();
+                serve::serve_http(stream, closing, move |req: Request<Incoming>| {
+                    let this = this.clone();
+                    let caller = caller.clone();
+                    async move { this.handle(req.map(body::boxed), caller).await }
+                })
+                .instrument(span)
+                .await;
+            }
         }
-        let this = self.clone();
-        serve::serve_http(stream, watcher, move |req| {
-            let this = this.clone();
-            let caller = caller.clone();
-            async move { this.handle(req, caller).await }
-        })
-        .instrument(span)
-        .await;
+    }
+
+    /// Serves a peer sidecar's HTTP/2 connection. Its streams are served
+    /// inside this task, not a task each (see [`crate::http2`]).
+    async fn serve_h2<I>(&self, io: I, caller: Option<Identity>, closing: Closing)
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
+        let handshake = http2::server_builder().handshake::<_, Bytes>(io);
+        let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(err)) => {
+                debug!(%err, "HTTP/2 handshake failed");
+                return;
+            }
+            Err(_) => {
+                debug!("no HTTP/2 preface in time");
+                return;
+            }
+        };
+        let ping = conn.ping_pong();
+        let keepalive = async move {
+            match ping {
+                Some(ping) => http2::keepalive(ping).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(keepalive);
+        let close_requested = closing.requested();
+        tokio::pin!(close_requested);
+        let mut closing = false;
+        let mut goaway_sent = false;
+        let mut streams = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                accepted = conn.accept() => match accepted {
+                    Some(Ok((req, respond))) => {
+                        streams.push(self.serve_stream(req, respond, caller.clone()));
+                    }
+                    Some(Err(err)) => {
+                        debug!(%err, "HTTP/2 connection failed");
+                        break;
+                    }
+                    // Closed, and every stream answered.
+                    None => break,
+                },
+                Some(()) = streams.next(), if !streams.is_empty() => {}
+                () = &mut close_requested, if !closing => closing = true,
+                err = &mut keepalive => {
+                    debug!(%err, "closing the connection");
+                    break;
+                }
+            }
+            if closing && !goaway_sent {
+                // GOAWAY: the peer opens no new streams here and moves to
+                // other endpoints; the ones in flight finish.
+                conn.graceful_shutdown();
+                goaway_sent = true;
+            }
+        }
+        // The connection is gone: answers still pending cannot be sent.
+        // Dropping it fails their streams, and dropping them cancels their
+        // requests to the app.
+        drop(conn);
+        drop(streams);
+    }
+
+    /// Serves one stream of a peer's HTTP/2 connection.
+    async fn serve_stream(
+        &self,
+        req: Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<Bytes>,
+        caller: Option<Identity>,
+    ) {
+        let (parts, recv) = req.into_parts();
+        let body = http2::boxed(recv, &parts.headers);
+        let handled = self.handle(Request::from_parts(parts, body), caller);
+        tokio::pin!(handled);
+        // A caller that gives up resets the stream: stop waiting for the app.
+        let rsp = tokio::select! {
+            rsp = &mut handled => rsp,
+            _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+                debug!("the caller reset the request");
+                return;
+            }
+        };
+        let (parts, body) = rsp.into_parts();
+        let end = body.is_end_stream();
+        let mut send = match respond.send_response(Response::from_parts(parts, ()), end) {
+            Ok(send) => send,
+            Err(err) => {
+                debug!(%err, "response not sent");
+                return;
+            }
+        };
+        if !end && let Err(err) = http2::send_body(body, &mut send).await {
+            debug!(%err, "response body not sent whole");
+        }
     }
 
     async fn tunnel(
@@ -267,7 +377,7 @@ impl Inbound {
     /// Handles one request from a peer (`caller` from its certificate).
     pub async fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<ProxyBody>,
         caller: Option<Identity>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
@@ -295,7 +405,7 @@ impl Inbound {
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<ProxyBody>,
         caller: Option<Identity>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // No hop check here: this sidecar's own outbound marks the requests
@@ -303,7 +413,7 @@ impl Inbound {
         // loop an inbound could cause (`--app` pointing back at the sidecar)
         // is refused at start-up instead.
         authorize(&self.policy.load(), &self.config.service, caller.as_ref())?;
-        let (mut parts, incoming) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         // Only this sidecar vouches for callers; and the hop list is the
         // mesh's business, not the app's (an app that copies all incoming
@@ -334,7 +444,7 @@ impl Inbound {
             .build()
             .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
         parts.version = Version::HTTP_11;
-        let req = Request::from_parts(parts, body::boxed(incoming));
+        let req = Request::from_parts(parts, body);
         let service = self.config.service.to_string();
         let timeout = self.config.request_timeout;
         let rsp = tokio::time::timeout(timeout, self.app.request(req))

@@ -10,10 +10,10 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::body::ProxyBody;
@@ -30,9 +30,22 @@ pub async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, SidecarEr
         })
 }
 
+/// Tells a served connection when to finish: once its listener stops, each
+/// connection completes its in-flight requests and closes (GOAWAY for
+/// HTTP/2, `Connection: close` for HTTP/1.1).
+#[derive(Debug, Clone)]
+pub struct Closing(CancellationToken);
+
+impl Closing {
+    /// Resolves when the connection should finish.
+    pub async fn requested(&self) {
+        self.0.cancelled().await;
+    }
+}
+
 /// Accepts connections on `listener` until `stop` fires, handing each to
-/// `handle` with a graceful-shutdown watcher; then waits up to `drain` for
-/// the watched connections to finish.
+/// `handle` with a [`Closing`] signal; then signals every connection and
+/// waits up to `drain` for them to finish.
 pub async fn accept_loop<F, Fut>(
     what: &'static str,
     listener: TcpListener,
@@ -40,10 +53,11 @@ pub async fn accept_loop<F, Fut>(
     drain: Duration,
     mut handle: F,
 ) where
-    F: FnMut(TcpStream, SocketAddr, Watcher) -> Fut,
+    F: FnMut(TcpStream, SocketAddr, Closing) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
+    let closing = CancellationToken::new();
+    let connections = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
             () = stop.cancelled() => break,
@@ -59,14 +73,16 @@ pub async fn accept_loop<F, Fut>(
             },
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(handle(stream, peer, graceful.watcher()));
+        connections.spawn(handle(stream, peer, Closing(closing.clone())));
     }
     drop(listener);
-    let open = graceful.count();
+    closing.cancel();
+    connections.close();
+    let open = connections.len();
     if open > 0 {
         info!(listener = what, open, "draining connections");
     }
-    if tokio::time::timeout(drain, graceful.shutdown())
+    if tokio::time::timeout(drain, connections.wait())
         .await
         .is_err()
     {
@@ -77,9 +93,9 @@ pub async fn accept_loop<F, Fut>(
     }
 }
 
-/// Serves HTTP/1.1 and HTTP/2 on `io` until the connection ends or the
-/// watcher asks it to close (after finishing in-flight requests).
-pub async fn serve_http<I, S, Fut>(io: I, watcher: Watcher, service: S)
+/// Serves HTTP/1.1 and HTTP/2 on `io` until the connection ends or
+/// `closing` asks it to close (after finishing in-flight requests).
+pub async fn serve_http<I, S, Fut>(io: I, closing: Closing, service: S)
 where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     S: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
@@ -96,7 +112,15 @@ where
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(10)));
     let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
-    if let Err(err) = watcher.watch(conn).await {
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = closing.requested() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(err) = result {
         debug!(%err, "connection ended with an error");
     }
 }

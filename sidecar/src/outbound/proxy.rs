@@ -119,21 +119,22 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
+///
+/// Most messages carry none: one pass over the names decides, and only a
+/// message that has some pays for removals.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.is_empty() {
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
         return;
     }
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
     }
     for name in &HOP_BY_HOP {
         headers.remove(name);
@@ -222,10 +223,10 @@ impl OutboundProxy {
             listener,
             stop,
             drain,
-            move |stream, peer, watcher| {
+            move |stream, peer, closing| {
                 let this = self.clone();
                 async move {
-                    serve::serve_http(stream, watcher, move |req| {
+                    serve::serve_http(stream, closing, move |req| {
                         let this = this.clone();
                         async move { this.handle(req).await }
                     })
