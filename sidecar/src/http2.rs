@@ -95,6 +95,46 @@ pub async fn keepalive(mut ping_pong: PingPong) -> KeepaliveError {
     }
 }
 
+/// A connection future that, each time it is woken, first lets the other
+/// woken tasks run.
+///
+/// A request written by the app's connection task wakes the HTTP/2
+/// connection at once (tokio runs a just-woken task next), so without this
+/// every request would leave in a write of its own. Yielding once puts the
+/// connection behind the other tasks that are ready, and the frames they
+/// queue meanwhile go out together: one write for a burst of requests, as
+/// hyper's dispatch task achieved.
+#[derive(Debug)]
+pub struct Batched<F> {
+    inner: F,
+    yielded: bool,
+}
+
+impl<F> Batched<F> {
+    /// Wraps `inner`.
+    pub fn new(inner: F) -> Self {
+        Self {
+            inner,
+            yielded: false,
+        }
+    }
+}
+
+impl<F: std::future::Future + Unpin> std::future::Future for Batched<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        if !self.yielded {
+            self.yielded = true;
+            // Runs this task again after those already ready.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        self.yielded = false;
+        Pin::new(&mut self.inner).poll(cx)
+    }
+}
+
 /// The `content-length` of a message, when present and valid.
 pub fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
@@ -361,6 +401,28 @@ mod tests {
         let collected = boxed(recv, &parts.headers).collect().await.unwrap();
         assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
         assert_eq!(collected.to_bytes(), "x");
+    }
+
+    #[test]
+    fn batched_yields_once_per_wake_up_then_polls() {
+        use std::future::Future;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::task::Wake;
+
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut fut = Batched::new(std::future::ready(7));
+        assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "it asks to run again");
+        assert_eq!(Pin::new(&mut fut).poll(&mut cx), Poll::Ready(7));
     }
 
     #[tokio::test]

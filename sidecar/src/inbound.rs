@@ -16,6 +16,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -281,36 +282,40 @@ impl Inbound {
         tokio::pin!(keepalive);
         let close_requested = closing.requested();
         tokio::pin!(close_requested);
-        let mut closing = false;
         let mut goaway_sent = false;
         let mut streams = FuturesUnordered::new();
-        loop {
-            tokio::select! {
-                accepted = conn.accept() => match accepted {
-                    Some(Ok((req, respond))) => {
+        // One pass: every answer the app finished goes into the
+        // connection's buffers first, then the connection reads what came
+        // in and writes everything queued at once. `Batched` lets the app
+        // connections that are ready finish before the pass.
+        let served = std::future::poll_fn(|cx| {
+            loop {
+                while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+                if !goaway_sent && close_requested.as_mut().poll(cx).is_ready() {
+                    // GOAWAY: the peer opens no new streams here and moves
+                    // to other endpoints; the ones in flight finish.
+                    conn.graceful_shutdown();
+                    goaway_sent = true;
+                }
+                if let Poll::Ready(err) = keepalive.as_mut().poll(cx) {
+                    debug!(%err, "closing the connection");
+                    return Poll::Ready(());
+                }
+                match conn.poll_accept(cx) {
+                    Poll::Ready(Some(Ok((req, respond)))) => {
                         streams.push(self.serve_stream(req, respond, caller.clone()));
                     }
-                    Some(Err(err)) => {
+                    Poll::Ready(Some(Err(err))) => {
                         debug!(%err, "HTTP/2 connection failed");
-                        break;
+                        return Poll::Ready(());
                     }
                     // Closed, and every stream answered.
-                    None => break,
-                },
-                Some(()) = streams.next(), if !streams.is_empty() => {}
-                () = &mut close_requested, if !closing => closing = true,
-                err = &mut keepalive => {
-                    debug!(%err, "closing the connection");
-                    break;
+                    Poll::Ready(None) => return Poll::Ready(()),
+                    Poll::Pending => return Poll::Pending,
                 }
             }
-            if closing && !goaway_sent {
-                // GOAWAY: the peer opens no new streams here and moves to
-                // other endpoints; the ones in flight finish.
-                conn.graceful_shutdown();
-                goaway_sent = true;
-            }
-        }
+        });
+        http2::Batched::new(served).await;
         // The connection is gone: answers still pending cannot be sent.
         // Dropping it fails their streams, and dropping them cancels their
         // requests to the app.

@@ -239,6 +239,7 @@ impl PeerConnection {
                         None => std::future::pending().await,
                     }
                 };
+                let mut conn = crate::http2::Batched::new(&mut conn);
                 tokio::select! {
                     result = &mut conn => if let Err(err) = result {
                         debug!(%err, "connection closed");
