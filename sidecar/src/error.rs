@@ -165,7 +165,7 @@ impl ProxyError {
 
     /// Maps an error from a destination's service stack.
     pub fn from_stack(service: &str, err: &crate::body::BoxError, limit: usize) -> Self {
-        if err.is::<tower::load_shed::error::Overloaded>() {
+        if err.is::<crate::outbound::limit::Overloaded>() {
             return ProxyError::Overloaded {
                 service: service.to_string(),
                 limit,

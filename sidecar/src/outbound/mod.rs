@@ -9,7 +9,7 @@
 //! requests is [`proxy`].
 //!
 //! Per destination, the stack is, outermost first:
-//! `LoadShed → ConcurrencyLimit → Retry → Shared → Balance(P2C) →
+//! `PendingLimit → Retry → Shared → Balance(P2C) →
 //! Weighted(PeakEwma) → Outlier → PeerConnection`. The request timeout wraps
 //! the whole stack in [`proxy`], so it bounds retries too.
 //!
@@ -21,6 +21,7 @@
 pub mod balance;
 pub mod eject;
 pub mod endpoint;
+pub mod limit;
 pub mod proxy;
 pub mod retry;
 pub mod shared;
@@ -77,8 +78,8 @@ impl Default for DestinationConfig {
     }
 }
 
-/// Puts the layers above the balancer around `balance`: load shedding, the
-/// pending limit, retries, and the lock that lets every request share the
+/// Puts the layers above the balancer around `balance`: the pending limit
+/// ([`limit::PendingLimit`]), retries, and the lock that lets every request share the
 /// balancer ([`shared::Shared`]).
 fn stack<S>(balance: S, policy: RetryPolicy, max_pending: usize) -> DestinationService
 where
@@ -87,10 +88,8 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let max_pending = max_pending.max(1);
     let service = ServiceBuilder::new()
-        .load_shed()
-        .concurrency_limit(max_pending)
+        .layer(limit::PendingLimitLayer::new(max_pending))
         .retry(policy)
         .service(shared::Shared::new(balance));
     BoxCloneSyncService::new(service)
