@@ -11,6 +11,12 @@
 #
 #   ./integration/bench/sidecar.sh [RUNS] [SECONDS] [CONNECTIONS]   (defaults: 3 10 32)
 # Needs: nginx, haproxy, wrk, openssl (apt-get install nginx-light haproxy wrk openssl).
+#
+# With SIGNPOST_BENCH_CALLGRIND=N it instead runs both sidecars under
+# valgrind's callgrind, sends N requests through the chain (oha, 32
+# connections, after 300 to warm up) and prints the instructions each sidecar
+# executed per request: user space only, but repeatable to a few per cent on
+# a noisy machine where CPU times are not (apt-get install valgrind).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${1:-3}
@@ -20,10 +26,19 @@ for tool in nginx haproxy wrk openssl taskset curl; do
     command -v $tool >/dev/null || { echo "missing $tool: apt-get install nginx-light haproxy wrk openssl" >&2; exit 1; }
 done
 
+CALLGRIND=${SIGNPOST_BENCH_CALLGRIND:-}
+WRAP=()
+if [ -n "$CALLGRIND" ]; then
+    for tool in valgrind callgrind_control oha; do
+        command -v $tool >/dev/null || { echo "missing $tool: apt-get install valgrind; cargo install oha" >&2; exit 1; }
+    done
+fi
+
 [ -n "${SIGNPOST_BENCH_NO_BUILD:-}" ] || cargo build --release --quiet -p signpost --bins
 BIN=$PWD/target/release/signpost
 WORK=$(mktemp -d /tmp/signpost-sidecar-bench.XXXXXX)
 PIDS=()
+[ -z "$CALLGRIND" ] || WRAP=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/callgrind.%p.out")
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
@@ -55,18 +70,34 @@ PIDS+=($!)
 taskset -c 0 "$BIN" server --dev --api 127.0.0.1:28500 --dns 127.0.0.1:28053 --udp-sockets 1 >"$WORK/server.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 100); do curl -fsS http://127.0.0.1:28500/readyz >/dev/null 2>&1 && break; sleep 0.1; done
-RUST_LOG=warn taskset -c 0 "$BIN" sidecar --service app --id b1 --address 127.0.0.1 --app 127.0.0.1:28080 \
+RUST_LOG=warn taskset -c 0 "${WRAP[@]}" "$BIN" sidecar --service app --id b1 --address 127.0.0.1 --app 127.0.0.1:28080 \
     --inbound 127.0.0.1:28006 --outbound 127.0.0.1:28101 --admin 127.0.0.1:28100 \
     --control-plane http://127.0.0.1:28500 --dns 127.0.0.1:28053 >"$WORK/sidecar-b.log" 2>&1 &
 SIDECAR_B=$!; PIDS+=($SIDECAR_B)
-RUST_LOG=warn taskset -c 0 "$BIN" sidecar --service client --id a1 --address 127.0.0.2 --app 127.0.0.1:28081 \
+RUST_LOG=warn taskset -c 0 "${WRAP[@]}" "$BIN" sidecar --service client --id a1 --address 127.0.0.2 --app 127.0.0.1:28081 \
     --inbound 127.0.0.2:28006 --outbound 127.0.0.1:28001 --admin 127.0.0.1:28000 \
     --control-plane http://127.0.0.1:28500 --dns 127.0.0.1:28053 >"$WORK/sidecar-a.log" 2>&1 &
 SIDECAR_A=$!; PIDS+=($SIDECAR_A)
 for port in 28000 28100; do
-    for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$port/ready" >/dev/null 2>&1 && break; sleep 0.1; done
+    # Up to a minute: under valgrind, start-up is slow.
+    for _ in $(seq 600); do curl -fsS "http://127.0.0.1:$port/ready" >/dev/null 2>&1 && break; sleep 0.1; done
 done
 curl -fsS -H 'Host: app' http://127.0.0.1:28001/ >/dev/null || { echo "signpost chain does not answer" >&2; tail "$WORK"/sidecar-*.log >&2; exit 1; }
+
+if [ -n "$CALLGRIND" ]; then
+    for pid in $SIDECAR_A $SIDECAR_B; do callgrind_control -i on "$pid" >/dev/null 2>&1; done
+    oha --no-tui -n 300 -c 32 -H 'Host: app' http://127.0.0.1:28001/ >/dev/null
+    for pid in $SIDECAR_A $SIDECAR_B; do callgrind_control -z "$pid" >/dev/null 2>&1; done
+    oha --no-tui -n "$CALLGRIND" -c 32 -H 'Host: app' http://127.0.0.1:28001/ | grep -E 'Success rate|\[[0-9]{3}\] [0-9]+ responses'
+    for pid in $SIDECAR_A $SIDECAR_B; do callgrind_control -d "$pid" >/dev/null 2>&1; done
+    sleep 1
+    for side in A B; do
+        pid=$SIDECAR_A; [ $side = B ] && pid=$SIDECAR_B
+        ir=$(grep -h '^summary:' "$WORK/callgrind.$pid.out".* | tail -1 | awk '{print $2}')
+        echo "sidecar $side: $((ir / CALLGRIND)) instructions per request ($ir over $CALLGRIND requests)"
+    done
+    exit 0
+fi
 
 # --- HAProxy: the same chain with mTLS ----------------------------------------
 cd "$WORK"
