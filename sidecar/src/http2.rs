@@ -273,12 +273,17 @@ async fn send_data(
     }
     while !data.is_empty() {
         stream.reserve_capacity(data.len());
-        let granted = match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
-            Some(granted) => granted?,
-            None => return Err(h2::Error::from(h2::Reason::STREAM_CLOSED)),
-        };
+        // Capacity already held is used as it is: `poll_capacity` only
+        // answers when capacity grows.
+        let mut granted = stream.capacity();
         if granted == 0 {
-            continue;
+            granted = match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+                Some(granted) => granted?,
+                None => return Err(h2::Error::from(h2::Reason::STREAM_CLOSED)),
+            };
+            if granted == 0 {
+                continue;
+            }
         }
         let piece = data.split_to(granted.min(data.len()));
         stream.send_data(piece, last && data.is_empty())?;
@@ -363,6 +368,17 @@ mod tests {
             .collect();
         let body = BodyExt::boxed(StreamBody::new(futures::stream::iter(chunks)));
         assert_eq!(roundtrip(&send, body).await, "abc");
+
+        // Small pieces between pieces larger than a window: capacity left
+        // over from one piece must serve the next.
+        let sizes = [70 * 1024, 1, 3 * 1024 * 1024, 0, 1, 17];
+        let chunks: Vec<Result<Frame<Bytes>, BoxError>> = sizes
+            .iter()
+            .map(|&n| Ok(Frame::data(Bytes::from(vec![1u8; n]))))
+            .collect();
+        let body = BodyExt::boxed(StreamBody::new(futures::stream::iter(chunks)));
+        let echoed = roundtrip(&send, body).await;
+        assert_eq!(echoed.len(), sizes.iter().sum::<usize>());
     }
 
     #[tokio::test]
