@@ -180,7 +180,13 @@ impl Inbound {
 
     async fn connection(self: Arc<Self>, stream: TcpStream, closing: Closing) {
         let mut first = [0u8; 1];
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+        let peeked = tokio::select! {
+            peeked = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)) => peeked,
+            // Draining: a connection that has sent nothing yet is closed
+            // now rather than waited for.
+            () = closing.requested() => return,
+        };
+        match peeked {
             Ok(Ok(1)) => {}
             Ok(Ok(_)) | Err(_) => return,
             Ok(Err(err)) => {
@@ -529,6 +535,33 @@ mod tests {
 
     fn id(s: &str) -> Identity {
         Identity::new(s, "xingren.host").unwrap()
+    }
+
+    #[tokio::test]
+    async fn draining_does_not_wait_for_a_connection_that_sent_nothing() {
+        let config = InboundConfig {
+            service: name("user"),
+            id: "u1".into(),
+            app: "127.0.0.1:9".parse().unwrap(),
+            request_timeout: Duration::from_secs(5),
+        };
+        let policy = Arc::new(ArcSwap::from_pointee(ServiceConfig::default()));
+        let inbound = Inbound::new(config, policy, None, Metrics::new());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let served = tokio::spawn(inbound.serve(listener, stop.clone(), Duration::from_secs(10)));
+        let _idle = TcpStream::connect(addr).await.unwrap();
+        // Let the connection be accepted and wait for its first byte.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = std::time::Instant::now();
+        stop.cancel();
+        served.await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "drain waited {:?} for a connection that sent nothing",
+            started.elapsed()
+        );
     }
 
     #[test]
