@@ -82,9 +82,12 @@ pub enum KeepaliveError {
 
 /// Pings the peer every [`KEEPALIVE_INTERVAL`]; returns when an answer does
 /// not come within [`KEEPALIVE_TIMEOUT`]. Never returns while the peer
-/// answers: run it beside the connection and drop the connection when it
-/// returns.
-pub async fn keepalive(mut ping_pong: PingPong) -> KeepaliveError {
+/// answers, nor without a ping handle (`ping_pong()` gives it only once):
+/// run it beside the connection and drop the connection when it returns.
+pub async fn keepalive(ping_pong: Option<PingPong>) -> KeepaliveError {
+    let Some(mut ping_pong) = ping_pong else {
+        return std::future::pending().await;
+    };
     loop {
         tokio::time::sleep(KEEPALIVE_INTERVAL).await;
         match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping_pong.ping(Ping::opaque())).await {
@@ -335,17 +338,20 @@ mod tests {
     }
 
     async fn roundtrip(send: &h2::client::SendRequest<Bytes>, body: ProxyBody) -> Bytes {
+        exchange(send, body).await.to_bytes()
+    }
+
+    async fn exchange(
+        send: &h2::client::SendRequest<Bytes>,
+        body: ProxyBody,
+    ) -> http_body_util::Collected<Bytes> {
         let mut send = send.clone().ready().await.unwrap();
         let req = http::Request::post("http://peer/").body(()).unwrap();
         let (rsp, mut stream) = send.send_request(req, false).unwrap();
         send_body(body, &mut stream).await.unwrap();
         let rsp = rsp.await.unwrap();
         let (parts, recv) = rsp.into_parts();
-        boxed(recv, &parts.headers)
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
+        boxed(recv, &parts.headers).collect().await.unwrap()
     }
 
     #[tokio::test]
@@ -383,38 +389,17 @@ mod tests {
 
     #[tokio::test]
     async fn trailers_are_carried() {
-        let (client_io, server_io) = duplex(64 * 1024);
-        tokio::spawn(async move {
-            let mut conn = server_builder().handshake(server_io).await.unwrap();
-            if let Some(Ok((req, mut respond))) = conn.accept().await {
-                tokio::spawn(async move {
-                    let mut trailers = HeaderMap::new();
-                    trailers.insert("grpc-status", "0".parse().unwrap());
-                    let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
-                        Ok(Frame::data(Bytes::from_static(b"x"))),
-                        Ok(Frame::trailers(trailers)),
-                    ];
-                    let body = BodyExt::boxed(StreamBody::new(futures::stream::iter(frames)));
-                    let mut send = respond
-                        .send_response(http::Response::new(()), false)
-                        .unwrap();
-                    send_body(body, &mut send).await.unwrap();
-                    drop(req);
-                });
-                while conn.accept().await.is_some() {}
-            }
-        });
-        let (send, conn) = client_builder()
-            .handshake::<_, Bytes>(client_io)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let mut send = send.ready().await.unwrap();
-        let (rsp, _) = send
-            .send_request(http::Request::get("http://peer/").body(()).unwrap(), true)
-            .unwrap();
-        let (parts, recv) = rsp.await.unwrap().into_parts();
-        let collected = boxed(recv, &parts.headers).collect().await.unwrap();
+        let send = pair(|_| {
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", "0".parse().unwrap());
+            let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+                Ok(Frame::data(Bytes::from_static(b"x"))),
+                Ok(Frame::trailers(trailers)),
+            ];
+            BodyExt::boxed(StreamBody::new(futures::stream::iter(frames)))
+        })
+        .await;
+        let collected = exchange(&send, crate::body::empty()).await;
         assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
         assert_eq!(collected.to_bytes(), "x");
     }

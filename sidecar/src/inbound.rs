@@ -278,13 +278,7 @@ impl Inbound {
                 return;
             }
         };
-        let ping = conn.ping_pong();
-        let keepalive = async move {
-            match ping {
-                Some(ping) => http2::keepalive(ping).await,
-                None => std::future::pending().await,
-            }
-        };
+        let keepalive = http2::keepalive(conn.ping_pong());
         tokio::pin!(keepalive);
         let close_requested = closing.requested();
         tokio::pin!(close_requested);

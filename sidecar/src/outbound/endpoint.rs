@@ -233,18 +233,12 @@ impl PeerConnection {
         let in_use = Arc::downgrade(&self.live);
         tokio::spawn(
             async move {
-                let keepalive = async {
-                    match ping {
-                        Some(ping) => crate::http2::keepalive(ping).await,
-                        None => std::future::pending().await,
-                    }
-                };
                 let mut conn = crate::http2::Batched::new(&mut conn);
                 tokio::select! {
                     result = &mut conn => if let Err(err) = result {
                         debug!(%err, "connection closed");
                     },
-                    err = keepalive => debug!(%err, "closing the connection"),
+                    err = crate::http2::keepalive(ping) => debug!(%err, "closing the connection"),
                 }
                 closed.store(true, Ordering::Release);
                 // The peer closed a connection we still use: a sidecar

@@ -223,7 +223,12 @@ mod tests {
             send_b.send_response(b);
             send_a.send_response(a);
         };
-        let ((a, b), ()) = futures::future::join(both, answer).await;
+        // Were the first response awaited under the lock, the second
+        // request could not be sent and this would never finish.
+        let ((a, b), ()) =
+            tokio::time::timeout(Duration::from_secs(5), futures::future::join(both, answer))
+                .await
+                .expect("the second request waited for the first response");
         assert_eq!((a.unwrap(), b.unwrap()), (1, 2));
     }
 }
