@@ -17,6 +17,8 @@
 # connections, after 300 to warm up) and prints the instructions each sidecar
 # executed per request: user space only, but repeatable to a few per cent on
 # a noisy machine where CPU times are not (apt-get install valgrind).
+# SIGNPOST_BENCH_KEEP=DIR also keeps the profiles as DIR/callgrind.{A,B}.out
+# for callgrind_annotate.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${1:-3}
@@ -95,6 +97,10 @@ if [ -n "$CALLGRIND" ]; then
         pid=$SIDECAR_A; [ $side = B ] && pid=$SIDECAR_B
         ir=$(grep -h '^summary:' "$WORK/callgrind.$pid.out".* | tail -1 | awk '{print $2}')
         echo "sidecar $side: $((ir / CALLGRIND)) instructions per request ($ir over $CALLGRIND requests)"
+        if [ -n "${SIGNPOST_BENCH_KEEP:-}" ]; then
+            mkdir -p "$SIGNPOST_BENCH_KEEP"
+            cp "$(ls "$WORK/callgrind.$pid.out".* | sort -V | tail -1)" "$SIGNPOST_BENCH_KEEP/callgrind.$side.out"
+        fi
     done
     exit 0
 fi

@@ -24,13 +24,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use http::header::{self, HeaderValue};
-use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use signpost_certs::{ALPN_H2, Identity};
 use signpost_control_plane::client::Client as ControlPlane;
 use signpost_control_plane::model::{MtlsMode, ServiceConfig, ServiceName};
@@ -40,6 +36,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::app::AppClient;
 use crate::body::{self, ProxyBody};
 use crate::error::ProxyError;
 use crate::http2;
@@ -122,7 +119,7 @@ pub struct Inbound {
     config: InboundConfig,
     policy: Arc<ArcSwap<ServiceConfig>>,
     tls: Option<InboundTls>,
-    app: Client<HttpConnector, ProxyBody>,
+    app: AppClient,
     metrics: Metrics,
 }
 
@@ -144,10 +141,7 @@ impl Inbound {
         tls: Option<InboundTls>,
         metrics: Metrics,
     ) -> Arc<Self> {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(1)));
-        let app = Client::builder(TokioExecutor::new()).build(http);
+        let app = AppClient::new(config.app, Duration::from_secs(1));
         Arc::new(Self {
             config,
             policy,
@@ -430,32 +424,31 @@ impl Inbound {
         {
             parts.headers.insert(CALLER_HEADER, v);
         }
-        if !parts.headers.contains_key(header::HOST)
-            && let Some(a) = parts.uri.authority()
-            && let Ok(v) = HeaderValue::from_str(a.as_str())
-        {
-            parts.headers.insert(header::HOST, v);
+        if !parts.headers.contains_key(header::HOST) {
+            let host = match parts.uri.authority() {
+                Some(a) => HeaderValue::from_str(a.as_str()),
+                None => HeaderValue::from_str(&self.config.app.to_string()),
+            };
+            if let Ok(v) = host {
+                parts.headers.insert(header::HOST, v);
+            }
         }
-        let path = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let app = self.config.app;
-        parts.uri = Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(app.to_string().as_str())
-            .path_and_query(path)
-            .build()
-            .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        // Origin form (`/path?query`), as HTTP/1.1 sends to a server.
+        parts.uri = match parts.uri.path_and_query() {
+            Some(path) if path.as_str().starts_with('/') || path.as_str() == "*" => {
+                Uri::from(path.clone())
+            }
+            _ => Uri::from_static("/"),
+        };
         parts.version = Version::HTTP_11;
         let req = Request::from_parts(parts, body);
-        let service = self.config.service.to_string();
         let timeout = self.config.request_timeout;
+        let service = || self.config.service.to_string();
+        let app = self.config.app;
         let rsp = tokio::time::timeout(timeout, self.app.request(req))
             .await
             .map_err(|_| ProxyError::Timeout {
-                service: service.clone(),
+                service: service(),
                 after: timeout,
             })?
             .map_err(|e| {
@@ -463,13 +456,13 @@ impl Inbound {
                     // Not sent: answered 503 so that callers retry elsewhere
                     // (see `ProxyError::status`).
                     ProxyError::AppUnavailable {
-                        service: service.clone(),
+                        service: service(),
                         app,
                         reason: innermost(&e),
                     }
                 } else {
                     ProxyError::BadGateway {
-                        service: service.clone(),
+                        service: service(),
                         reason: format!("app at {app}: {}", innermost(&e)),
                     }
                 }

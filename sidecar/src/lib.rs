@@ -40,6 +40,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod app;
 pub mod body;
 pub mod certificate;
 pub mod config;
