@@ -40,7 +40,7 @@ use crate::app::AppClient;
 use crate::body::{self, ProxyBody};
 use crate::error::ProxyError;
 use crate::http2;
-use crate::metrics::{Direction, Metrics};
+use crate::metrics::{Direction, Metrics, RequestMetrics};
 use crate::outbound::proxy::{HOP_HEADER, innermost, strip_hop_by_hop};
 use crate::serve::{self, Closing};
 use crate::tls::{ALPN_TCP, InboundTls};
@@ -120,7 +120,7 @@ pub struct Inbound {
     policy: Arc<ArcSwap<ServiceConfig>>,
     tls: Option<InboundTls>,
     app: AppClient,
-    metrics: Metrics,
+    requests: RequestMetrics,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -142,12 +142,13 @@ impl Inbound {
         metrics: Metrics,
     ) -> Arc<Self> {
         let app = AppClient::new(config.app, Duration::from_secs(1));
+        let requests = metrics.requests_of(Direction::Inbound, config.service.as_str());
         Arc::new(Self {
             config,
             policy,
             tls,
             app,
-            metrics,
+            requests,
         })
     }
 
@@ -393,12 +394,8 @@ impl Inbound {
                 err.into_response()
             }
         };
-        self.metrics.request(
-            Direction::Inbound,
-            self.config.service.as_str(),
-            rsp.status().as_u16(),
-            started.elapsed(),
-        );
+        self.requests
+            .record(rsp.status().as_u16(), started.elapsed());
         rsp
     }
 

@@ -419,7 +419,7 @@ async fn drive(
         },
         destinations,
         metrics.clone(),
-    );
+    )?;
     servers.push(tokio::spawn(outbound.serve(
         listeners.outbound,
         stop_listeners.clone(),

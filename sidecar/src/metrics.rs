@@ -4,7 +4,7 @@
 //! service names, status codes, handshake failure reasons), never peer
 //! addresses or paths.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -166,21 +166,28 @@ impl Metrics {
         }
     }
 
-    /// Counts one answered request.
+    /// Counts one answered request. On a hot path, hold a
+    /// [`RequestMetrics`] instead.
     pub fn request(&self, direction: Direction, service: &str, status: u16, took: Duration) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                direction,
-                service: service.to_string(),
-                status,
-            })
-            .inc();
-        self.durations
+        self.requests_of(direction, service).record(status, took);
+    }
+
+    /// The request metrics of one direction and service, looked up once.
+    pub fn requests_of(&self, direction: Direction, service: &str) -> RequestMetrics {
+        let duration = self
+            .durations
             .get_or_create(&DurationLabels {
                 direction,
                 service: service.to_string(),
             })
-            .observe(took.as_secs_f64());
+            .clone();
+        RequestMetrics(Arc::new(RequestMetricsInner {
+            direction,
+            service: service.to_string(),
+            requests: self.requests.clone(),
+            by_status: Mutex::default(),
+            duration,
+        }))
     }
 
     /// Counts a failed handshake.
@@ -210,6 +217,50 @@ impl Metrics {
     }
 }
 
+/// The request counters and duration histogram of one direction and
+/// service. Counting a request through it builds no labels and looks up no
+/// map, as [`Metrics::request`] does: the counters of the statuses seen so
+/// far (a handful) are kept at hand.
+#[derive(Debug, Clone)]
+pub struct RequestMetrics(Arc<RequestMetricsInner>);
+
+#[derive(Debug)]
+struct RequestMetricsInner {
+    direction: Direction,
+    service: String,
+    requests: Family<RequestLabels, Counter>,
+    /// At most one entry per status code.
+    by_status: Mutex<Vec<(u16, Counter)>>,
+    duration: Histogram,
+}
+
+impl RequestMetrics {
+    /// Counts one answered request.
+    pub fn record(&self, status: u16, took: Duration) {
+        let inner = &*self.0;
+        let counter = {
+            let mut by_status = inner.by_status.lock().unwrap_or_else(|p| p.into_inner());
+            match by_status.iter().find(|(s, _)| *s == status) {
+                Some((_, counter)) => counter.clone(),
+                None => {
+                    let counter = inner
+                        .requests
+                        .get_or_create(&RequestLabels {
+                            direction: inner.direction,
+                            service: inner.service.clone(),
+                            status,
+                        })
+                        .clone();
+                    by_status.push((status, counter.clone()));
+                    counter
+                }
+            }
+        };
+        counter.inc();
+        inner.duration.observe(took.as_secs_f64());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +284,24 @@ mod tests {
             "signpost_sidecar_certificate_expiry_seconds 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_held_handle_counts_into_the_same_series() {
+        let m = Metrics::new();
+        let held = m.requests_of(Direction::Inbound, "user");
+        held.record(200, Duration::from_millis(1));
+        held.record(200, Duration::from_millis(1));
+        held.record(503, Duration::from_millis(1));
+        m.request(Direction::Inbound, "user", 200, Duration::from_millis(1));
+        let text = m.encode();
+        for line in [
+            "signpost_sidecar_requests_total{direction=\"inbound\",service=\"user\",status=\"200\"} 3",
+            "signpost_sidecar_requests_total{direction=\"inbound\",service=\"user\",status=\"503\"} 1",
+            "signpost_sidecar_request_duration_seconds_count{direction=\"inbound\",service=\"user\"} 4",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
         }
     }
 }

@@ -115,7 +115,8 @@ async fn outbound(mesh: &Mesh, service: &str, resolver: &StaticResolver) -> (Soc
         },
         destinations,
         metrics.clone(),
-    );
+    )
+    .unwrap();
     tokio::spawn(proxy.serve(listener, CancellationToken::new(), Duration::from_secs(1)));
     (addr, metrics)
 }
@@ -287,7 +288,8 @@ async fn new_trust_bundle_applies_to_new_connections() {
         },
         destinations,
         metrics.clone(),
-    );
+    )
+    .unwrap();
     tokio::spawn(proxy.serve(listener, CancellationToken::new(), Duration::from_secs(1)));
     let client = support::proxied(out);
     let refused = client.get("http://user/").send().await.unwrap();

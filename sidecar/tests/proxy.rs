@@ -78,7 +78,8 @@ async fn outbound_with(
         },
         destinations,
         metrics.clone(),
-    );
+    )
+    .unwrap();
     tokio::spawn(proxy.serve(listener, CancellationToken::new(), Duration::from_secs(1)));
     Outbound { addr, metrics }
 }

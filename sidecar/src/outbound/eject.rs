@@ -90,7 +90,9 @@ struct Health {
 #[derive(Debug)]
 pub struct EjectionPool {
     config: EjectionConfig,
-    members: Mutex<HashMap<SocketAddr, Health>>,
+    /// Looked up twice per request: a fast hasher (the keys come from
+    /// Signpost's own DNS answers, not from callers).
+    members: Mutex<HashMap<SocketAddr, Health, foldhash::fast::RandomState>>,
     ejections: Counter,
 }
 
@@ -104,7 +106,9 @@ impl EjectionPool {
         }
     }
 
-    fn members(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Health>> {
+    fn members(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Health, foldhash::fast::RandomState>> {
         // A panic while holding the lock cannot leave the map inconsistent
         // in a way that matters more than losing ejection state.
         self.members.lock().unwrap_or_else(|p| p.into_inner())
@@ -158,11 +162,18 @@ impl EjectionPool {
     /// this outcome ejected it.
     pub fn record(&self, addr: SocketAddr, outcome: Outcome, now: Instant) -> Option<Duration> {
         let mut members = self.members();
-        let total = members.len();
-        let ejected = members
-            .values()
-            .filter(|h| h.ejected_until.is_some_and(|t| t > now))
-            .count();
+        // Counted only for a failure: a success must not cost a pass over
+        // every endpoint.
+        let (total, ejected) = match outcome {
+            Outcome::Success => (0, 0),
+            Outcome::Failure => (
+                members.len(),
+                members
+                    .values()
+                    .filter(|h| h.ejected_until.is_some_and(|t| t > now))
+                    .count(),
+            ),
+        };
         let health = members.get_mut(&addr)?;
         if health.ejected_until.is_some_and(|t| t > now) {
             // A late answer from before the ejection changes nothing.

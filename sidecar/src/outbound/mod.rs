@@ -27,9 +27,10 @@ pub mod retry;
 pub mod shared;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use http::uri::Authority;
 use http::{Request, Response};
 use signpost_control_plane::model::ServiceName;
 use tokio::sync::{mpsc, watch};
@@ -44,7 +45,7 @@ use self::endpoint::{Connect, PeerConnection};
 use self::retry::RetryPolicy;
 use crate::body::{BoxError, ProxyBody};
 use crate::discovery::{DiscoveryState, Refresh, Resolve, watch_endpoints};
-use crate::metrics::{Metrics, ServiceLabels};
+use crate::metrics::{Direction, Metrics, RequestMetrics, ServiceLabels};
 
 /// A destination's whole service stack, type-erased.
 pub type DestinationService =
@@ -104,6 +105,8 @@ pub struct Destination {
     state: watch::Receiver<DiscoveryState>,
     last_used: Mutex<Instant>,
     stop: CancellationToken,
+    requests: RequestMetrics,
+    authority: OnceLock<Option<Authority>>,
 }
 
 impl Destination {
@@ -113,6 +116,19 @@ impl Destination {
             *t = Instant::now();
         }
         self.service.clone()
+    }
+
+    /// The metrics of the requests sent here.
+    pub fn requests(&self) -> &RequestMetrics {
+        &self.requests
+    }
+
+    /// The `:authority` peers see, `<service>.<zone>`: made once, not per
+    /// request. `None` when the zone makes it invalid.
+    pub fn authority(&self, zone: &str) -> Option<Authority> {
+        self.authority
+            .get_or_init(|| format!("{}.{zone}", self.name).parse().ok())
+            .clone()
     }
 
     /// Waits for the first resolution and returns the current state.
@@ -234,6 +250,8 @@ impl Destinations {
             state: state_rx,
             last_used: Mutex::new(Instant::now()),
             stop,
+            requests: self.metrics.requests_of(Direction::Outbound, name.as_str()),
+            authority: OnceLock::new(),
         }
     }
 

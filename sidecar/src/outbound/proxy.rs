@@ -11,6 +11,7 @@
 //!   as plain HTTP to that host, outside the mesh, so `http_proxy` can be
 //!   set for a whole process without breaking its other calls.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -30,11 +31,11 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tracing::{Instrument, debug, info_span};
 
-use super::Destinations;
+use super::{Destination, Destinations};
 use crate::body::{self, BoxError, ProxyBody, Replay};
 use crate::discovery::DiscoveryState;
-use crate::error::ProxyError;
-use crate::metrics::{Direction, Metrics};
+use crate::error::{ProxyError, SidecarError};
+use crate::metrics::{Direction, Metrics, RequestMetrics};
 use crate::serve;
 
 /// Header listing the sidecars a request passed through (their ids), to
@@ -73,8 +74,14 @@ pub fn target(zone: &str, uri: &Uri, headers: &HeaderMap) -> Result<Target, Prox
                 .map_err(|e| ProxyError::BadRequest(format!("invalid Host {host:?}: {e}")))?
         }
     };
-    let host = authority.host().trim_end_matches('.').to_ascii_lowercase();
-    if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') || host == "localhost" {
+    let raw = authority.host().trim_end_matches('.');
+    // Host names arrive lower-case almost always: copy only when not.
+    let host: Cow<'_, str> = if raw.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(raw.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(raw)
+    };
+    if host.starts_with('[') || host == "localhost" || host.parse::<std::net::IpAddr>().is_ok() {
         return Ok(Target::External(authority));
     }
     let in_zone = host
@@ -86,13 +93,13 @@ pub fn target(zone: &str, uri: &Uri, headers: &HeaderMap) -> Result<Target, Prox
                 "{host}: only service names (<service>.{zone}) are routed through the mesh"
             )));
         }
-        rest.to_string()
+        rest
     } else if !host.contains('.') {
-        host
+        &*host
     } else {
         return Ok(Target::External(authority));
     };
-    ServiceName::new(&label)
+    ServiceName::new(label)
         .map(Target::Mesh)
         .map_err(|e| ProxyError::BadRequest(format!("{label:?} is not a service name: {e}")))
 }
@@ -170,14 +177,19 @@ pub fn passed_through(headers: &HeaderMap, id: &str) -> bool {
 }
 
 /// Appends `id` to the hop header.
-pub fn add_hop(headers: &mut HeaderMap, id: &str) {
+pub fn add_hop(headers: &mut HeaderMap, id: &HeaderValue) {
     let value = match headers.get(&HOP_HEADER).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {id}"),
-        _ => id.to_string(),
+        Some(prev) if !prev.is_empty() => {
+            let joined = [prev.as_bytes(), b", ", id.as_bytes()].concat();
+            match HeaderValue::from_bytes(&joined) {
+                Ok(v) => v,
+                Err(_) => return,
+            }
+        }
+        // The common case: the first hop, no formatting.
+        _ => id.clone(),
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(HOP_HEADER, v);
-    }
+    headers.insert(HOP_HEADER, value);
 }
 
 /// Settings of the outbound front.
@@ -196,9 +208,14 @@ pub struct OutboundConfig {
 /// The outbound HTTP proxy.
 pub struct OutboundProxy {
     config: OutboundConfig,
+    /// This sidecar's id as the hop header carries it.
+    hop: HeaderValue,
     destinations: Arc<Destinations>,
     external: Client<HttpConnector, ProxyBody>,
-    metrics: Metrics,
+    /// Requests that left the mesh.
+    external_requests: RequestMetrics,
+    /// Requests refused before a destination was known.
+    unrouted_requests: RequestMetrics,
 }
 
 impl std::fmt::Debug for OutboundProxy {
@@ -215,18 +232,26 @@ impl OutboundProxy {
         mut config: OutboundConfig,
         destinations: Arc<Destinations>,
         metrics: Metrics,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>, SidecarError> {
         config.zone = normalize_zone(&config.zone);
+        let hop = HeaderValue::from_str(&config.id).map_err(|_| {
+            SidecarError::Config(format!(
+                "sidecar id {:?} cannot be a header value",
+                config.id
+            ))
+        })?;
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_nodelay(true);
         let external = Client::builder(TokioExecutor::new()).build(http);
-        Arc::new(Self {
+        Ok(Arc::new(Self {
             config,
+            hop,
             destinations,
             external,
-            metrics,
-        })
+            external_requests: metrics.requests_of(Direction::Outbound, EXTERNAL),
+            unrouted_requests: metrics.requests_of(Direction::Outbound, "-"),
+        }))
     }
 
     /// Serves the app's connections on `listener` until `stop`, then drains.
@@ -259,48 +284,37 @@ impl OutboundProxy {
     /// Handles one request from the app.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
-        let (label, rsp) = match self.route(req).await {
-            Ok((label, rsp)) => (label, rsp),
-            Err((label, err)) => {
+        let (requests, rsp) = match self.route(req).await {
+            Ok(answered) => answered,
+            Err((requests, err)) => {
                 debug!(error = %err, "answered by the sidecar");
-                (label, err.into_response())
+                (requests, err.into_response())
             }
         };
-        self.metrics.request(
-            Direction::Outbound,
-            &label,
-            rsp.status().as_u16(),
-            started.elapsed(),
-        );
+        requests.record(rsp.status().as_u16(), started.elapsed());
         rsp
     }
 
+    /// The answer, with the metrics it counts in.
     async fn route(
         &self,
         req: Request<Incoming>,
-    ) -> Result<(String, Response<ProxyBody>), (String, ProxyError)> {
-        let none = || String::from("-");
+    ) -> Result<(RequestMetrics, Response<ProxyBody>), (RequestMetrics, ProxyError)> {
+        let unrouted = |err| (self.unrouted_requests.clone(), err);
         if req.method() == Method::CONNECT {
-            return Err((
-                none(),
-                ProxyError::BadRequest(
-                    "CONNECT is not supported: call http:// URLs through the sidecar (the mesh encrypts them)".into(),
-                ),
-            ));
+            return Err(unrouted(ProxyError::BadRequest(
+                "CONNECT is not supported: call http:// URLs through the sidecar (the mesh encrypts them)".into(),
+            )));
         }
         if passed_through(req.headers(), &self.config.id) {
-            return Err((
-                none(),
-                ProxyError::Loop {
-                    id: self.config.id.clone(),
-                },
-            ));
+            return Err(unrouted(ProxyError::Loop {
+                id: self.config.id.clone(),
+            }));
         }
-        let target =
-            target(&self.config.zone, req.uri(), req.headers()).map_err(|e| (none(), e))?;
+        let target = target(&self.config.zone, req.uri(), req.headers()).map_err(unrouted)?;
         let (mut parts, incoming) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        add_hop(&mut parts.headers, &self.config.id);
+        add_hop(&mut parts.headers, &self.hop);
         let path = parts
             .uri
             .path_and_query()
@@ -308,37 +322,40 @@ impl OutboundProxy {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         match target {
             Target::Mesh(service) => {
-                let label = service.to_string();
                 let span = info_span!("outbound", service = %service, method = %parts.method, path = %path.path());
+                let dest = self.destinations.get(&service);
+                let requests = dest.requests().clone();
                 let result = self
-                    .call_mesh(service, parts, path, incoming)
+                    .call_mesh(&dest, parts, path, incoming)
                     .instrument(span)
                     .await;
-                result.map(|r| (label.clone(), r)).map_err(|e| (label, e))
+                result
+                    .map(|r| (requests.clone(), r))
+                    .map_err(|e| (requests, e))
             }
             Target::External(authority) => {
                 let span = info_span!("outbound", external = %authority, method = %parts.method);
+                let requests = &self.external_requests;
                 let result = self
                     .call_external(authority, parts, path, incoming)
                     .instrument(span)
                     .await;
                 result
-                    .map(|r| (EXTERNAL.to_string(), r))
-                    .map_err(|e| (EXTERNAL.to_string(), e))
+                    .map(|r| (requests.clone(), r))
+                    .map_err(|e| (requests.clone(), e))
             }
         }
     }
 
     async fn call_mesh(
         &self,
-        service: ServiceName,
+        dest: &Destination,
         mut parts: http::request::Parts,
         path: PathAndQuery,
         incoming: Incoming,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let timeout = self.config.request_timeout;
-        let name = service.to_string();
-        let dest = self.destinations.get(&service);
+        let name = || dest.name.to_string();
         let limit = self.destinations.config().max_pending;
         let work = async {
             let resolved: Pin<Box<dyn Future<Output = DiscoveryState> + Send + '_>> =
@@ -346,7 +363,7 @@ impl OutboundProxy {
             let state = resolved.await;
             if state.endpoints == 0 {
                 return Err(ProxyError::NoHealthyInstance {
-                    service: name.clone(),
+                    service: name(),
                     dns: state.error,
                 });
             }
@@ -355,13 +372,16 @@ impl OutboundProxy {
             })?;
             // The peer sees the logical name as :authority; the port the app
             // used means nothing to it.
-            let authority = format!("{}.{}", service, self.config.zone);
-            parts.uri = Uri::builder()
-                .scheme(Scheme::HTTP)
-                .authority(authority.as_str())
-                .path_and_query(path)
-                .build()
-                .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(Scheme::HTTP);
+            uri.authority = Some(dest.authority(&self.config.zone).ok_or_else(|| {
+                ProxyError::BadRequest(format!(
+                    "{}.{} is not a valid authority",
+                    dest.name, self.config.zone
+                ))
+            })?);
+            uri.path_and_query = Some(path);
+            parts.uri = Uri::from_parts(uri).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
             parts.headers.remove(header::HOST);
             parts.version = Version::HTTP_2;
             let mut req = Request::from_parts(parts, body);
@@ -374,13 +394,13 @@ impl OutboundProxy {
             let call: Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, BoxError>> + Send>> =
                 Box::pin(dest.service().oneshot(req));
             call.await
-                .map_err(|e| ProxyError::from_stack(&name, &e, limit))
+                .map_err(|e| ProxyError::from_stack(&name(), &e, limit))
         };
         let mut rsp =
             tokio::time::timeout(timeout, work)
                 .await
                 .map_err(|_| ProxyError::Timeout {
-                    service: name.clone(),
+                    service: name(),
                     after: timeout,
                 })??;
         strip_hop_by_hop(rsp.headers_mut());
@@ -484,8 +504,8 @@ mod tests {
     #[test]
     fn hops_are_recorded_and_recognized() {
         let mut headers = HeaderMap::new();
-        add_hop(&mut headers, "o1");
-        add_hop(&mut headers, "u1");
+        add_hop(&mut headers, &HeaderValue::from_static("o1"));
+        add_hop(&mut headers, &HeaderValue::from_static("u1"));
         assert_eq!(headers[&HOP_HEADER], "o1, u1");
         assert!(passed_through(&headers, "u1"));
         assert!(!passed_through(&headers, "u"));

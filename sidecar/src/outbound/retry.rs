@@ -49,6 +49,8 @@ pub struct RetryPolicy {
     budget: Arc<TpsBudget>,
     retries: Counter,
     deposited: bool,
+    /// A copy of this request is held (it had a [`Replay`]).
+    replayable: bool,
     retried: bool,
 }
 
@@ -59,6 +61,7 @@ impl RetryPolicy {
             budget,
             retries,
             deposited: false,
+            replayable: false,
             retried: false,
         }
     }
@@ -77,10 +80,10 @@ impl Policy<Request<ProxyBody>, Response<ProxyBody>, BoxError> for RetryPolicy {
 
     fn retry(
         &mut self,
-        req: &mut Request<ProxyBody>,
+        _req: &mut Request<ProxyBody>,
         result: &mut Result<Response<ProxyBody>, BoxError>,
     ) -> Option<Self::Future> {
-        if self.retried || req.extensions().get::<Replay>().is_none() {
+        if self.retried || !self.replayable {
             return None;
         }
         let failed = match result {
@@ -106,13 +109,14 @@ impl Policy<Request<ProxyBody>, Response<ProxyBody>, BoxError> for RetryPolicy {
             self.budget.deposit();
             self.deposited = true;
         }
-        let replay = req.extensions().get::<Replay>()?.clone();
+        let replay = req.extensions().get::<Replay>()?;
         let mut clone = Request::new(full(replay.0.clone()));
         *clone.method_mut() = req.method().clone();
         *clone.uri_mut() = req.uri().clone();
         *clone.version_mut() = req.version();
         *clone.headers_mut() = req.headers().clone();
-        clone.extensions_mut().insert(replay);
+        // Retried at most once: the copy needs no `Replay` of its own.
+        self.replayable = true;
         Some(clone)
     }
 }
