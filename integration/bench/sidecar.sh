@@ -12,13 +12,13 @@
 #   ./integration/bench/sidecar.sh [RUNS] [SECONDS] [CONNECTIONS]   (defaults: 3 10 32)
 # Needs: nginx, haproxy, wrk, openssl (apt-get install nginx-light haproxy wrk openssl).
 #
-# With SIGNPOST_BENCH_CALLGRIND=N it instead runs both sidecars under
-# valgrind's callgrind, sends N requests through the chain (oha, 32
-# connections, after 300 to warm up) and prints the instructions each sidecar
-# executed per request: user space only, but repeatable to a few per cent on
-# a noisy machine where CPU times are not (apt-get install valgrind).
-# SIGNPOST_BENCH_KEEP=DIR also keeps the profiles as DIR/callgrind.{A,B}.out
-# for callgrind_annotate.
+# With SIGNPOST_BENCH_CALLGRIND=N it instead runs both sidecars and both
+# HAProxies under valgrind's callgrind, sends N requests through each chain
+# (oha, 32 connections, after 300 to warm up) and prints the instructions
+# each proxy executed per request: user space only (TLS included), but
+# repeatable to a few per cent on a noisy machine where CPU times are not
+# (apt-get install valgrind). SIGNPOST_BENCH_KEEP=DIR also keeps the profiles
+# as DIR/callgrind.{sidecar,haproxy}.{A,B}.out for callgrind_annotate.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${1:-3}
@@ -86,24 +86,6 @@ for port in 28000 28100; do
 done
 curl -fsS -H 'Host: app' http://127.0.0.1:28001/ >/dev/null || { echo "signpost chain does not answer" >&2; tail "$WORK"/sidecar-*.log >&2; exit 1; }
 
-if [ -n "$CALLGRIND" ]; then
-    for pid in $SIDECAR_A $SIDECAR_B; do callgrind_control -i on "$pid" >/dev/null 2>&1; done
-    oha --no-tui -n 300 -c 32 -H 'Host: app' http://127.0.0.1:28001/ >/dev/null
-    for pid in $SIDECAR_A $SIDECAR_B; do callgrind_control -z "$pid" >/dev/null 2>&1; done
-    oha --no-tui -n "$CALLGRIND" -c 32 -H 'Host: app' http://127.0.0.1:28001/ | grep -E 'Success rate|\[[0-9]{3}\] [0-9]+ responses'
-    for pid in $SIDECAR_A $SIDECAR_B; do callgrind_control -d "$pid" >/dev/null 2>&1; done
-    sleep 1
-    for side in A B; do
-        pid=$SIDECAR_A; [ $side = B ] && pid=$SIDECAR_B
-        ir=$(grep -h '^summary:' "$WORK/callgrind.$pid.out".* | tail -1 | awk '{print $2}')
-        echo "sidecar $side: $((ir / CALLGRIND)) instructions per request ($ir over $CALLGRIND requests)"
-        if [ -n "${SIGNPOST_BENCH_KEEP:-}" ]; then
-            mkdir -p "$SIGNPOST_BENCH_KEEP"
-            cp "$(ls "$WORK/callgrind.$pid.out".* | sort -V | tail -1)" "$SIGNPOST_BENCH_KEEP/callgrind.$side.out"
-        fi
-    done
-    exit 0
-fi
 
 # --- HAProxy: the same chain with mTLS ----------------------------------------
 cd "$WORK"
@@ -148,12 +130,39 @@ backend peer
     http-reuse always
     server b 127.0.0.1:29443 ssl crt $WORK/a.pem ca-file $WORK/ca.pem verify required ssl-min-ver TLSv1.3 alpn h2
 CFG
-taskset -c 0 haproxy -f "$WORK/haproxy-b.cfg" -db >"$WORK/haproxy-b.log" 2>&1 &
+taskset -c 0 "${WRAP[@]}" haproxy -f "$WORK/haproxy-b.cfg" -db >"$WORK/haproxy-b.log" 2>&1 &
 HAPROXY_B=$!; PIDS+=($HAPROXY_B)
-taskset -c 0 haproxy -f "$WORK/haproxy-a.cfg" -db >"$WORK/haproxy-a.log" 2>&1 &
+taskset -c 0 "${WRAP[@]}" haproxy -f "$WORK/haproxy-a.cfg" -db >"$WORK/haproxy-a.log" 2>&1 &
 HAPROXY_A=$!; PIDS+=($HAPROXY_A)
-sleep 0.5
+for _ in $(seq 300); do curl -fsS http://127.0.0.1:29001/ >/dev/null 2>&1 && break; sleep 0.2; done
 curl -fsS http://127.0.0.1:29001/ >/dev/null || { echo "haproxy chain does not answer" >&2; cat "$WORK"/haproxy-*.log >&2; exit 1; }
+
+if [ -n "$CALLGRIND" ]; then
+    # instructions NAME PID_A PID_B URL [Host]: N requests through one chain,
+    # counted in both of its proxies.
+    instructions() {
+        local name=$1 a=$2 b=$3 url=$4 hdr=() pid side ir
+        [ -n "${5:-}" ] && hdr=(-H "Host: $5")
+        for pid in $a $b; do callgrind_control -i on "$pid" >/dev/null 2>&1; done
+        oha --no-tui -n 300 -c 32 "${hdr[@]}" "$url" >/dev/null
+        for pid in $a $b; do callgrind_control -z "$pid" >/dev/null 2>&1; done
+        oha --no-tui -n "$CALLGRIND" -c 32 "${hdr[@]}" "$url" | grep -E 'Success rate|\[[0-9]{3}\] [0-9]+ responses'
+        for pid in $a $b; do callgrind_control -d "$pid" >/dev/null 2>&1; done
+        sleep 1
+        for side in A B; do
+            pid=$a; [ $side = B ] && pid=$b
+            ir=$(grep -h '^summary:' "$WORK/callgrind.$pid.out".* | tail -1 | awk '{print $2}')
+            echo "$name $side: $((ir / CALLGRIND)) instructions per request ($ir over $CALLGRIND requests)"
+            if [ -n "${SIGNPOST_BENCH_KEEP:-}" ]; then
+                mkdir -p "$SIGNPOST_BENCH_KEEP"
+                cp "$(ls "$WORK/callgrind.$pid.out".* | sort -V | tail -1)" "$SIGNPOST_BENCH_KEEP/callgrind.$name.$side.out"
+            fi
+        done
+    }
+    instructions sidecar "$SIDECAR_A" "$SIDECAR_B" http://127.0.0.1:28001/ app
+    instructions haproxy "$HAPROXY_A" "$HAPROXY_B" http://127.0.0.1:29001/
+    exit 0
+fi
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rss_mb() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
