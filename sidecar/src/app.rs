@@ -10,8 +10,9 @@
 //! bottom, where they are dropped after [`IDLE_TIMEOUT`]).
 //!
 //! A connection goes back on the stack when its response body has been read
-//! to the end; a response abandoned halfway closes it, since what is left
-//! of the body would otherwise be read as the next response.
+//! to the end and it can take the next request (its request body may still
+//! be on its way); a response abandoned halfway closes it, since what is
+//! left of the body would otherwise be read as the next response.
 //!
 //! Like hyper-util's client, a request that could not be written because
 //! the app had just closed an idle connection is sent again on another one:
@@ -232,11 +233,31 @@ impl Body for AppBody {
 
 impl Drop for AppBody {
     fn drop(&mut self) {
-        if let Some(sender) = self.sender.take()
-            && self.is_end_stream()
-        {
-            self.pool.checkin(sender);
+        let Some(mut sender) = self.sender.take() else {
+            return;
+        };
+        if !self.is_end_stream() {
+            return;
         }
+        if sender.is_ready() {
+            self.pool.checkin(sender);
+            return;
+        }
+        // Not ready yet: the connection task has not seen the end of the
+        // exchange, or the request body is still being sent (an app may
+        // answer before reading it all). Put the connection back only once
+        // it can take a request, so that no request waits behind a slow
+        // upload; give up on it after the idle timeout.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let pool = self.pool.clone();
+        runtime.spawn(async move {
+            let ready = tokio::time::timeout(pool.idle_timeout, sender.ready()).await;
+            if matches!(ready, Ok(Ok(()))) {
+                pool.checkin(sender);
+            }
+        });
     }
 }
 
@@ -368,6 +389,28 @@ mod tests {
             }
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn no_request_waits_behind_an_unfinished_upload() {
+        // The app answers at once and never reads the body, which never ends.
+        let (addr, accepted) = server(OK, None).await;
+        let client = AppClient::new(addr, Duration::from_secs(1));
+        let upload = http_body_util::StreamBody::new(futures::stream::pending::<
+            Result<Frame<Bytes>, body::BoxError>,
+        >());
+        let post = Request::post("/")
+            .header(http::header::HOST, "app")
+            .body(body::boxed(upload))
+            .unwrap();
+        let rsp = client.request(post).await.unwrap();
+        assert_eq!(rsp.into_body().collect().await.unwrap().to_bytes(), "hello");
+        let next = tokio::time::timeout(Duration::from_secs(5), text(&client)).await;
+        assert_eq!(
+            next.expect("the next request waited for the upload"),
+            "hello"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
