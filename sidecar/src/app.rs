@@ -114,8 +114,8 @@ impl AppClient {
                 Some(sender) => (sender, true),
                 None => (self.connect().await?, false),
             };
-            // Ready once the app's previous answer on it is complete; an
-            // error means the connection closed while it sat idle.
+            // An idle connection was ready when it was put back (a new one
+            // is ready at once); an error means it closed since.
             if let Err(err) = sender.ready().await {
                 if reused {
                     continue;
