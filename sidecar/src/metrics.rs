@@ -166,13 +166,8 @@ impl Metrics {
         }
     }
 
-    /// Counts one answered request. On a hot path, hold a
-    /// [`RequestMetrics`] instead.
-    pub fn request(&self, direction: Direction, service: &str, status: u16, took: Duration) {
-        self.requests_of(direction, service).record(status, took);
-    }
-
-    /// The request metrics of one direction and service, looked up once.
+    /// The request metrics of one direction and service, looked up once
+    /// and held by whoever counts its requests.
     pub fn requests_of(&self, direction: Direction, service: &str) -> RequestMetrics {
         let duration = self
             .durations
@@ -219,8 +214,8 @@ impl Metrics {
 
 /// The request counters and duration histogram of one direction and
 /// service. Counting a request through it builds no labels and looks up no
-/// map, as [`Metrics::request`] does: the counters of the statuses seen so
-/// far (a handful) are kept at hand.
+/// map: the counters of the statuses seen so far (a handful) are kept at
+/// hand.
 #[derive(Debug, Clone)]
 pub struct RequestMetrics(Arc<RequestMetricsInner>);
 
@@ -268,7 +263,8 @@ mod tests {
     #[test]
     fn names_carry_their_units() {
         let m = Metrics::new();
-        m.request(Direction::Outbound, "user", 200, Duration::from_millis(3));
+        m.requests_of(Direction::Outbound, "user")
+            .record(200, Duration::from_millis(3));
         m.handshake_failure("unknown_ca");
         m.retries
             .get_or_create(&ServiceLabels {
@@ -288,13 +284,15 @@ mod tests {
     }
 
     #[test]
-    fn a_held_handle_counts_into_the_same_series() {
+    fn handles_of_one_service_count_into_the_same_series() {
         let m = Metrics::new();
         let held = m.requests_of(Direction::Inbound, "user");
         held.record(200, Duration::from_millis(1));
         held.record(200, Duration::from_millis(1));
         held.record(503, Duration::from_millis(1));
-        m.request(Direction::Inbound, "user", 200, Duration::from_millis(1));
+        // A destination dropped when idle and made again gets a new handle.
+        m.requests_of(Direction::Inbound, "user")
+            .record(200, Duration::from_millis(1));
         let text = m.encode();
         for line in [
             "signpost_sidecar_requests_total{direction=\"inbound\",service=\"user\",status=\"200\"} 3",

@@ -302,34 +302,35 @@ impl OutboundProxy {
     /// Handles one request from the app.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
-        let (requests, rsp) = match self.route(req).await {
-            Ok(answered) => answered,
-            Err((requests, err)) => {
-                debug!(error = %err, "answered by the sidecar");
-                (requests, err.into_response())
-            }
-        };
+        let (requests, result) = self.route(req).await;
+        let rsp = result.unwrap_or_else(|err| {
+            debug!(error = %err, "answered by the sidecar");
+            err.into_response()
+        });
         requests.record(rsp.status().as_u16(), started.elapsed());
         rsp
     }
 
-    /// The answer, with the metrics it counts in.
+    /// The answer, and the metrics it counts in.
     async fn route(
         &self,
         req: Request<Incoming>,
-    ) -> Result<(RequestMetrics, Response<ProxyBody>), (RequestMetrics, ProxyError)> {
-        let unrouted = |err| (self.unrouted_requests.clone(), err);
+    ) -> (RequestMetrics, Result<Response<ProxyBody>, ProxyError>) {
+        let unrouted = |err| (self.unrouted_requests.clone(), Err(err));
         if req.method() == Method::CONNECT {
-            return Err(unrouted(ProxyError::BadRequest(
+            return unrouted(ProxyError::BadRequest(
                 "CONNECT is not supported: call http:// URLs through the sidecar (the mesh encrypts them)".into(),
-            )));
+            ));
         }
         if passed_through(req.headers(), &self.config.id) {
-            return Err(unrouted(ProxyError::Loop {
+            return unrouted(ProxyError::Loop {
                 id: self.config.id.clone(),
-            }));
+            });
         }
-        let target = target(&self.config.zone, req.uri(), req.headers()).map_err(unrouted)?;
+        let target = match target(&self.config.zone, req.uri(), req.headers()) {
+            Ok(target) => target,
+            Err(err) => return unrouted(err),
+        };
         let (mut parts, incoming) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         add_hop(&mut parts.headers, &self.hop);
@@ -342,25 +343,19 @@ impl OutboundProxy {
             Target::Mesh(service) => {
                 let span = info_span!("outbound", service = %service, method = %parts.method, path = %path.path());
                 let dest = self.destinations.get(&service);
-                let requests = dest.requests().clone();
                 let result = self
                     .call_mesh(&dest, parts, path, incoming)
                     .instrument(span)
                     .await;
-                result
-                    .map(|r| (requests.clone(), r))
-                    .map_err(|e| (requests, e))
+                (dest.requests().clone(), result)
             }
             Target::External(authority) => {
                 let span = info_span!("outbound", external = %authority, method = %parts.method);
-                let requests = &self.external_requests;
                 let result = self
                     .call_external(authority, parts, path, incoming)
                     .instrument(span)
                     .await;
-                result
-                    .map(|r| (requests.clone(), r))
-                    .map_err(|e| (requests.clone(), e))
+                (self.external_requests.clone(), result)
             }
         }
     }
