@@ -179,6 +179,14 @@ macro_rules! label_type {
                 &self.0
             }
         }
+
+        // Hash and Eq are the inner `String`'s, so maps keyed by the name can
+        // be searched with a `&str`.
+        impl std::borrow::Borrow<str> for $ty {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
     };
 }
 

@@ -20,7 +20,8 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 pub const REPLAY_LIMIT: usize = 64 * 1024;
 
 /// A request extension holding the complete body, present when the request
-/// may be sent again.
+/// has one and may be sent again. (A request whose body is empty may always
+/// be sent again, and carries none.)
 #[derive(Debug, Clone)]
 pub struct Replay(pub Bytes);
 

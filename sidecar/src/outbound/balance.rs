@@ -10,6 +10,8 @@
 //! healthy one: a fast failure would otherwise look like the *cheapest*
 //! endpoint, and a retry would likely go straight back to it.
 
+use std::cmp::Ordering;
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -36,17 +38,15 @@ pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// smooth bursts, short enough to follow a peer that slowed down.
 pub const DECAY: Duration = Duration::from_secs(10);
 
-/// Added to the load of an endpoint that just failed: more than any healthy
-/// endpoint's cost (a thousand request-seconds), so P2C prefers anything else.
-const FAILURE_PENALTY_COST: f64 = 1e12;
-
 /// Reads the number inside tower's opaque [`Cost`].
 ///
 /// tower 0.5's `Cost` offers ordering but no accessor or division (tower
 /// 0.3 had `Div<Weight>`), and weighting needs the number. Its `Debug` form
 /// is `Cost(<f64>)`; the `cost_debug_format_is_understood` test pins that so
 /// a tower upgrade that changes it fails loudly instead of silently
-/// unweighting the balancer.
+/// unweighting the balancer. Formatting and parsing cost about as much as
+/// the rest of the pick, so [`WeightedCost`] does it only when the weights
+/// differ.
 fn cost_value(cost: Cost) -> f64 {
     let text = format!("{cost:?}");
     text.strip_prefix("Cost(")
@@ -55,9 +55,67 @@ fn cost_value(cost: Cost) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The load metric the balancer compares.
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
-pub struct WeightedCost(pub f64);
+/// The load metric the balancer compares: an endpoint that just failed
+/// sorts after every other; otherwise the peak-EWMA cost divided by the
+/// weight is lower for the better pick.
+#[derive(Debug, Clone, Copy)]
+pub struct WeightedCost {
+    penalized: bool,
+    cost: Cost,
+    weight: f64,
+}
+
+impl WeightedCost {
+    /// The cost divided by the weight (the penalty aside).
+    pub fn per_weight(&self) -> f64 {
+        cost_value(self.cost) / self.weight
+    }
+}
+
+impl PartialOrd for WeightedCost {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        match self.penalized.cmp(&other.penalized) {
+            Ordering::Equal => {}
+            unequal => return Some(unequal),
+        }
+        // Equal weights, the usual case, compare the costs themselves.
+        if self.weight == other.weight {
+            self.cost.partial_cmp(&other.cost)
+        } else {
+            self.per_weight().partial_cmp(&other.per_weight())
+        }
+    }
+}
+
+impl PartialEq for WeightedCost {
+    fn eq(&self, other: &Self) -> bool {
+        self.partial_cmp(other) == Some(Ordering::Equal)
+    }
+}
+
+/// An endpoint's key in the balancer: its address, hashed in one write.
+///
+/// tower's ready cache keeps its endpoints in `IndexMap`s with the std
+/// hasher and hashes the key about eight times per request (moving the
+/// picked endpoint to the pending set and back). `SocketAddr`'s derived
+/// hash feeds SipHash four times (variant, length, octets, port); this
+/// feeds it once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointKey(pub SocketAddr);
+
+impl Hash for EndpointKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        match self.0 {
+            SocketAddr::V4(a) => {
+                state.write_u64((u64::from(a.ip().to_bits()) << 16) | u64::from(a.port()));
+            }
+            SocketAddr::V6(a) => {
+                state.write_u128(a.ip().to_bits());
+                state.write_u16(a.port());
+            }
+        }
+    }
+}
 
 /// An endpoint as the balancer sees it: peak-EWMA load divided by weight,
 /// outlier detection inside.
@@ -100,11 +158,11 @@ impl<S> Load for Weighted<S> {
     type Metric = WeightedCost;
 
     fn load(&self) -> WeightedCost {
-        let mut cost = cost_value(self.inner.load()) / self.weight;
-        if self.pool.penalized(self.addr, Instant::now()) {
-            cost += FAILURE_PENALTY_COST;
+        WeightedCost {
+            penalized: !self.pool.is_calm() && self.pool.penalized(self.addr, Instant::now()),
+            cost: self.inner.load(),
+            weight: self.weight,
         }
-        WeightedCost(cost)
     }
 }
 
@@ -128,7 +186,8 @@ where
 /// The stream of endpoint changes a [`Balance`] discovers from.
 pub type DiscoverStream<S> = std::pin::Pin<
     Box<
-        dyn Stream<Item = Result<Change<SocketAddr, Weighted<S>>, std::convert::Infallible>> + Send,
+        dyn Stream<Item = Result<Change<EndpointKey, Weighted<S>>, std::convert::Infallible>>
+            + Send,
     >,
 >;
 
@@ -151,12 +210,12 @@ where
             change.map(|change| {
                 Ok(match change {
                     Change::Insert(addr, endpoint) => Change::Insert(
-                        addr,
+                        EndpointKey(addr),
                         Weighted::new(connect(endpoint), endpoint, pool.clone()),
                     ),
                     Change::Remove(addr) => {
                         pool.remove(addr);
-                        Change::Remove(addr)
+                        Change::Remove(EndpointKey(addr))
                     }
                 })
             })
@@ -186,6 +245,56 @@ mod tests {
         );
         let value = cost_value(svc.load());
         assert!(value > 0.0, "could not read {:?}", svc.load());
+    }
+
+    fn cost(rtt_ms: u64) -> Cost {
+        PeakEwma::new(
+            tower::service_fn(|()| async { Ok::<_, ()>(()) }),
+            Duration::from_millis(rtt_ms),
+            1e9,
+            CompleteOnResponse::default(),
+        )
+        .load()
+    }
+
+    #[test]
+    fn weighted_cost_orders_by_penalty_then_cost_per_weight() {
+        // Each `Cost` decays from the moment it is made: make each once.
+        let (c1, c10, c20, c1000) = (cost(1), cost(10), cost(20), cost(1000));
+        let of = |penalized, cost, weight| WeightedCost {
+            penalized,
+            cost,
+            weight,
+        };
+        // Equal weights: the cost decides.
+        assert!(of(false, c10, 1.0) < of(false, c20, 1.0));
+        assert!(of(false, c20, 1.0) == of(false, c20, 1.0));
+        // Weights divide: 20 ms at weight 4 is cheaper than 10 ms at 1.
+        assert!(of(false, c20, 4.0) < of(false, c10, 1.0));
+        assert!(of(false, c10, 1.0) < of(false, c20, 1.5));
+        // A failed endpoint sorts after any other, whatever its cost.
+        assert!(of(false, c1000, 1.0) < of(true, c1, 100.0));
+        assert!(of(true, c10, 1.0) < of(true, c20, 1.0));
+    }
+
+    #[test]
+    fn endpoint_keys_hash_equal_when_equal() {
+        use std::hash::BuildHasher;
+        let hasher = std::collections::hash_map::RandomState::new();
+        let a: SocketAddr = "10.0.0.5:15006".parse().unwrap();
+        let b: SocketAddr = "[fd00::5]:15006".parse().unwrap();
+        assert_eq!(
+            hasher.hash_one(EndpointKey(a)),
+            hasher.hash_one(EndpointKey("10.0.0.5:15006".parse().unwrap()))
+        );
+        assert_ne!(
+            hasher.hash_one(EndpointKey(a)),
+            hasher.hash_one(EndpointKey("10.0.0.5:15007".parse().unwrap()))
+        );
+        assert_eq!(
+            hasher.hash_one(EndpointKey(b)),
+            hasher.hash_one(EndpointKey(b))
+        );
     }
 
     /// An endpoint service answering at once with the endpoint's address.

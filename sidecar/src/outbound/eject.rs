@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -86,6 +87,18 @@ struct Health {
     last_failure: Option<Instant>,
 }
 
+impl Health {
+    /// Nothing to remember: no failure since the last success, not ejected,
+    /// not on probation. (`ejections` and `returned_at` are history, read
+    /// only when a failure comes.)
+    fn is_clean(&self) -> bool {
+        self.consecutive == 0
+            && self.ejected_until.is_none()
+            && !self.probation
+            && self.last_failure.is_none()
+    }
+}
+
 /// The ejection state of one destination's endpoints.
 #[derive(Debug)]
 pub struct EjectionPool {
@@ -93,6 +106,9 @@ pub struct EjectionPool {
     /// Looked up twice per request: a fast hasher (the keys come from
     /// Signpost's own DNS answers, not from callers).
     members: Mutex<HashMap<SocketAddr, Health, foldhash::fast::RandomState>>,
+    /// How many members are not [clean](Health::is_clean). While none is,
+    /// a request needs no lookup, lock or clock here (see [`Self::is_calm`]).
+    troubled: AtomicUsize,
     ejections: Counter,
 }
 
@@ -102,6 +118,7 @@ impl EjectionPool {
         Self {
             config,
             members: Mutex::default(),
+            troubled: AtomicUsize::new(0),
             ejections,
         }
     }
@@ -121,7 +138,35 @@ impl EjectionPool {
 
     /// Forgets an endpoint (discovery dropped it).
     pub fn remove(&self, addr: SocketAddr) {
-        self.members().remove(&addr);
+        if let Some(health) = self.members().remove(&addr)
+            && !health.is_clean()
+        {
+            self.troubled.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether every endpoint is clean: none failed since its last success,
+    /// none is ejected or on probation. Then [`Self::ejected_until`] and
+    /// [`Self::penalized`] are `None` and `false` for all, and a success
+    /// changes nothing, so the per-request path skips them. Read without
+    /// the lock: a failure recorded at this instant may be seen a request
+    /// late, as it could be with the lock.
+    pub fn is_calm(&self) -> bool {
+        self.troubled.load(Ordering::Relaxed) == 0
+    }
+
+    /// Counts `health` in or out of the troubled after a change; `was_clean`
+    /// is how it was before. Called with the lock held.
+    fn track(&self, was_clean: bool, health: &Health) {
+        match (was_clean, health.is_clean()) {
+            (true, false) => {
+                self.troubled.fetch_add(1, Ordering::Relaxed);
+            }
+            (false, true) => {
+                self.troubled.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
     }
 
     /// How many endpoints are ejected now.
@@ -140,9 +185,11 @@ impl EjectionPool {
         match health.ejected_until {
             Some(until) if until > now => Some(until),
             Some(_) => {
+                let was_clean = health.is_clean();
                 health.ejected_until = None;
                 health.returned_at = Some(now);
                 health.probation = true;
+                self.track(was_clean, health);
                 info!(endpoint = %addr, "endpoint back from ejection, on probation");
                 None
             }
@@ -175,6 +222,23 @@ impl EjectionPool {
             ),
         };
         let health = members.get_mut(&addr)?;
+        let was_clean = health.is_clean();
+        let ejected_for = self.apply(addr, health, outcome, now, total, ejected);
+        self.track(was_clean, health);
+        ejected_for
+    }
+
+    /// The state change of [`Self::record`], on `addr`'s `health`; `total`
+    /// and `ejected` count the pool (only for a failure).
+    fn apply(
+        &self,
+        addr: SocketAddr,
+        health: &mut Health,
+        outcome: Outcome,
+        now: Instant,
+        total: usize,
+        ejected: usize,
+    ) -> Option<Duration> {
         if health.ejected_until.is_some_and(|t| t > now) {
             // A late answer from before the ejection changes nothing.
             return None;
@@ -286,6 +350,10 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.pool.is_calm() {
+            self.wake = None;
+            return self.inner.poll_ready(cx);
+        }
         loop {
             match self.pool.ejected_until(self.addr, Instant::now()) {
                 Some(until) => {
@@ -314,7 +382,10 @@ where
         let (pool, addr) = (self.pool.clone(), self.addr);
         Box::pin(async move {
             let result = fut.await;
-            pool.record(addr, outcome_of(&result), Instant::now());
+            let outcome = outcome_of(&result);
+            if outcome == Outcome::Failure || !pool.is_calm() {
+                pool.record(addr, outcome, Instant::now());
+            }
             result
         })
     }
@@ -342,6 +413,33 @@ mod tests {
             last = pool.record(a, Outcome::Failure, Instant::now());
         }
         last
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calm_until_a_failure_and_again_once_every_endpoint_recovered() {
+        let pool = pool_of(4);
+        assert!(pool.is_calm());
+        pool.record(addr(1), Outcome::Success, Instant::now());
+        assert!(
+            pool.is_calm(),
+            "a success on a clean endpoint changes nothing"
+        );
+        fail(&pool, addr(1), 1);
+        fail(&pool, addr(2), 1);
+        assert!(!pool.is_calm());
+        assert!(pool.penalized(addr(1), Instant::now()));
+        pool.record(addr(1), Outcome::Success, Instant::now());
+        assert!(!pool.is_calm(), "addr 2 still failed last");
+        pool.remove(addr(2));
+        assert!(pool.is_calm(), "a removed endpoint takes its trouble along");
+
+        // Ejected, back on probation, then a success: calm only at the end.
+        assert!(fail(&pool, addr(3), 5).is_some());
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(pool.ejected_until(addr(3), Instant::now()).is_none());
+        assert!(!pool.is_calm(), "on probation");
+        pool.record(addr(3), Outcome::Success, Instant::now());
+        assert!(pool.is_calm());
     }
 
     #[tokio::test(start_paused = true)]

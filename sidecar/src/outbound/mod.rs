@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use http::uri::Authority;
 use http::{Request, Response};
-use signpost_control_plane::model::ServiceName;
+use signpost_control_plane::model::{NameError, ServiceName};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -186,15 +186,19 @@ impl Destinations {
         &self.config
     }
 
-    /// The destination `name`, created (and its discovery started) on first use.
-    pub fn get(&self, name: &ServiceName) -> Arc<Destination> {
+    /// The destination `name`, created (and its discovery started) on first
+    /// use. `name` is checked against the label rules only then: a name
+    /// already in use is a valid one, so a request to it builds no
+    /// [`ServiceName`].
+    pub fn get(&self, name: &str) -> Result<Arc<Destination>, NameError> {
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(dest) = active.get(name) {
-            return dest.clone();
+            return Ok(dest.clone());
         }
-        let dest = Arc::new(self.build(name));
-        active.insert(name.clone(), dest.clone());
-        dest
+        let name = ServiceName::new(name)?;
+        let dest = Arc::new(self.build(&name));
+        active.insert(name, dest.clone());
+        Ok(dest)
     }
 
     fn build(&self, name: &ServiceName) -> Destination {
@@ -309,9 +313,9 @@ mod tests {
             DestinationConfig::default(),
             Metrics::new(),
         );
-        let user = ServiceName::new("user").unwrap();
-        let dest = destinations.get(&user);
-        assert!(Arc::ptr_eq(&dest, &destinations.get(&user)));
+        let dest = destinations.get("user").unwrap();
+        assert!(Arc::ptr_eq(&dest, &destinations.get("user").unwrap()));
+        assert!(destinations.get("no_such").is_err());
         assert_eq!(dest.resolved().await.endpoints, 0);
         let stop = dest.stop.clone();
         drop(dest);

@@ -24,7 +24,6 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use signpost_control_plane::model::ServiceName;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -48,60 +47,65 @@ pub const EXTERNAL: &str = "external";
 
 /// Where an app's request goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// A mesh service.
-    Mesh(ServiceName),
-    /// A host outside the mesh, with its port.
-    External(Authority),
+pub enum Target<'a> {
+    /// A mesh service: its label, lower-case, not yet checked against the
+    /// label rules (a known destination needs no check; see
+    /// [`super::Destinations::get`]).
+    Mesh(Cow<'a, str>),
+    /// A host outside the mesh: the request's own authority.
+    External,
 }
 
-/// Decides the route of a request from its URI (absolute form) or `Host`.
-/// `zone` is lower-case without the trailing dot (see [`normalize_zone`]).
-pub fn target(zone: &str, uri: &Uri, headers: &HeaderMap) -> Result<Target, ProxyError> {
-    let authority = match uri.authority() {
-        Some(a) => a.clone(),
-        None => {
-            let host = headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .ok_or_else(|| {
-                    ProxyError::BadRequest(
-                        "no destination: send an absolute URL (http://user/...) or a Host header"
-                            .into(),
-                    )
-                })?;
-            host.parse::<Authority>()
-                .map_err(|e| ProxyError::BadRequest(format!("invalid Host {host:?}: {e}")))?
-        }
-    };
+/// The authority a request names: its URI's (absolute form) or its `Host`.
+pub fn requested_authority(uri: &Uri, headers: &HeaderMap) -> Result<Authority, ProxyError> {
+    if let Some(a) = uri.authority() {
+        return Ok(a.clone());
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .ok_or_else(|| {
+            ProxyError::BadRequest(
+                "no destination: send an absolute URL (http://user/...) or a Host header".into(),
+            )
+        })?;
+    host.parse::<Authority>()
+        .map_err(|e| ProxyError::BadRequest(format!("invalid Host {host:?}: {e}")))
+}
+
+/// Decides the route of a request for `authority`. `zone` is lower-case
+/// without the trailing dot (see [`normalize_zone`]).
+pub fn target<'a>(zone: &str, authority: &'a Authority) -> Result<Target<'a>, ProxyError> {
     let raw = authority.host().trim_end_matches('.');
     // Host names arrive lower-case almost always: copy only when not.
-    let host: Cow<'_, str> = if raw.bytes().any(|b| b.is_ascii_uppercase()) {
+    let host: Cow<'a, str> = if raw.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(raw.to_ascii_lowercase())
     } else {
         Cow::Borrowed(raw)
     };
     if host.starts_with('[') || host == "localhost" || host.parse::<std::net::IpAddr>().is_ok() {
-        return Ok(Target::External(authority));
+        return Ok(Target::External);
     }
     let in_zone = host
         .strip_suffix(zone)
         .and_then(|rest| rest.strip_suffix('.'));
-    let label = if let Some(rest) = in_zone {
-        if rest.contains('.') {
+    let label_len = match in_zone {
+        Some(rest) if rest.contains('.') => {
             return Err(ProxyError::BadRequest(format!(
                 "{host}: only service names (<service>.{zone}) are routed through the mesh"
             )));
         }
-        rest
-    } else if !host.contains('.') {
-        &*host
-    } else {
-        return Ok(Target::External(authority));
+        Some(rest) => rest.len(),
+        None if !host.contains('.') => host.len(),
+        None => return Ok(Target::External),
     };
-    ServiceName::new(label)
-        .map(Target::Mesh)
-        .map_err(|e| ProxyError::BadRequest(format!("{label:?} is not a service name: {e}")))
+    Ok(Target::Mesh(match host {
+        Cow::Borrowed(h) => Cow::Borrowed(&h[..label_len]),
+        Cow::Owned(mut h) => {
+            h.truncate(label_len);
+            Cow::Owned(h)
+        }
+    }))
 }
 
 /// The zone as [`target`] compares it: lower-case, no trailing dot. Done
@@ -327,8 +331,20 @@ impl OutboundProxy {
                 id: self.config.id.clone(),
             });
         }
-        let target = match target(&self.config.zone, req.uri(), req.headers()) {
-            Ok(target) => target,
+        let authority = match requested_authority(req.uri(), req.headers()) {
+            Ok(authority) => authority,
+            Err(err) => return unrouted(err),
+        };
+        let dest = match target(&self.config.zone, &authority) {
+            Ok(Target::Mesh(label)) => match self.destinations.get(&label) {
+                Ok(dest) => Some(dest),
+                Err(e) => {
+                    return unrouted(ProxyError::BadRequest(format!(
+                        "{label:?} is not a service name: {e}"
+                    )));
+                }
+            },
+            Ok(Target::External) => None,
             Err(err) => return unrouted(err),
         };
         let (mut parts, incoming) = req.into_parts();
@@ -339,17 +355,16 @@ impl OutboundProxy {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        match target {
-            Target::Mesh(service) => {
-                let span = info_span!("outbound", service = %service, method = %parts.method, path = %path.path());
-                let dest = self.destinations.get(&service);
+        match dest {
+            Some(dest) => {
+                let span = info_span!("outbound", service = %dest.name, method = %parts.method, path = %path.path());
                 let result = self
                     .call_mesh(&dest, parts, path, incoming)
                     .instrument(span)
                     .await;
                 (dest.requests().clone(), result)
             }
-            Target::External(authority) => {
+            None => {
                 let span = info_span!("outbound", external = %authority, method = %parts.method);
                 let result = self
                     .call_external(authority, parts, path, incoming)
@@ -398,7 +413,9 @@ impl OutboundProxy {
             parts.headers.remove(header::HOST);
             parts.version = Version::HTTP_2;
             let mut req = Request::from_parts(parts, body);
-            if let Some(bytes) = replay {
+            // An empty body is replayed without a copy (see `RetryPolicy`):
+            // no extension map to allocate for most requests.
+            if let Some(bytes) = replay.filter(|b| !b.is_empty()) {
                 req.extensions_mut().insert(Replay(bytes));
             }
             // Boxed as a plain `Send` future: awaiting the stack's future
@@ -473,17 +490,21 @@ pub fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
 mod tests {
     use super::*;
 
-    fn route(uri: &str, host: Option<&str>) -> Result<Target, ProxyError> {
+    fn route(uri: &str, host: Option<&str>) -> Result<Target<'static>, ProxyError> {
         let uri: Uri = uri.parse().unwrap();
         let mut headers = HeaderMap::new();
         if let Some(h) = host {
             headers.insert(header::HOST, HeaderValue::from_str(h).unwrap());
         }
-        target("xingren.host", &uri, &headers)
+        let authority = requested_authority(&uri, &headers)?;
+        Ok(match target("xingren.host", &authority)? {
+            Target::Mesh(label) => Target::Mesh(Cow::Owned(label.into_owned())),
+            Target::External => Target::External,
+        })
     }
 
-    fn mesh(name: &str) -> Target {
-        Target::Mesh(ServiceName::new(name).unwrap())
+    fn mesh(name: &str) -> Target<'static> {
+        Target::Mesh(Cow::Owned(name.to_string()))
     }
 
     #[test]
@@ -500,15 +521,15 @@ mod tests {
         assert_eq!(route("/", Some("user")).unwrap(), mesh("user"));
         assert!(matches!(
             route("http://example.com/", None).unwrap(),
-            Target::External(_)
+            Target::External
         ));
         assert!(matches!(
             route("http://10.1.2.3:80/", None).unwrap(),
-            Target::External(_)
+            Target::External
         ));
         assert!(matches!(
             route("/", Some("localhost:8080")).unwrap(),
-            Target::External(_)
+            Target::External
         ));
         assert!(route("/", None).is_err());
         assert!(route("http://u1.user.xingren.host/", None).is_err());

@@ -1,8 +1,8 @@
 //! Retrying a failed request once on another endpoint, within a budget.
 //!
-//! A request is retried when it can be sent again (its body was buffered,
-//! see [`crate::body::Replay`]: idempotent requests without a body always
-//! qualify, any request with a body of at most 64 KiB too) and it failed in
+//! A request is retried when it can be sent again (its body is empty, or
+//! was buffered, see [`crate::body::Replay`]: idempotent requests without a
+//! body always qualify, any request with a body of at most 64 KiB too) and it failed in
 //! a way that says the peer did not handle it: the connection could not be
 //! made, it was reset before a response, or the peer answered 503. At most
 //! one retry per request, and retries as a whole stay within 20 % of
@@ -16,13 +16,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
+use http_body::Body as _;
 use prometheus_client::metrics::counter::Counter;
 use tower::retry::Policy;
 use tower::retry::budget::{Budget, TpsBudget};
 use tracing::debug;
 
 use super::endpoint::{EndpointError, find_endpoint_error};
-use crate::body::{BoxError, ProxyBody, Replay, full};
+use crate::body::{BoxError, ProxyBody, Replay, empty, full};
 
 /// Fraction of requests that may be retried.
 pub const RETRY_RATIO: f32 = 0.2;
@@ -49,7 +50,8 @@ pub struct RetryPolicy {
     budget: Arc<TpsBudget>,
     retries: Counter,
     deposited: bool,
-    /// A copy of this request is held (it had a [`Replay`]).
+    /// A copy of this request is held (its body was empty or had a
+    /// [`Replay`]).
     replayable: bool,
     retried: bool,
 }
@@ -109,8 +111,13 @@ impl Policy<Request<ProxyBody>, Response<ProxyBody>, BoxError> for RetryPolicy {
             self.budget.deposit();
             self.deposited = true;
         }
-        let replay = req.extensions().get::<Replay>()?;
-        let mut clone = Request::new(full(replay.0.clone()));
+        let body = match req.extensions().get::<Replay>() {
+            Some(replay) => full(replay.0.clone()),
+            // Nothing to copy, and no extension to look for: most requests.
+            None if req.body().is_end_stream() => empty(),
+            None => return None,
+        };
+        let mut clone = Request::new(body);
         *clone.method_mut() = req.method().clone();
         *clone.uri_mut() = req.uri().clone();
         *clone.version_mut() = req.version();
@@ -129,7 +136,7 @@ mod tests {
     use tower_test::mock;
 
     use super::*;
-    use crate::body::{self, empty};
+    use crate::body;
     use crate::outbound::endpoint::ConnectError;
 
     fn request() -> Request<ProxyBody> {
@@ -161,6 +168,30 @@ mod tests {
         let (_, send) = handle.next_request().await.unwrap();
         send.send_error(refused());
         let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(status(200));
+        assert_eq!(answer.await.unwrap().unwrap().status(), 200);
+        assert_eq!(retries.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_without_a_body_is_retried_without_a_replay() {
+        let (svc, mut handle) = mock::pair::<Request<ProxyBody>, Response<ProxyBody>>();
+        let retries = Counter::default();
+        let mut svc = tower::retry::Retry::new(RetryPolicy::new(budget(), retries.clone()), svc);
+        let req = Request::builder()
+            .method("DELETE")
+            .uri("/users/1")
+            .header("x-kept", "1")
+            .body(empty())
+            .unwrap();
+        let answer = tokio::spawn(svc.ready().await.unwrap().call(req));
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(status(503));
+        let (again, send) = handle.next_request().await.unwrap();
+        assert_eq!(again.method(), "DELETE");
+        assert_eq!(again.uri(), "/users/1");
+        assert_eq!(again.headers()["x-kept"], "1");
+        assert!(again.body().is_end_stream());
         send.send_response(status(200));
         assert_eq!(answer.await.unwrap().unwrap().status(), 200);
         assert_eq!(retries.get(), 1);
