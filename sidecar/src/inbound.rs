@@ -56,6 +56,28 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The TLS record type of a handshake, the first byte of every ClientHello.
 const TLS_HANDSHAKE: u8 = 0x16;
 
+/// A peer as its certificate names it, with the `x-signpost-caller` value
+/// the app is told: made once per connection and shared by its requests
+/// (cloning an [`Identity`] per request cost two allocations).
+#[derive(Debug)]
+pub struct Caller {
+    identity: Identity,
+    header: Option<HeaderValue>,
+}
+
+impl Caller {
+    /// The caller proven by a connection's client certificate.
+    pub fn new(identity: Identity) -> Arc<Self> {
+        let header = HeaderValue::from_str(identity.service()).ok();
+        Arc::new(Self { identity, header })
+    }
+
+    /// Its identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+}
+
 /// Decides whether a caller may call `service` under `config`.
 ///
 /// `caller` is the identity proven by a client certificate; `None` for a
@@ -225,13 +247,13 @@ impl Inbound {
             }
         };
         let (_, conn) = stream.get_ref();
-        let caller = signpost_certs::peer_identity(conn).ok();
+        let caller = signpost_certs::peer_identity(conn).ok().map(Caller::new);
         let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
         let span = info_span!(
             "mtls",
             caller = caller
                 .as_ref()
-                .map(|c| c.service().to_string())
+                .map(|c| c.identity.service().to_string())
                 .unwrap_or_else(|| "-".into())
         );
         match alpn.as_deref() {
@@ -257,7 +279,7 @@ impl Inbound {
 
     /// Serves a peer sidecar's HTTP/2 connection. Its streams are served
     /// inside this task, not a task each (see [`crate::http2`]).
-    async fn serve_h2<I>(&self, io: I, caller: Option<Identity>, closing: Closing)
+    async fn serve_h2<I>(&self, io: I, caller: Option<Arc<Caller>>, closing: Closing)
     where
         I: AsyncRead + AsyncWrite + Unpin,
     {
@@ -323,7 +345,7 @@ impl Inbound {
         &self,
         req: Request<h2::RecvStream>,
         mut respond: h2::server::SendResponse<Bytes>,
-        caller: Option<Identity>,
+        caller: Option<Arc<Caller>>,
     ) {
         let (parts, recv) = req.into_parts();
         let body = http2::boxed(recv, &parts.headers);
@@ -354,10 +376,11 @@ impl Inbound {
     async fn tunnel(
         &self,
         mut stream: tokio_rustls::server::TlsStream<TcpStream>,
-        caller: Option<Identity>,
+        caller: Option<Arc<Caller>>,
     ) {
         let policy = self.policy.load_full();
-        if let Err(err) = authorize(&policy, &self.config.service, caller.as_ref()) {
+        let identity = caller.as_ref().map(|c| &c.identity);
+        if let Err(err) = authorize(&policy, &self.config.service, identity) {
             warn!(error = %err, "tunnel refused");
             return;
         }
@@ -378,14 +401,14 @@ impl Inbound {
     pub async fn handle(
         &self,
         req: Request<ProxyBody>,
-        caller: Option<Identity>,
+        caller: Option<Arc<Caller>>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let span = info_span!(
             "inbound",
             method = %req.method(),
             path = %req.uri().path(),
-            caller = caller.as_ref().map(|c| c.service().to_string()).unwrap_or_else(|| "-".into())
+            caller = caller.as_ref().map(|c| c.identity.service().to_string()).unwrap_or_else(|| "-".into())
         );
         let rsp = match self.forward(req, caller).instrument(span).await {
             Ok(rsp) => rsp,
@@ -402,13 +425,14 @@ impl Inbound {
     async fn forward(
         &self,
         req: Request<ProxyBody>,
-        caller: Option<Identity>,
+        caller: Option<Arc<Caller>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // No hop check here: this sidecar's own outbound marks the requests
         // it sends, and an app may legitimately call its own service. The
         // loop an inbound could cause (`--app` pointing back at the sidecar)
         // is refused at start-up instead.
-        authorize(&self.policy.load(), &self.config.service, caller.as_ref())?;
+        let identity = caller.as_ref().map(|c| &c.identity);
+        authorize(&self.policy.load(), &self.config.service, identity)?;
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         // Only this sidecar vouches for callers; and the hop list is the
@@ -416,9 +440,7 @@ impl Inbound {
         // headers to its own calls would otherwise trip the loop guard).
         parts.headers.remove(&CALLER_HEADER);
         parts.headers.remove(&HOP_HEADER);
-        if let Some(id) = &caller
-            && let Ok(v) = HeaderValue::from_str(id.service())
-        {
+        if let Some(v) = caller.as_ref().and_then(|c| c.header.clone()) {
             parts.headers.insert(CALLER_HEADER, v);
         }
         if !parts.headers.contains_key(header::HOST) {
