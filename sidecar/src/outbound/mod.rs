@@ -37,7 +37,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
-use tower::util::BoxCloneSyncService;
 use tracing::{Instrument, debug, info_span};
 
 use self::eject::{EjectionConfig, EjectionPool};
@@ -47,9 +46,15 @@ use crate::body::{BoxError, ProxyBody};
 use crate::discovery::{DiscoveryState, Refresh, Resolve, watch_endpoints};
 use crate::metrics::{Direction, Metrics, RequestMetrics, ServiceLabels};
 
-/// A destination's whole service stack, type-erased.
-pub type DestinationService =
-    BoxCloneSyncService<Request<ProxyBody>, Response<ProxyBody>, BoxError>;
+/// The layers above a balancer `S`: see [`stack`].
+pub type Stack<S> = limit::PendingLimit<tower::retry::Retry<RetryPolicy, shared::Shared<S>>>;
+
+/// A destination's whole service stack. Named rather than boxed: a request
+/// clones it (a few `Arc`s) and calls it, and a boxed stack cost an
+/// allocation for each of the two.
+pub type DestinationService = Stack<
+    tower::balance::p2c::Balance<balance::DiscoverStream<PeerConnection>, Request<ProxyBody>>,
+>;
 
 /// Makes the connector for a destination: mesh TLS expecting that service's
 /// identity, or plain TCP in tests.
@@ -82,22 +87,20 @@ impl Default for DestinationConfig {
 /// Puts the layers above the balancer around `balance`: the pending limit
 /// ([`limit::PendingLimit`]), retries, and the lock that lets every request share the
 /// balancer ([`shared::Shared`]).
-fn stack<S>(balance: S, policy: RetryPolicy, max_pending: usize) -> DestinationService
+fn stack<S>(balance: S, policy: RetryPolicy, max_pending: usize) -> Stack<S>
 where
     S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = BoxError>
         + Send
         + 'static,
     S::Future: Send + 'static,
 {
-    let service = ServiceBuilder::new()
+    ServiceBuilder::new()
         .layer(limit::PendingLimitLayer::new(max_pending))
         .retry(policy)
-        .service(shared::Shared::new(balance));
-    BoxCloneSyncService::new(service)
+        .service(shared::Shared::new(balance))
 }
 
 /// One destination service: its stack and its discovery state.
-#[derive(Debug)]
 pub struct Destination {
     /// The service name.
     pub name: ServiceName,
@@ -107,6 +110,15 @@ pub struct Destination {
     stop: CancellationToken,
     requests: RequestMetrics,
     authority: OnceLock<Option<Authority>>,
+}
+
+impl std::fmt::Debug for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Destination")
+            .field("name", &self.name)
+            .field("state", &*self.state.borrow())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Destination {
