@@ -320,7 +320,9 @@ impl Inbound {
                 }
                 match conn.poll_accept(cx) {
                     Poll::Ready(Some(Ok((req, respond)))) => {
-                        streams.push(self.serve_stream(req, respond, caller.clone()));
+                        // Boxed before the push: `push` moves what it is
+                        // given three times, and this future is ~3 KB.
+                        streams.push(Box::pin(self.serve_stream(req, respond, caller.clone())));
                     }
                     Poll::Ready(Some(Err(err))) => {
                         debug!(%err, "HTTP/2 connection failed");
