@@ -83,7 +83,11 @@ pub fn target<'a>(zone: &str, authority: &'a Authority) -> Result<Target<'a>, Pr
     } else {
         Cow::Borrowed(raw)
     };
-    if host.starts_with('[') || host == "localhost" || host.parse::<std::net::IpAddr>().is_ok() {
+    // An IPv6 address comes bracketed in an authority, and an IPv4 one
+    // starts with a digit: names are not parsed as addresses for nothing.
+    let ipv4 = host.starts_with(|c: char| c.is_ascii_digit())
+        && host.parse::<std::net::Ipv4Addr>().is_ok();
+    if host.starts_with('[') || host == "localhost" || ipv4 {
         return Ok(Target::External);
     }
     let in_zone = host
@@ -531,6 +535,15 @@ mod tests {
             route("/", Some("localhost:8080")).unwrap(),
             Target::External
         ));
+        assert!(matches!(
+            route("http://[::1]:8080/", None).unwrap(),
+            Target::External
+        ));
+        assert!(matches!(
+            route("/", Some("10.1.2.3")).unwrap(),
+            Target::External
+        ));
+        assert_eq!(route("/", Some("2fa:80")).unwrap(), mesh("2fa"));
         assert!(route("/", None).is_err());
         assert!(route("http://u1.user.xingren.host/", None).is_err());
     }
