@@ -71,11 +71,6 @@ impl Caller {
         let header = HeaderValue::from_str(identity.service()).ok();
         Arc::new(Self { identity, header })
     }
-
-    /// Its identity.
-    pub fn identity(&self) -> &Identity {
-        &self.identity
-    }
 }
 
 /// Decides whether a caller may call `service` under `config`.

@@ -159,7 +159,7 @@ impl Drop for InFlight {
 
 /// A response body that keeps its request counted as in flight.
 #[derive(Debug)]
-pub struct Tracked {
+struct Tracked {
     body: ProxyBody,
     _in_flight: InFlight,
 }

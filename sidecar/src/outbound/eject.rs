@@ -103,8 +103,8 @@ impl Health {
 #[derive(Debug)]
 pub struct EjectionPool {
     config: EjectionConfig,
-    /// Looked up twice per request: a fast hasher (the keys come from
-    /// Signpost's own DNS answers, not from callers).
+    /// Looked up per request while an endpoint is troubled: a fast hasher
+    /// (the keys come from Signpost's own DNS answers, not from callers).
     members: Mutex<HashMap<SocketAddr, Health, foldhash::fast::RandomState>>,
     /// How many members are not [clean](Health::is_clean). While none is,
     /// a request needs no lookup, lock or clock here (see [`Self::is_calm`]).

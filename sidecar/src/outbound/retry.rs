@@ -2,12 +2,12 @@
 //!
 //! A request is retried when it can be sent again (its body is empty, or
 //! was buffered, see [`crate::body::Replay`]: idempotent requests without a
-//! body always qualify, any request with a body of at most 64 KiB too) and it failed in
-//! a way that says the peer did not handle it: the connection could not be
-//! made, it was reset before a response, or the peer answered 503. At most
-//! one retry per request, and retries as a whole stay within 20 % of
-//! requests (tower's [`TpsBudget`], as Finagle and linkerd do), so a sick
-//! service is not hit with twice its load.
+//! body always qualify, any request with a body of at most 64 KiB too) and
+//! it failed in a way that says the peer did not handle it: the connection
+//! could not be made, it was reset before a response, or the peer answered
+//! 503. At most one retry per request, and retries as a whole stay within
+//! 20 % of requests (tower's [`TpsBudget`], as Finagle and linkerd do), so a
+//! sick service is not hit with twice its load.
 //!
 //! The retry goes to another endpoint because the balancer penalizes the
 //! endpoint that just failed (see [`super::balance`]).
