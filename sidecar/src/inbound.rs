@@ -38,6 +38,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::app::AppClient;
 use crate::body::{self, ProxyBody};
+use crate::deadline::Timers;
 use crate::error::ProxyError;
 use crate::http2;
 use crate::metrics::{Direction, Metrics, RequestMetrics};
@@ -138,6 +139,8 @@ pub struct Inbound {
     tls: Option<InboundTls>,
     app: AppClient,
     requests: RequestMetrics,
+    /// The request timeouts' timers.
+    timers: Arc<Timers>,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -166,6 +169,7 @@ impl Inbound {
             tls,
             app,
             requests,
+            timers: Timers::new(),
         })
     }
 
@@ -461,7 +465,9 @@ impl Inbound {
         let timeout = self.config.request_timeout;
         let service = || self.config.service.to_string();
         let app = self.config.app;
-        let rsp = tokio::time::timeout(timeout, self.app.request(req))
+        let rsp = self
+            .timers
+            .timeout(timeout, self.app.request(req))
             .await
             .map_err(|_| ProxyError::Timeout {
                 service: service(),

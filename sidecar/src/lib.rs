@@ -44,6 +44,7 @@ pub mod app;
 pub mod body;
 pub mod certificate;
 pub mod config;
+pub mod deadline;
 pub mod discovery;
 pub mod error;
 pub mod http2;

@@ -32,6 +32,7 @@ use tracing::{Instrument, debug, info_span};
 
 use super::{Destination, Destinations};
 use crate::body::{self, BoxError, ProxyBody, Replay};
+use crate::deadline::Timers;
 use crate::discovery::DiscoveryState;
 use crate::error::{ProxyError, SidecarError};
 use crate::metrics::{Direction, Metrics, RequestMetrics};
@@ -242,6 +243,8 @@ pub struct OutboundProxy {
     external_requests: RequestMetrics,
     /// Requests refused before a destination was known.
     unrouted_requests: RequestMetrics,
+    /// The request timeouts' timers.
+    timers: Arc<Timers>,
 }
 
 impl std::fmt::Debug for OutboundProxy {
@@ -277,6 +280,7 @@ impl OutboundProxy {
             external,
             external_requests: metrics.requests_of(Direction::Outbound, EXTERNAL),
             unrouted_requests: metrics.requests_of(Direction::Outbound, "-"),
+            timers: Timers::new(),
         }))
     }
 
@@ -431,7 +435,8 @@ impl OutboundProxy {
                 .map_err(|e| ProxyError::from_stack(&name(), &e, limit))
         };
         let mut rsp =
-            tokio::time::timeout(timeout, work)
+            self.timers
+                .timeout(timeout, work)
                 .await
                 .map_err(|_| ProxyError::Timeout {
                     service: name(),
@@ -464,7 +469,9 @@ impl OutboundProxy {
         parts.version = Version::HTTP_11;
         let req = Request::from_parts(parts, body::boxed(incoming));
         let timeout = self.config.request_timeout;
-        let rsp = tokio::time::timeout(timeout, self.external.request(req))
+        let rsp = self
+            .timers
+            .timeout(timeout, self.external.request(req))
             .await
             .map_err(|_| ProxyError::Timeout {
                 service: name.clone(),
