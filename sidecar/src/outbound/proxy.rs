@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -193,30 +193,36 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether `id` is among the sidecars in the hop header.
-pub fn passed_through(headers: &HeaderMap, id: &str) -> bool {
-    headers
-        .get_all(&HOP_HEADER)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|hop| hop.trim() == id)
-}
-
-/// Appends `id` to the hop header.
-pub fn add_hop(headers: &mut HeaderMap, id: &HeaderValue) {
-    let value = match headers.get(&HOP_HEADER).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => {
-            let joined = [prev.as_bytes(), b", ", id.as_bytes()].concat();
-            match HeaderValue::from_bytes(&joined) {
-                Ok(v) => v,
-                Err(_) => return,
-            }
-        }
+/// Adds this sidecar (`id`, and `value`, the same as a header value) to the
+/// hop header, unless it is there already: then the request has looped
+/// back, and the answer is `false`. One map lookup for both questions.
+pub fn enter_hop(headers: &mut HeaderMap, id: &str, value: &HeaderValue) -> bool {
+    let mut hops = match headers.entry(HOP_HEADER) {
         // The common case: the first hop, no formatting.
-        _ => id.clone(),
+        Entry::Vacant(vacant) => {
+            vacant.insert(value.clone());
+            return true;
+        }
+        Entry::Occupied(hops) => hops,
     };
-    headers.insert(HOP_HEADER, value);
+    let mut joined = Vec::new();
+    for v in hops.iter() {
+        let text = v.to_str().unwrap_or_default();
+        if text.split(',').any(|hop| hop.trim() == id) {
+            return false;
+        }
+        if !text.trim().is_empty() {
+            joined.extend_from_slice(text.trim().as_bytes());
+            joined.extend_from_slice(b", ");
+        }
+    }
+    joined.extend_from_slice(value.as_bytes());
+    // Only visible ASCII went in, so this cannot fail; if it did, the hops
+    // so far stay as they were.
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        hops.insert(v);
+    }
+    true
 }
 
 /// Settings of the outbound front.
@@ -326,7 +332,7 @@ impl OutboundProxy {
     /// The answer, and the metrics it counts in.
     async fn route(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
     ) -> (RequestMetrics, Result<Response<ProxyBody>, ProxyError>) {
         let unrouted = |err| (self.unrouted_requests.clone(), Err(err));
         if req.method() == Method::CONNECT {
@@ -334,7 +340,7 @@ impl OutboundProxy {
                 "CONNECT is not supported: call http:// URLs through the sidecar (the mesh encrypts them)".into(),
             ));
         }
-        if passed_through(req.headers(), &self.config.id) {
+        if !enter_hop(req.headers_mut(), &self.config.id, &self.hop) {
             return unrouted(ProxyError::Loop {
                 id: self.config.id.clone(),
             });
@@ -357,7 +363,6 @@ impl OutboundProxy {
         };
         let (mut parts, incoming) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        add_hop(&mut parts.headers, &self.hop);
         let path = parts
             .uri
             .path_and_query()
@@ -565,13 +570,28 @@ mod tests {
     }
 
     #[test]
-    fn hops_are_recorded_and_recognized() {
+    fn hops_are_recorded_and_loops_recognized() {
+        let enter = |headers: &mut HeaderMap, id: &'static str| {
+            enter_hop(headers, id, &HeaderValue::from_static(id))
+        };
         let mut headers = HeaderMap::new();
-        add_hop(&mut headers, &HeaderValue::from_static("o1"));
-        add_hop(&mut headers, &HeaderValue::from_static("u1"));
+        assert!(enter(&mut headers, "o1"));
+        assert!(enter(&mut headers, "u1"));
         assert_eq!(headers[&HOP_HEADER], "o1, u1");
-        assert!(passed_through(&headers, "u1"));
-        assert!(!passed_through(&headers, "u"));
+        assert!(!enter(&mut headers, "u1"), "u1 again is a loop");
+        assert!(!enter(&mut headers, "o1"));
+        assert_eq!(headers[&HOP_HEADER], "o1, u1", "a loop adds nothing");
+        assert!(enter(&mut headers, "u"), "a prefix is another sidecar");
+        assert_eq!(headers[&HOP_HEADER], "o1, u1, u");
+
+        // Several hop headers become one list.
+        let mut headers = HeaderMap::new();
+        headers.append(&HOP_HEADER, HeaderValue::from_static("a"));
+        headers.append(&HOP_HEADER, HeaderValue::from_static("b, c"));
+        assert!(!enter(&mut headers, "c"));
+        assert!(enter(&mut headers, "d"));
+        assert_eq!(headers.get_all(&HOP_HEADER).iter().count(), 1);
+        assert_eq!(headers[&HOP_HEADER], "a, b, c, d");
     }
 
     #[test]
