@@ -64,6 +64,9 @@ pub struct Process {
 
 impl Process {
     /// Starts `bin args...` with stdout and stderr into `dir/<name>.log`.
+    /// Its temporary files go under `dir` too (`TMPDIR`): a process dropped
+    /// is killed, not stopped, and a `--dev` server would otherwise leave
+    /// its throwaway CA in /tmp.
     pub fn spawn(name: &str, bin: &Path, args: &[String], dir: &Path) -> Process {
         Self::spawn_env(name, bin, args, dir, &[])
     }
@@ -82,6 +85,7 @@ impl Process {
         let child = Command::new(bin)
             .args(args)
             .env("RUST_LOG", "info,hickory_server=warn")
+            .env("TMPDIR", dir)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::from(file))
