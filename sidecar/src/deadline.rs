@@ -72,7 +72,8 @@ impl Timers {
     }
 
     /// Timers kept now.
-    pub fn idle(&self) -> usize {
+    #[cfg(test)]
+    fn idle(&self) -> usize {
         self.idle.lock().map(|i| i.len()).unwrap_or(0)
     }
 }

@@ -67,7 +67,7 @@ pub struct WeightedCost {
 
 impl WeightedCost {
     /// The cost divided by the weight (the penalty aside).
-    pub fn per_weight(&self) -> f64 {
+    fn per_weight(&self) -> f64 {
         cost_value(self.cost) / self.weight
     }
 }

@@ -535,26 +535,19 @@ mod tests {
             mesh("user")
         );
         assert_eq!(route("/", Some("user")).unwrap(), mesh("user"));
-        assert!(matches!(
-            route("http://example.com/", None).unwrap(),
-            Target::External
-        ));
-        assert!(matches!(
-            route("http://10.1.2.3:80/", None).unwrap(),
-            Target::External
-        ));
-        assert!(matches!(
-            route("/", Some("localhost:8080")).unwrap(),
-            Target::External
-        ));
-        assert!(matches!(
-            route("http://[::1]:8080/", None).unwrap(),
-            Target::External
-        ));
-        assert!(matches!(
-            route("/", Some("10.1.2.3")).unwrap(),
-            Target::External
-        ));
+        for (uri, host) in [
+            ("http://example.com/", None),
+            ("http://10.1.2.3:80/", None),
+            ("/", Some("localhost:8080")),
+            ("http://[::1]:8080/", None),
+            ("/", Some("10.1.2.3")),
+        ] {
+            assert_eq!(
+                route(uri, host).unwrap(),
+                Target::External,
+                "{uri} {host:?}"
+            );
+        }
         assert_eq!(route("/", Some("2fa:80")).unwrap(), mesh("2fa"));
         assert!(route("/", None).is_err());
         assert!(route("http://u1.user.xingren.host/", None).is_err());
