@@ -42,7 +42,7 @@ use crate::deadline::Timers;
 use crate::error::ProxyError;
 use crate::http2;
 use crate::metrics::{Direction, Metrics, RequestMetrics};
-use crate::outbound::proxy::{HOP_HEADER, innermost, strip_hop_by_hop};
+use crate::outbound::proxy::{HOP_HEADER, innermost, strip_hop_by_hop, strip_hop_by_hop_and};
 use crate::serve::{self, Closing};
 use crate::tls::{ALPN_TCP, InboundTls};
 
@@ -435,12 +435,10 @@ impl Inbound {
         let identity = caller.as_ref().map(|c| &c.identity);
         authorize(&self.policy.load(), &self.config.service, identity)?;
         let (mut parts, body) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
         // Only this sidecar vouches for callers; and the hop list is the
         // mesh's business, not the app's (an app that copies all incoming
         // headers to its own calls would otherwise trip the loop guard).
-        parts.headers.remove(&CALLER_HEADER);
-        parts.headers.remove(&HOP_HEADER);
+        strip_hop_by_hop_and(&mut parts.headers, &[CALLER_HEADER, HOP_HEADER]);
         if let Some(v) = caller.as_ref().and_then(|c| c.header.clone()) {
             parts.headers.insert(CALLER_HEADER, v);
         }

@@ -225,6 +225,20 @@ async fn request_that_already_passed_this_sidecar_is_refused() {
     );
 }
 
+/// A real loop: a name outside the mesh that leads back to this outbound.
+#[tokio::test]
+async fn request_sent_out_that_comes_back_is_refused() {
+    let resolver = StaticResolver::new(Duration::from_secs(5));
+    let out = outbound(&resolver, Duration::from_secs(5)).await;
+    let rsp = support::get_via(out.addr, &format!("http://{}/again", out.addr)).await;
+    assert_eq!(rsp.status(), 508);
+    assert!(
+        support::mesh_error(&rsp).starts_with("loop detected"),
+        "{}",
+        support::mesh_error(&rsp)
+    );
+}
+
 #[tokio::test]
 async fn names_outside_the_zone_go_straight_out() {
     let app = support::app("127.0.0.8", "outside").await;

@@ -27,6 +27,7 @@ pub mod retry;
 pub mod shared;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -106,7 +107,11 @@ pub struct Destination {
     pub name: ServiceName,
     service: DestinationService,
     state: watch::Receiver<DiscoveryState>,
-    last_used: Mutex<Instant>,
+    /// Set by each request, cleared by the idle reaper: a relaxed store
+    /// per request instead of a lock and a clock read.
+    used: AtomicBool,
+    /// When the reaper last found `used` set (or the destination was made).
+    last_seen: Mutex<Instant>,
     stop: CancellationToken,
     requests: RequestMetrics,
     authority: OnceLock<Option<Authority>>,
@@ -124,9 +129,7 @@ impl std::fmt::Debug for Destination {
 impl Destination {
     /// A handle to the stack for one request.
     pub fn service(&self) -> DestinationService {
-        if let Ok(mut t) = self.last_used.lock() {
-            *t = Instant::now();
-        }
+        self.used.store(true, Ordering::Relaxed);
         self.service.clone()
     }
 
@@ -141,6 +144,13 @@ impl Destination {
         self.authority
             .get_or_init(|| format!("{}.{zone}", self.name).parse().ok())
             .clone()
+    }
+
+    /// The current state, if the first resolution came back: the common
+    /// case, checked without waiting (or boxing a wait).
+    pub fn resolved_now(&self) -> Option<DiscoveryState> {
+        let state = self.state.borrow();
+        state.resolved.then(|| state.clone())
     }
 
     /// Waits for the first resolution and returns the current state.
@@ -264,7 +274,8 @@ impl Destinations {
             name: name.clone(),
             service: stack(balance, policy, self.config.max_pending),
             state: state_rx,
-            last_used: Mutex::new(Instant::now()),
+            used: AtomicBool::new(false),
+            last_seen: Mutex::new(Instant::now()),
             stop,
             requests: self.metrics.requests_of(Direction::Outbound, name.as_str()),
             authority: OnceLock::new(),
@@ -284,12 +295,17 @@ impl Destinations {
         }
     }
 
-    /// Drops destinations idle at `now`.
+    /// Drops destinations idle at `now`: not used since the reap that
+    /// came an idle timeout before. A use counts from the first reap after
+    /// it, so a destination lives up to one reaper period longer.
     pub fn reap(&self, now: Instant) {
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
         active.retain(|name, dest| {
-            let last = dest.last_used.lock().map(|t| *t).unwrap_or(now);
-            let keep = now.saturating_duration_since(last) < self.config.idle_timeout;
+            let mut last = dest.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+            if dest.used.swap(false, Ordering::Relaxed) {
+                *last = now;
+            }
+            let keep = now.saturating_duration_since(*last) < self.config.idle_timeout;
             if !keep {
                 debug!(service = %name, "dropping idle destination");
             }
@@ -314,17 +330,21 @@ mod tests {
     use crate::discovery::StaticResolver;
     use crate::outbound::endpoint::TcpConnect;
 
-    #[tokio::test(start_paused = true)]
-    async fn idle_destinations_are_dropped_and_stop_resolving() {
+    fn destinations() -> Arc<Destinations> {
         let resolver = StaticResolver::new(Duration::from_secs(5));
         let make: MakeConnect =
             Arc::new(|_: &ServiceName| Arc::new(TcpConnect) as Arc<dyn Connect>);
-        let destinations = Destinations::new(
+        Destinations::new(
             Arc::new(resolver),
             make,
             DestinationConfig::default(),
             Metrics::new(),
-        );
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_destinations_are_dropped_and_stop_resolving() {
+        let destinations = destinations();
         let dest = destinations.get("user").unwrap();
         assert!(Arc::ptr_eq(&dest, &destinations.get("user").unwrap()));
         assert!(destinations.get("no_such").is_err());
@@ -332,16 +352,43 @@ mod tests {
         let stop = dest.stop.clone();
         drop(dest);
 
-        tokio::time::advance(Duration::from_secs(299)).await;
-        destinations.reap(Instant::now());
-        assert_eq!(destinations.len(), 1, "used 299 s ago: kept");
-        tokio::time::advance(Duration::from_secs(2)).await;
-        destinations.reap(Instant::now());
-        assert!(destinations.is_empty());
+        assert_eq!(
+            reap_after(&destinations, 299).await,
+            1,
+            "made 299 s ago: kept"
+        );
+        assert_eq!(reap_after(&destinations, 2).await, 0);
         assert!(
             stop.is_cancelled(),
             "discovery of a dropped destination stops"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_destination_in_use_is_kept() {
+        let destinations = destinations();
+        let dest = destinations.get("user").unwrap();
+        // The default idle timeout is 300 s; a use is seen by the next reap.
+        for _ in 0..3 {
+            drop(dest.service());
+            assert_eq!(reap_after(&destinations, 200).await, 1, "in use: kept");
+        }
+        // The last use was seen by the reap 200 s after it.
+        drop(dest.service());
+        assert_eq!(reap_after(&destinations, 200).await, 1);
+        assert_eq!(
+            reap_after(&destinations, 299).await,
+            1,
+            "seen 299 s ago: kept"
+        );
+        assert_eq!(reap_after(&destinations, 2).await, 0);
+    }
+
+    /// Advances the clock by `secs`, reaps, and counts what is left.
+    async fn reap_after(destinations: &Destinations, secs: u64) -> usize {
+        tokio::time::advance(Duration::from_secs(secs)).await;
+        destinations.reap(Instant::now());
+        destinations.len()
     }
 
     fn addr(n: u8) -> std::net::SocketAddr {

@@ -160,10 +160,27 @@ fn hop_index(name: &HeaderName) -> Option<usize> {
 /// one pass over the names finds which are present, and only those are
 /// removed; only a `Connection` token naming another header is parsed.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    strip_hop_by_hop_and(headers, &[]);
+}
+
+/// [`strip_hop_by_hop`], and also removes the headers named in `also`,
+/// found in the same pass over the names: a removal hashes the name, and
+/// the headers stripped are seldom there.
+pub fn strip_hop_by_hop_and<const N: usize>(headers: &mut HeaderMap, also: &[HeaderName; N]) {
     let mut present = [false; HOPS];
+    let mut also_present = [false; N];
     for name in headers.keys() {
         if let Some(i) = hop_index(name) {
             present[i] = true;
+        } else {
+            for (other, seen) in also.iter().zip(also_present.iter_mut()) {
+                *seen |= name == other;
+            }
+        }
+    }
+    for (other, seen) in also.iter().zip(also_present) {
+        if seen {
+            headers.remove(other);
         }
     }
     if !present.contains(&true) {
@@ -193,6 +210,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether the hop header `value` lists this sidecar (`id`).
+fn lists_hop(value: &HeaderValue, id: &str) -> bool {
+    let text = value.to_str().unwrap_or_default();
+    text.split(',').any(|hop| hop.trim() == id)
+}
+
+/// Whether the request already passed this sidecar (`id`): it looped.
+pub fn passed_through(headers: &HeaderMap, id: &str) -> bool {
+    headers
+        .get_all(&HOP_HEADER)
+        .iter()
+        .any(|v| lists_hop(v, id))
+}
+
 /// Adds this sidecar (`id`, and `value`, the same as a header value) to the
 /// hop header, unless it is there already: then the request has looped
 /// back, and the answer is `false`. One map lookup for both questions.
@@ -207,10 +238,10 @@ pub fn enter_hop(headers: &mut HeaderMap, id: &str, value: &HeaderValue) -> bool
     };
     let mut joined = Vec::new();
     for v in hops.iter() {
-        let text = v.to_str().unwrap_or_default();
-        if text.split(',').any(|hop| hop.trim() == id) {
+        if lists_hop(v, id) {
             return false;
         }
+        let text = v.to_str().unwrap_or_default();
         if !text.trim().is_empty() {
             joined.extend_from_slice(text.trim().as_bytes());
             joined.extend_from_slice(b", ");
@@ -340,17 +371,29 @@ impl OutboundProxy {
                 "CONNECT is not supported: call http:// URLs through the sidecar (the mesh encrypts them)".into(),
             ));
         }
-        if !enter_hop(req.headers_mut(), &self.config.id, &self.hop) {
-            return unrouted(ProxyError::Loop {
-                id: self.config.id.clone(),
-            });
-        }
         let authority = match requested_authority(req.uri(), req.headers()) {
             Ok(authority) => authority,
             Err(err) => return unrouted(err),
         };
-        let dest = match target(&self.config.zone, &authority) {
-            Ok(Target::Mesh(label)) => match self.destinations.get(&label) {
+        let target = match target(&self.config.zone, &authority) {
+            Ok(target) => target,
+            Err(err) => return unrouted(err),
+        };
+        // The loop guard. Only a request that leaves the mesh can come back
+        // here without passing an app (a peer's inbound strips the hop
+        // header, as it must: an app's calls are new requests), so only
+        // those carry this sidecar's id onward.
+        let looped = match target {
+            Target::Mesh(_) => passed_through(req.headers(), &self.config.id),
+            Target::External => !enter_hop(req.headers_mut(), &self.config.id, &self.hop),
+        };
+        if looped {
+            return unrouted(ProxyError::Loop {
+                id: self.config.id.clone(),
+            });
+        }
+        let dest = match target {
+            Target::Mesh(label) => match self.destinations.get(&label) {
                 Ok(dest) => Some(dest),
                 Err(e) => {
                     return unrouted(ProxyError::BadRequest(format!(
@@ -358,8 +401,7 @@ impl OutboundProxy {
                     )));
                 }
             },
-            Ok(Target::External) => None,
-            Err(err) => return unrouted(err),
+            Target::External => None,
         };
         let (mut parts, incoming) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -399,9 +441,15 @@ impl OutboundProxy {
         let name = || dest.name.to_string();
         let limit = self.destinations.config().max_pending;
         let work = async {
-            let resolved: Pin<Box<dyn Future<Output = DiscoveryState> + Send + '_>> =
-                Box::pin(dest.resolved());
-            let state = resolved.await;
+            let state = match dest.resolved_now() {
+                Some(state) => state,
+                None => {
+                    // Boxed, so that the rare wait does not grow every request's future.
+                    let resolved: Pin<Box<dyn Future<Output = DiscoveryState> + Send + '_>> =
+                        Box::pin(dest.resolved());
+                    resolved.await
+                }
+            };
             if state.endpoints == 0 {
                 return Err(ProxyError::NoHealthyInstance {
                     service: name(),
@@ -568,7 +616,13 @@ mod tests {
             enter_hop(headers, id, &HeaderValue::from_static(id))
         };
         let mut headers = HeaderMap::new();
+        assert!(!passed_through(&headers, "o1"));
         assert!(enter(&mut headers, "o1"));
+        assert!(passed_through(&headers, "o1"));
+        assert!(
+            !passed_through(&headers, "o"),
+            "a prefix is another sidecar"
+        );
         assert!(enter(&mut headers, "u1"));
         assert_eq!(headers[&HOP_HEADER], "o1, u1");
         assert!(!enter(&mut headers, "u1"), "u1 again is a loop");
@@ -608,5 +662,16 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key(header::CONTENT_LENGTH));
+
+        // With more names to strip: every value of each, hop-by-hop or not.
+        let mut headers = HeaderMap::new();
+        headers.append(&HOP_HEADER, HeaderValue::from_static("a"));
+        headers.append(&HOP_HEADER, HeaderValue::from_static("b"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        let also = [HeaderName::from_static("x-absent"), HOP_HEADER];
+        strip_hop_by_hop_and(&mut headers, &also);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(headers.contains_key("x-kept"));
     }
 }
