@@ -82,6 +82,22 @@ fn ca_init(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The async runtime for `command`. A sidecar on one thread (`--threads`,
+/// by default the CPUs it may use: beside an app, usually one) runs a
+/// single-threaded scheduler, as Linkerd's proxy does; with more, a worker
+/// per thread. Everything else runs a worker per CPU.
+fn runtime_builder(command: &Command) -> tokio::runtime::Builder {
+    match command {
+        Command::Sidecar(a) if a.threads() == 1 => tokio::runtime::Builder::new_current_thread(),
+        Command::Sidecar(a) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(a.threads());
+            builder
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let is_server = matches!(
@@ -89,10 +105,7 @@ fn main() -> ExitCode {
         Command::Server(_) | Command::Dns(_) | Command::Sidecar(_)
     );
     logging::init(args.log_format, if is_server { "info" } else { "warn" });
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime_builder(&args.command).enable_all().build() {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");

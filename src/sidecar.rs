@@ -83,6 +83,22 @@ pub struct SidecarArgs {
     /// see the DNS change (one DNS TTL).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub linger: Duration,
+
+    /// Threads that run the proxy (default: the CPUs this process may use,
+    /// by its affinity and cgroup quota). With 1, a single-threaded
+    /// scheduler: no work stealing, no wake-ups across threads.
+    #[arg(long, env = "SIGNPOST_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
+}
+
+impl SidecarArgs {
+    /// The threads to run: `--threads`, or the CPUs available.
+    pub fn threads(&self) -> usize {
+        match self.threads {
+            Some(n) => usize::from(n),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
 }
 
 /// Runs the sidecar until SIGINT/SIGTERM, then deregisters and drains.

@@ -177,6 +177,9 @@ impl Mesh {
         ]);
         if kind == "order" {
             sidecar_args.extend(["--upstream".into(), format!("user={ip}:15432")]);
+            // Both schedulers carry traffic: order's sidecar the
+            // single-threaded one, user's a worker per CPU.
+            sidecar_args.extend(["--threads".into(), "1".into()]);
         }
         let sidecar = Process::spawn(
             &format!("{id}-sidecar"),
