@@ -83,7 +83,7 @@ fn ca_init(dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// The async runtime for `command`. A sidecar on one thread (`--threads`,
-/// by default the CPUs it may use: beside an app, usually one) runs a
+/// by default the CPUs it may use: beside an app, often one) runs a
 /// single-threaded scheduler, as Linkerd's proxy does; with more, a worker
 /// per thread. Everything else runs a worker per CPU.
 fn runtime_builder(command: &Command) -> tokio::runtime::Builder {
