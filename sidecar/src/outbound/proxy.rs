@@ -33,13 +33,12 @@ use tracing::{Instrument, debug, info_span};
 use super::{Destination, Destinations};
 use crate::body::{self, BoxError, ProxyBody, Replay};
 use crate::deadline::Timers;
-use crate::discovery::DiscoveryState;
 use crate::error::{ProxyError, SidecarError};
 use crate::metrics::{Direction, Metrics, RequestMetrics};
 use crate::serve;
 
-/// Header listing the sidecars a request passed through (their ids), to
-/// refuse a request that comes back to the sidecar that sent it.
+/// Header listing the sidecars that sent a request out of the mesh (their
+/// ids), to refuse a request that comes back to the sidecar that sent it.
 pub const HOP_HEADER: HeaderName = HeaderName::from_static("x-signpost-hop");
 
 /// Label used in metrics for calls that leave the mesh: one label, not one
@@ -210,9 +209,8 @@ pub fn strip_hop_by_hop_and<const N: usize>(headers: &mut HeaderMap, also: &[Hea
     }
 }
 
-/// Whether the hop header `value` lists this sidecar (`id`).
-fn lists_hop(value: &HeaderValue, id: &str) -> bool {
-    let text = value.to_str().unwrap_or_default();
+/// Whether a hop header's `text` lists this sidecar (`id`).
+fn lists_hop(text: &str, id: &str) -> bool {
     text.split(',').any(|hop| hop.trim() == id)
 }
 
@@ -221,7 +219,7 @@ pub fn passed_through(headers: &HeaderMap, id: &str) -> bool {
     headers
         .get_all(&HOP_HEADER)
         .iter()
-        .any(|v| lists_hop(v, id))
+        .any(|v| lists_hop(v.to_str().unwrap_or_default(), id))
 }
 
 /// Adds this sidecar (`id`, and `value`, the same as a header value) to the
@@ -238,10 +236,10 @@ pub fn enter_hop(headers: &mut HeaderMap, id: &str, value: &HeaderValue) -> bool
     };
     let mut joined = Vec::new();
     for v in hops.iter() {
-        if lists_hop(v, id) {
+        let text = v.to_str().unwrap_or_default();
+        if lists_hop(text, id) {
             return false;
         }
-        let text = v.to_str().unwrap_or_default();
         if !text.trim().is_empty() {
             joined.extend_from_slice(text.trim().as_bytes());
             joined.extend_from_slice(b", ");
@@ -375,15 +373,15 @@ impl OutboundProxy {
             Ok(authority) => authority,
             Err(err) => return unrouted(err),
         };
-        let target = match target(&self.config.zone, &authority) {
-            Ok(target) => target,
+        let to = match target(&self.config.zone, &authority) {
+            Ok(to) => to,
             Err(err) => return unrouted(err),
         };
         // The loop guard. Only a request that leaves the mesh can come back
         // here without passing an app (a peer's inbound strips the hop
         // header, as it must: an app's calls are new requests), so only
         // those carry this sidecar's id onward.
-        let looped = match target {
+        let looped = match to {
             Target::Mesh(_) => passed_through(req.headers(), &self.config.id),
             Target::External => !enter_hop(req.headers_mut(), &self.config.id, &self.hop),
         };
@@ -392,7 +390,7 @@ impl OutboundProxy {
                 id: self.config.id.clone(),
             });
         }
-        let dest = match target {
+        let dest = match to {
             Target::Mesh(label) => match self.destinations.get(&label) {
                 Ok(dest) => Some(dest),
                 Err(e) => {
@@ -443,12 +441,8 @@ impl OutboundProxy {
         let work = async {
             let state = match dest.resolved_now() {
                 Some(state) => state,
-                None => {
-                    // Boxed, so that the rare wait does not grow every request's future.
-                    let resolved: Pin<Box<dyn Future<Output = DiscoveryState> + Send + '_>> =
-                        Box::pin(dest.resolved());
-                    resolved.await
-                }
+                // Boxed, so that the rare wait does not grow every request's future.
+                None => Box::pin(dest.resolved()).await,
             };
             if state.endpoints == 0 {
                 return Err(ProxyError::NoHealthyInstance {
