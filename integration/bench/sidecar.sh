@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Sidecar benchmark: one request path measured three ways, side by side:
+# Sidecar benchmark: one request path measured four ways, side by side:
 #   direct      wrk -> nginx
 #   signpost    wrk -> sidecar A (outbound) == mTLS, HTTP/2 ==> sidecar B (inbound) -> nginx
-#   haproxy     wrk -> haproxy A == mTLS ==> haproxy B -> nginx
+#   haproxy     wrk -> haproxy A == mTLS, HTTP/2 ==> haproxy B -> nginx
+#   floor       wrk -> relay A == mTLS, HTTP/2 ==> relay B -> nginx, where the relays
+#               (integration/bench/floor.rs) are the sidecar's libraries alone:
+#               hyper, h2, rustls, tokio, and none of Signpost's features
 # Every server is pinned to CPU 0, wrk to CPU 1. Prints req/s, latency
 # percentiles and each proxy's CPU time per request (from /proc/PID/stat)
 # per path (median of RUNS runs), the sidecars' RSS under load,
@@ -13,12 +16,13 @@
 # Needs: nginx, haproxy, wrk, openssl (apt-get install nginx-light haproxy wrk openssl).
 #
 # With SIGNPOST_BENCH_CALLGRIND=N it instead runs both sidecars and both
-# HAProxies under valgrind's callgrind, sends N requests through each chain
+# HAProxies (and both floor relays) under valgrind's callgrind, sends N
+# requests through each chain
 # (oha, 32 connections, after 300 to warm up) and prints the instructions
 # each proxy executed per request: user space only (TLS included), but
 # repeatable to a few per cent on a noisy machine where CPU times are not
 # (apt-get install valgrind). SIGNPOST_BENCH_KEEP=DIR also keeps the profiles
-# as DIR/callgrind.{sidecar,haproxy}.{A,B}.out for callgrind_annotate.
+# as DIR/callgrind.{sidecar,haproxy,floor}.{A,B}.out for callgrind_annotate.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${1:-3}
@@ -36,8 +40,10 @@ if [ -n "$CALLGRIND" ]; then
     done
 fi
 
-[ -n "${SIGNPOST_BENCH_NO_BUILD:-}" ] || cargo build --release --quiet -p signpost --bins
+[ -n "${SIGNPOST_BENCH_NO_BUILD:-}" ] ||
+    cargo build --release --quiet -p signpost --bin signpost -p signpost-integration --bin signpost-bench-floor
 BIN=$PWD/target/release/signpost
+FLOOR=$PWD/target/release/signpost-bench-floor
 WORK=$(mktemp -d /tmp/signpost-sidecar-bench.XXXXXX)
 PIDS=()
 [ -z "$CALLGRIND" ] || WRAP=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/callgrind.%p.out")
@@ -137,6 +143,17 @@ HAPROXY_A=$!; PIDS+=($HAPROXY_A)
 for _ in $(seq 300); do curl -fsS http://127.0.0.1:29001/ >/dev/null 2>&1 && break; sleep 0.2; done
 curl -fsS http://127.0.0.1:29001/ >/dev/null || { echo "haproxy chain does not answer" >&2; cat "$WORK"/haproxy-*.log >&2; exit 1; }
 
+# --- The floor: the same chain on the sidecar's libraries alone ---------------
+taskset -c 0 "${WRAP[@]}" "$FLOOR" inbound 127.0.0.1:29543 127.0.0.1:28080 "$WORK/ca.pem" "$WORK/b.crt" "$WORK/b.key" \
+    >"$WORK/floor-b.log" 2>&1 &
+FLOOR_B=$!; PIDS+=($FLOOR_B)
+for _ in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/29543) 2>/dev/null && break; sleep 0.2; done
+taskset -c 0 "${WRAP[@]}" "$FLOOR" outbound 127.0.0.1:29101 127.0.0.1:29543 "$WORK/ca.pem" "$WORK/a.crt" "$WORK/a.key" \
+    >"$WORK/floor-a.log" 2>&1 &
+FLOOR_A=$!; PIDS+=($FLOOR_A)
+for _ in $(seq 300); do curl -fsS -H 'Host: app' http://127.0.0.1:29101/ >/dev/null 2>&1 && break; sleep 0.2; done
+curl -fsS -H 'Host: app' http://127.0.0.1:29101/ >/dev/null || { echo "floor chain does not answer" >&2; cat "$WORK"/floor-*.log >&2; exit 1; }
+
 if [ -n "$CALLGRIND" ]; then
     # instructions NAME PID_A PID_B URL [Host]: N requests through one chain,
     # counted in both of its proxies.
@@ -161,6 +178,7 @@ if [ -n "$CALLGRIND" ]; then
     }
     instructions sidecar "$SIDECAR_A" "$SIDECAR_B" http://127.0.0.1:28001/ app
     instructions haproxy "$HAPROXY_A" "$HAPROXY_B" http://127.0.0.1:29001/
+    instructions floor "$FLOOR_A" "$FLOOR_B" http://127.0.0.1:29101/ app
     exit 0
 fi
 
@@ -197,13 +215,14 @@ echo "wrk -t1 -c$CONNS -d${SECS}s, servers on CPU 0, wrk on CPU 1, $RUNS runs ea
 printf '%-4s %-9s %10s %10s %10s  %s\n' run path req/s "p50 ms" "p99 ms" "CPU µs/request (A/B)"
 declare -A RPS P99
 for r in $(seq 1 "$RUNS"); do
-    for path in direct signpost haproxy; do
+    for path in direct signpost haproxy floor; do
         cpu=""
         case $path in
             direct) read -r rps p50 p99 < <(run direct http://127.0.0.1:28080/) ;;
             signpost) read -r rps p50 p99 cpu < <(run signpost http://127.0.0.1:28001/ app "$SIDECAR_A $SIDECAR_B")
                       RSS_A=$(rss_mb $SIDECAR_A); RSS_B=$(rss_mb $SIDECAR_B) ;;
             haproxy) read -r rps p50 p99 cpu < <(run haproxy http://127.0.0.1:29001/ "" "$HAPROXY_A $HAPROXY_B") ;;
+            floor) read -r rps p50 p99 cpu < <(run floor http://127.0.0.1:29101/ app "$FLOOR_A $FLOOR_B") ;;
         esac
         RPS[$path]="${RPS[$path]:-} $rps"; P99[$path]="${P99[$path]:-} $p99"
         printf '%-4s %-9s %10s %10s %10s  %s\n' "$r" "$path" "$rps" "$p50" "$p99" "$cpu"
@@ -211,10 +230,11 @@ for r in $(seq 1 "$RUNS"); do
 done
 median() { printf '%s\n' $@ | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : a[NR/2]}'; }
 echo
-for path in direct signpost haproxy; do
+for path in direct signpost haproxy floor; do
     echo "median $path: $(median ${RPS[$path]}) req/s, p99 $(median ${P99[$path]}) ms"
 done
-echo "signpost/haproxy req/s ratio: $(awk -v a="$(median ${RPS[signpost]})" -v b="$(median ${RPS[haproxy]})" 'BEGIN {printf "%.2f", a/b}')"
+ratio() { awk -v a="$(median ${RPS[$1]})" -v b="$(median ${RPS[$2]})" 'BEGIN {printf "%.2f", a/b}'; }
+echo "req/s ratios: signpost/haproxy $(ratio signpost haproxy), floor/haproxy $(ratio floor haproxy), signpost/floor $(ratio signpost floor)"
 echo "sidecar RSS after the last signpost run: A ${RSS_A} MB, B ${RSS_B} MB"
 
 if command -v oha >/dev/null; then
