@@ -45,6 +45,7 @@ use crate::metrics::{Direction, Metrics, RequestMetrics};
 use crate::outbound::proxy::{HOP_HEADER, innermost, strip_hop_by_hop, strip_hop_by_hop_and};
 use crate::serve::{self, Closing};
 use crate::tls::{ALPN_TCP, InboundTls};
+use crate::wake::OnWake;
 
 /// Header telling the app which mesh service called it. Set only from a
 /// verified certificate; a copy arriving from outside is removed.
@@ -294,9 +295,10 @@ impl Inbound {
                 return;
             }
         };
-        let keepalive = http2::keepalive(conn.ping_pong());
+        // Both polled only when they fire, not at every pass.
+        let keepalive = OnWake::new(http2::keepalive(conn.ping_pong()));
         tokio::pin!(keepalive);
-        let close_requested = closing.requested();
+        let close_requested = OnWake::new(closing.requested());
         tokio::pin!(close_requested);
         let mut goaway_sent = false;
         let mut streams = FuturesUnordered::new();

@@ -55,6 +55,7 @@ pub mod register;
 pub mod serve;
 pub mod tls;
 pub mod tunnel;
+pub mod wake;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::body::{BoxError, ProxyBody};
 use crate::error::SidecarError;
+use crate::wake::OnWake;
 
 /// Binds `addr` for `what`, with a message naming both on failure.
 pub async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, SidecarError> {
@@ -157,6 +158,14 @@ impl Drop for InFlight {
     }
 }
 
+/// Why a connection is asked to end.
+enum End {
+    /// The listener is shutting down.
+    Closing,
+    /// Nothing happened on it for a whole idle period.
+    Idle,
+}
+
 /// A response body that keeps its request counted as in flight.
 #[derive(Debug)]
 struct Tracked {
@@ -228,20 +237,31 @@ where
         .keep_alive_interval(Some(Duration::from_secs(10)));
     let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
     tokio::pin!(conn);
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        () = closing.requested() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    // Polled only when they fire, not at every wake-up of the connection.
+    let signal = OnWake::new(async {
+        tokio::select! {
+            biased;
+            () = closing.requested() => End::Closing,
+            () = activity.idle(idle) => End::Idle,
         }
-        () = activity.idle(idle) => {
-            debug!(?idle, "closing an idle connection");
-            // Nothing is in flight: this ends at once (GOAWAY for HTTP/2).
-            // A client halfway through a request head gets no say.
+    });
+    let result = tokio::select! {
+        biased;
+        result = conn.as_mut() => result,
+        end = signal => {
             conn.as_mut().graceful_shutdown();
-            match tokio::time::timeout(Duration::from_secs(1), conn).await {
-                Ok(result) => result,
-                Err(_) => Ok(()),
+            match end {
+                End::Closing => conn.await,
+                End::Idle => {
+                    debug!(?idle, "closing an idle connection");
+                    // Nothing is in flight: this ends at once (GOAWAY for
+                    // HTTP/2). A client halfway through a request head gets
+                    // no say.
+                    match tokio::time::timeout(Duration::from_secs(1), conn).await {
+                        Ok(result) => result,
+                        Err(_) => Ok(()),
+                    }
+                }
             }
         }
     };

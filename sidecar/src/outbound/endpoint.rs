@@ -31,6 +31,7 @@ use tracing::{Instrument, debug, debug_span};
 
 use crate::body::{BoxError, ProxyBody};
 use crate::discovery::Refresh;
+use crate::wake::OnWake;
 
 /// A byte stream to a peer.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -235,10 +236,14 @@ impl PeerConnection {
             async move {
                 let mut conn = crate::http2::Batched::new(&mut conn);
                 tokio::select! {
+                    biased;
                     result = &mut conn => if let Err(err) = result {
                         debug!(%err, "connection closed");
                     },
-                    err = crate::http2::keepalive(ping) => debug!(%err, "closing the connection"),
+                    // Polled only when its timer or ping fires.
+                    err = OnWake::new(crate::http2::keepalive(ping)) => {
+                        debug!(%err, "closing the connection");
+                    }
                 }
                 closed.store(true, Ordering::Release);
                 // The peer closed a connection we still use: a sidecar
