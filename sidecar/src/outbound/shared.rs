@@ -108,30 +108,38 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         ResponseFuture {
             shared: self.clone(),
-            state: State::Waiting(Some(req)),
+            state: State::Waiting { req: Some(req) },
         }
     }
 }
 
-enum State<F, Req> {
-    Waiting(Option<Req>),
-    Called(Pin<Box<F>>),
+pin_project_lite::pin_project! {
+    #[project = StateProj]
+    enum State<F, Req> {
+        Waiting { req: Option<Req> },
+        // In place, not boxed: no allocation per request.
+        Called { #[pin] fut: F },
+    }
 }
 
-/// The response of a [`Shared`] service.
-pub struct ResponseFuture<S: Service<Req>, Req> {
-    shared: Shared<S>,
-    state: State<S::Future, Req>,
+pin_project_lite::pin_project! {
+    /// The response of a [`Shared`] service.
+    pub struct ResponseFuture<S: Service<Req>, Req> {
+        shared: Shared<S>,
+        #[pin]
+        state: State<S::Future, Req>,
+    }
 }
-
-// Neither the request nor the boxed future is pinned in place.
-impl<S: Service<Req>, Req> Unpin for ResponseFuture<S, Req> {}
 
 impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
-    /// Polls the inner service's readiness and, once ready, calls it while
-    /// still holding the lock.
-    fn poll_call(&mut self, cx: &mut Context<'_>) -> Poll<Result<S::Future, S::Error>> {
-        let inner = &self.shared.inner;
+    /// Polls the inner service's readiness and, once ready, calls it with
+    /// `req` while still holding the lock.
+    fn poll_call(
+        shared: &Shared<S>,
+        req: &mut Option<Req>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<S::Future, S::Error>> {
+        let inner = &shared.inner;
         let mut service = inner.service.lock().unwrap_or_else(|p| p.into_inner());
         let mut shared_cx = Context::from_waker(&inner.waker);
         let ready = match service.poll_ready(&mut shared_cx) {
@@ -146,12 +154,9 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         match ready {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
-            Poll::Ready(Ok(())) => match &mut self.state {
-                State::Waiting(req) => match req.take() {
-                    Some(req) => Poll::Ready(Ok(service.call(req))),
-                    None => unreachable!("a request is called once"),
-                },
-                State::Called(_) => unreachable!("called requests are not polled for readiness"),
+            Poll::Ready(Ok(())) => match req.take() {
+                Some(req) => Poll::Ready(Ok(service.call(req))),
+                None => unreachable!("a request is called once"),
             },
         }
     }
@@ -160,17 +165,18 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
 impl<S: Service<Req>, Req> Future for ResponseFuture<S, Req> {
     type Output = Result<S::Response, S::Error>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
         loop {
-            match &mut this.state {
-                State::Called(fut) => return fut.as_mut().poll(cx),
-                State::Waiting(_) => match this.poll_call(cx) {
+            let fut = match this.state.as_mut().project() {
+                StateProj::Called { fut } => return fut.poll(cx),
+                StateProj::Waiting { req } => match Self::poll_call(this.shared, req, cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
-                    Poll::Ready(Ok(fut)) => this.state = State::Called(Box::pin(fut)),
+                    Poll::Ready(Ok(fut)) => fut,
                 },
-            }
+            };
+            this.state.set(State::Called { fut });
         }
     }
 }
