@@ -102,38 +102,46 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_inner_future_is_polled_only_when_woken_and_still_finishes() {
+    /// A task waker that counts its wakes.
+    #[derive(Default)]
+    struct CountingWaker(AtomicUsize);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn the_inner_future_is_polled_only_when_woken_and_its_wake_reaches_the_task() {
         let polls = AtomicUsize::new(0);
         let token = CancellationToken::new();
         let mut wrapped = std::pin::pin!(OnWake::new(Counted {
             polls: &polls,
             cancelled: Box::pin(token.clone().cancelled_owned()),
         }));
-        let noop = Waker::noop();
-        let mut cx = Context::from_waker(noop);
+        let task = Arc::new(CountingWaker::default());
+        let waker = Waker::from(task.clone());
+        let mut cx = Context::from_waker(&waker);
         for _ in 0..5 {
             assert!(wrapped.as_mut().poll(&mut cx).is_pending());
         }
         assert_eq!(polls.load(Ordering::Relaxed), 1, "polled again unwoken");
+        assert_eq!(task.0.load(Ordering::Relaxed), 0);
 
-        // Woken from another task: the wrapper wakes its own task and the
-        // next poll goes through.
-        let canceller = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            token.cancel();
-        });
-        tokio::time::timeout(Duration::from_secs(5), &mut wrapped)
-            .await
-            .expect("the wrapped future finishes once woken");
-        canceller.await.expect("the canceller ran");
-        assert!(polls.load(Ordering::Relaxed) >= 2);
+        token.cancel();
+        assert_eq!(task.0.load(Ordering::Relaxed), 1, "the task was not woken");
+        assert!(wrapped.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(polls.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_timer_inside_fires() {
         let started = tokio::time::Instant::now();
-        OnWake::new(tokio::time::sleep(Duration::from_secs(30))).await;
+        let wrapped = OnWake::new(tokio::time::sleep(Duration::from_secs(30)));
+        tokio::time::timeout(Duration::from_secs(60), wrapped)
+            .await
+            .expect("the task is woken when the timer fires");
         assert!(started.elapsed() >= Duration::from_secs(30));
     }
 }
