@@ -11,7 +11,8 @@
 //! [`OnWake`] gives its future a waker of its own and polls it only when
 //! that waker was used since the last poll (and on the first poll, so the
 //! future can register it). Otherwise a poll is one atomic swap, plus
-//! keeping the task's waker current.
+//! keeping the task's waker current. It does the same for a stream, such as
+//! the balancer's feed of discovery changes, polled on every request.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,10 +20,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 
+use futures::Stream;
 use futures::task::AtomicWaker;
 
 pin_project_lite::pin_project! {
-    /// `fut`, polled only after its own waker was woken; see the module.
+    /// `fut` (a future or a stream), polled only after its own waker was
+    /// woken; see the module.
     #[derive(Debug)]
     pub struct OnWake<F> {
         #[pin]
@@ -74,6 +77,25 @@ impl<F: Future> Future for OnWake<F> {
             return Poll::Pending;
         }
         this.fut.poll(&mut Context::from_waker(this.waker))
+    }
+}
+
+/// As a stream: polled only after its waker was used, or after it yielded
+/// an item (another may follow without a wake).
+impl<S: Stream> Stream for OnWake<S> {
+    type Item = S::Item;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        let this = self.project();
+        this.flag.task.register(cx.waker());
+        if !this.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let next = this.fut.poll_next(&mut Context::from_waker(this.waker));
+        if next.is_ready() {
+            this.flag.woken.store(true, Ordering::Release);
+        }
+        next
     }
 }
 
@@ -133,6 +155,39 @@ mod tests {
         assert_eq!(task.0.load(Ordering::Relaxed), 1, "the task was not woken");
         assert!(wrapped.as_mut().poll(&mut cx).is_ready());
         assert_eq!(polls.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_stream_is_polled_after_an_item_and_after_a_wake_only() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+        let polls = AtomicUsize::new(0);
+        let stream = futures::stream::poll_fn(|cx| {
+            polls.fetch_add(1, Ordering::Relaxed);
+            rx.poll_recv(cx)
+        });
+        let mut wrapped = std::pin::pin!(OnWake::new(stream));
+        let task = Arc::new(CountingWaker::default());
+        let waker = Waker::from(task.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut next = || wrapped.as_mut().poll_next(&mut cx);
+
+        assert!(next().is_pending());
+        assert!(next().is_pending());
+        assert_eq!(polls.load(Ordering::Relaxed), 1, "polled again unwoken");
+
+        // Two items sent: one wake, and both come out, the second without a
+        // wake of its own.
+        tx.send(1).expect("receiver alive");
+        tx.send(2).expect("receiver alive");
+        assert_eq!(task.0.load(Ordering::Relaxed), 1);
+        assert_eq!(next(), Poll::Ready(Some(1)));
+        assert_eq!(next(), Poll::Ready(Some(2)));
+        assert!(next().is_pending());
+        assert!(next().is_pending());
+        assert_eq!(polls.load(Ordering::Relaxed), 4);
+
+        drop(tx);
+        assert_eq!(next(), Poll::Ready(None));
     }
 
     #[tokio::test(start_paused = true)]

@@ -29,6 +29,7 @@ use tower::load::{Load, PeakEwma};
 
 use super::eject::{EjectionPool, Outlier};
 use crate::discovery::Endpoint;
+use crate::wake::OnWake;
 
 /// Latency assumed for an endpoint before it has answered: linkerd's
 /// default, low enough that new endpoints get tried promptly.
@@ -221,7 +222,9 @@ where
             })
         })
     });
-    Balance::new(Box::pin(stream) as DiscoverStream<S>)
+    // The balancer polls its discovery on every request; the channel is
+    // looked at only when a change was sent.
+    Balance::new(Box::pin(OnWake::new(stream)) as DiscoverStream<S>)
 }
 
 #[cfg(test)]
