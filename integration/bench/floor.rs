@@ -40,22 +40,30 @@ fn main() -> anyhow::Result<()> {
     };
     let listen: SocketAddr = listen.parse().context("LISTEN")?;
     let next: SocketAddr = next.parse().context("NEXT")?;
-    let roots = {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in certs(ca)? {
-            roots.add(c)?;
-        }
-        Arc::new(roots)
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(ca)? {
+        roots.add(c)?;
+    }
+    let tls = Credentials {
+        roots: Arc::new(roots),
+        certs: certs(cert)?,
+        key: private_key(key)?,
     };
-    let (certs, key) = (certs(cert)?, private_key(key)?);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     match mode.as_str() {
-        "outbound" => runtime.block_on(outbound(listen, next, roots, certs, key)),
-        "inbound" => runtime.block_on(inbound(listen, next, roots, certs, key)),
+        "outbound" => runtime.block_on(outbound(listen, next, tls)),
+        "inbound" => runtime.block_on(inbound(listen, next, tls)),
         other => bail!("unknown mode {other:?}: outbound or inbound"),
     }
+}
+
+/// The CA to trust, and this side's certificate chain and key.
+struct Credentials {
+    roots: Arc<rustls::RootCertStore>,
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
 }
 
 fn certs(path: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
@@ -112,17 +120,11 @@ fn error(status: StatusCode, why: impl std::fmt::Display) -> Response<OutboundBo
     rsp
 }
 
-async fn outbound(
-    listen: SocketAddr,
-    peer: SocketAddr,
-    roots: Arc<rustls::RootCertStore>,
-    certs: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-) -> anyhow::Result<()> {
+async fn outbound(listen: SocketAddr, peer: SocketAddr, tls: Credentials) -> anyhow::Result<()> {
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs, key)?;
+        .with_root_certificates(tls.roots)
+        .with_client_auth_cert(tls.certs, tls.key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = TcpStream::connect(peer)
         .await
@@ -189,19 +191,14 @@ async fn forward(
 /// Idle HTTP/1.1 connections to the app.
 type Pool = Arc<Mutex<Vec<http1::SendRequest<Empty<Bytes>>>>>;
 
-async fn inbound(
-    listen: SocketAddr,
-    app: SocketAddr,
-    roots: Arc<rustls::RootCertStore>,
-    certs: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-) -> anyhow::Result<()> {
+async fn inbound(listen: SocketAddr, app: SocketAddr, tls: Credentials) -> anyhow::Result<()> {
     let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider()).build()?;
+        rustls::server::WebPkiClientVerifier::builder_with_provider(tls.roots, provider())
+            .build()?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)?;
+        .with_single_cert(tls.certs, tls.key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind(listen)

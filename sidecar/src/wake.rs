@@ -5,8 +5,8 @@
 //! `select!` polls every branch each time the task is woken, which is
 //! several times per request, and each such poll costs: a cancellation
 //! token's registers its waker under the token's lock, a timer's touches
-//! its entry in tokio's wheel. On the outbound that was about 650
-//! instructions of each request's ~42k.
+//! its entry in tokio's wheel. Skipping those polls saved about 800 of the
+//! outbound's ~42.6k instructions per request, and 300 of the inbound's.
 //!
 //! [`OnWake`] gives its future a waker of its own and polls it only when
 //! that waker was used since the last poll (and on the first poll, so the
