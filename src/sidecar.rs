@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use signpost_control_plane::model::{InstanceId, ServiceName};
 use signpost_sidecar::SidecarConfig;
+use signpost_sidecar::config::{AppProtocol, Egress};
 use tokio_util::sync::CancellationToken;
 
 /// `signpost sidecar` flags.
@@ -71,9 +72,27 @@ pub struct SidecarArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
 
-    /// Time limit of one proxied request.
+    /// Time limit for a response's headers, counted from the end of the
+    /// request body (a slow upload is not cut by it); a smaller
+    /// `grpc-timeout` on a call wins, counted from its start.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
+
+    /// A request body from the app that sends nothing this long is cut
+    /// (gRPC streams, which may idle on purpose, are not).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub body_idle_timeout: Duration,
+
+    /// How the local app is spoken to: `auto` (the caller's protocol:
+    /// HTTP/2 for callers that sent HTTP/2, such as gRPC), `http1` or
+    /// `http2` (h2c) for an app that speaks only one.
+    #[arg(long, default_value = "auto", value_parser = parse_app_protocol)]
+    pub app_protocol: AppProtocol,
+
+    /// Whether the app's calls may leave the mesh (plain HTTP to other
+    /// hosts, CONNECT tunnels): `allow` or `deny` (403).
+    #[arg(long, default_value = "allow", value_parser = parse_egress)]
+    pub egress: Egress,
 
     /// How long in-flight requests may take to finish on shutdown.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -89,6 +108,18 @@ pub struct SidecarArgs {
     /// scheduler: no work stealing, no wake-ups across threads.
     #[arg(long, env = "SIGNPOST_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: Option<u16>,
+}
+
+fn parse_app_protocol(s: &str) -> Result<AppProtocol, String> {
+    s.parse()
+}
+
+fn parse_egress(s: &str) -> Result<Egress, String> {
+    match s {
+        "allow" => Ok(Egress::Allow),
+        "deny" => Ok(Egress::Deny),
+        other => Err(format!("{other:?}: use allow or deny")),
+    }
 }
 
 impl SidecarArgs {
@@ -149,6 +180,9 @@ pub async fn run(args: SidecarArgs) -> Result<()> {
     config.zone = args.zone.clone();
     config.ttl = args.ttl;
     config.request_timeout = args.request_timeout;
+    config.body_idle_timeout = args.body_idle_timeout;
+    config.app_protocol = args.app_protocol;
+    config.egress = args.egress;
     config.drain = args.drain;
     config.shutdown_linger = args.linger;
 

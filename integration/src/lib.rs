@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod mesh;
 pub mod netns;
 
 pub use signpost_control_plane::testing::EtcdProcess;

@@ -1,5 +1,8 @@
-//! The inbound's client to the local app: HTTP/1.1 connections to one
-//! address, kept open and reused.
+//! The inbound's clients to the local app: HTTP/1.1 connections to one
+//! address, kept open and reused ([`AppClient`]); HTTP/2 without TLS
+//! (h2c, what gRPC servers speak) on hyper-util's pooled client, one
+//! multiplexed connection ([`AppH2Client`]); and a connection of its own
+//! for each Upgrade ([`upgrade`]).
 //!
 //! hyper-util's pooled client serves any number of hosts: every request
 //! hashes its scheme and host into the pool's map, checks a connection out,
@@ -63,6 +66,122 @@ impl AppError {
     pub fn is_connect(&self) -> bool {
         matches!(self, AppError::Connect(_) | AppError::ConnectTimeout(_))
     }
+}
+
+/// Which protocol the app is spoken to in (`--app-protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AppProtocol {
+    /// The caller's: HTTP/2 (h2c) for a request its app sent as HTTP/2,
+    /// HTTP/1.1 for one sent as HTTP/1.x.
+    #[default]
+    Auto,
+    /// Always HTTP/1.1, for an app that speaks nothing else.
+    Http1,
+    /// Always HTTP/2 with prior knowledge (h2c), for a gRPC-only app.
+    Http2,
+}
+
+impl std::str::FromStr for AppProtocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(AppProtocol::Auto),
+            "http1" => Ok(AppProtocol::Http1),
+            "http2" => Ok(AppProtocol::Http2),
+            other => Err(format!(
+                "{other:?} is not an app protocol: use auto, http1 or http2"
+            )),
+        }
+    }
+}
+
+/// HTTP/2 with prior knowledge (h2c) to the app: hyper-util's client,
+/// which keeps one connection and multiplexes every request on it.
+#[derive(Debug, Clone)]
+pub struct AppH2Client {
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        ProxyBody,
+    >,
+    authority: http::uri::Authority,
+}
+
+impl AppH2Client {
+    /// A client of the app at `addr`.
+    pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_nodelay(true);
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .http2_max_header_list_size(crate::http2::MAX_HEADER_LIST_SIZE)
+                .build(http);
+        let authority = http::uri::Authority::try_from(addr.to_string().as_str())
+            .unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1"));
+        Self { client, authority }
+    }
+
+    /// A request to the app made of `parts` and `body`: the app's address
+    /// in the URI, the caller's `:authority` kept when it had one.
+    pub fn request_from(
+        &self,
+        mut parts: http::request::Parts,
+        body: ProxyBody,
+    ) -> Request<ProxyBody> {
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(self.authority.clone());
+        uri.path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+        // The caller's authority, as HTTP/2 would carry it, goes as `Host`
+        // (hyper sends it as `:authority`).
+        if !parts.headers.contains_key(http::header::HOST)
+            && let Some(a) = parts.uri.authority()
+            && let Ok(v) = http::HeaderValue::from_str(a.as_str())
+        {
+            parts.headers.insert(http::header::HOST, v);
+        }
+        if let Ok(uri) = http::Uri::from_parts(uri) {
+            parts.uri = uri;
+        }
+        parts.version = http::Version::HTTP_2;
+        Request::from_parts(parts, body)
+    }
+
+    /// Sends `req` (made by [`AppH2Client::request_from`]).
+    pub async fn request(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        self.client.request(req).await
+    }
+}
+
+/// Sends an Upgrade request to the app at `addr` on a connection of its
+/// own, which becomes the upgraded byte stream after `101`.
+pub async fn upgrade(
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    req: Request<ProxyBody>,
+) -> Result<Response<ProxyBody>, AppError> {
+    let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| AppError::ConnectTimeout(connect_timeout))?
+        .map_err(AppError::Connect)?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(err) = conn.with_upgrades().await {
+            debug!(%addr, %err, "upgraded connection to the app ended");
+        }
+    });
+    let rsp = sender.send_request(req).await?;
+    Ok(rsp.map(crate::body::boxed))
 }
 
 /// HTTP/1.1 connections to the app at one address.

@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use signpost_control_plane::model::{InstanceId, ServiceName};
 
+pub use crate::app::AppProtocol;
+pub use crate::outbound::proxy::Egress;
+
 /// Default inbound listener: all interfaces, since peers call in from other
 /// hosts.
 pub const DEFAULT_INBOUND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15006);
@@ -64,6 +67,13 @@ pub struct SidecarConfig {
     pub health_interval: Duration,
     /// Idle destinations are dropped (and no longer resolved) after this.
     pub idle_timeout: Duration,
+    /// Which protocol the local app is spoken to in.
+    pub app_protocol: AppProtocol,
+    /// Whether the app's calls may leave the mesh.
+    pub egress: Egress,
+    /// A request body from the app that sends nothing this long is cut
+    /// (gRPC streams excepted).
+    pub body_idle_timeout: Duration,
 }
 
 impl SidecarConfig {
@@ -100,6 +110,11 @@ impl SidecarConfig {
             max_pending: 1000,
             health_interval: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(300),
+            app_protocol: AppProtocol::Auto,
+            egress: Egress::Allow,
+            // Twice the request timeout: an upload that pauses this long
+            // has stalled.
+            body_idle_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -122,6 +122,79 @@ impl<F: Future> Future for Timeout<F> {
     }
 }
 
+/// How long a request may wait for its response headers, and from when.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    /// The limit.
+    pub after: Duration,
+    /// A gRPC deadline counts from the call's start; the request timeout
+    /// from the end of the request body.
+    pub from_start: bool,
+}
+
+/// The deadline of a request with `headers`: its `grpc-timeout` when smaller than
+/// `request_timeout`, which is the limit otherwise.
+pub fn deadline_of(headers: &http::HeaderMap, request_timeout: Duration) -> Deadline {
+    match headers
+        .get(GRPC_TIMEOUT)
+        .and_then(|v| parse_grpc_timeout(v.as_bytes()))
+    {
+        Some(grpc) if grpc < request_timeout => Deadline {
+            after: grpc,
+            from_start: true,
+        },
+        _ => Deadline {
+            after: request_timeout,
+            from_start: false,
+        },
+    }
+}
+
+/// The `grpc-timeout` header.
+pub const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
+/// A `grpc-timeout` value: at most 8 digits and a unit (`H`, `M`, `S`,
+/// `m`, `u`, `n`), as the gRPC HTTP/2 protocol defines it.
+pub fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+impl Timers {
+    /// `call` under `deadline`: counted from now for a gRPC deadline,
+    /// otherwise from the end of the request body (`ended`; from now for a
+    /// request without a body).
+    pub async fn timed<F: Future + Unpin>(
+        self: &Arc<Self>,
+        mut call: F,
+        ended: Option<crate::body::BodyEnd>,
+        deadline: Deadline,
+    ) -> Result<F::Output, Elapsed> {
+        if let Some(ended) = ended
+            && !deadline.from_start
+        {
+            tokio::select! {
+                biased;
+                rsp = &mut call => return Ok(rsp),
+                () = ended => {}
+            }
+        }
+        self.timeout(deadline.after, call).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +259,29 @@ mod tests {
         assert_eq!(short, Err(Elapsed));
         assert_eq!(long, Ok("done"));
         assert_eq!(timers.idle(), 2);
+    }
+
+    #[test]
+    fn grpc_timeouts_are_read_as_the_protocol_defines_them() {
+        assert_eq!(
+            parse_grpc_timeout(b"100m"),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(parse_grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout(b"5u"), Some(Duration::from_micros(5)));
+        for bad in [&b""[..], b"m", b"123456789m", b"10x", b"-1S", b"1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+        let req = http::Request::builder()
+            .header(GRPC_TIMEOUT, "250m")
+            .body(())
+            .unwrap();
+        let d = deadline_of(req.headers(), Duration::from_secs(30));
+        assert_eq!(d.after, Duration::from_millis(250));
+        assert!(d.from_start);
+        let d = deadline_of(req.headers(), Duration::from_millis(100));
+        assert_eq!(d.after, Duration::from_millis(100), "the smaller one");
+        assert!(!d.from_start);
     }
 }

@@ -17,6 +17,14 @@ use crate::outbound::endpoint::{ConnectError, EndpointError};
 /// Header naming why the sidecar answered a request itself.
 pub const ERROR_HEADER: http::HeaderName = http::HeaderName::from_static("x-signpost-error");
 
+/// Header a peer's inbound adds to an answer it made without passing the
+/// request to its app (the app was down, the caller not allowed, no
+/// certificate yet): the caller's sidecar may send such a request again,
+/// whatever its method. Removed from the app's own answers, so an app
+/// cannot claim it.
+pub const NOT_FORWARDED_HEADER: http::HeaderName =
+    http::HeaderName::from_static("x-signpost-not-forwarded");
+
 /// Why the sidecar could not start, or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
@@ -121,6 +129,46 @@ pub enum ProxyError {
     /// The request names no usable destination.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The sidecar has no workload certificate yet, so it can neither call
+    /// a peer nor be called over mesh TLS.
+    #[error("no certificate yet: {reason}")]
+    NoCertificate {
+        /// Why the last attempt to get one failed.
+        reason: String,
+    },
+    /// The request's header section is larger than the sidecar accepts.
+    #[error("request headers of {size} bytes exceed the limit of {limit} bytes")]
+    HeadersTooLarge {
+        /// Their size, counted as HTTP/2 does (name + value + 32 each).
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// `--egress deny`: nothing may leave the mesh.
+    #[error("{host} is outside the mesh and egress is denied (--egress deny)")]
+    EgressDenied {
+        /// The host asked for.
+        host: String,
+    },
+}
+
+/// gRPC status codes the sidecar answers with (grpc/doc/statuscodes.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrpcCode {
+    /// 2: the request may have been processed; nothing more is known.
+    Unknown = 2,
+    /// 3: the request itself is unusable.
+    InvalidArgument = 3,
+    /// 4: no answer within the deadline.
+    DeadlineExceeded = 4,
+    /// 7: the caller may not call the service.
+    PermissionDenied = 7,
+    /// 8: too many requests pending.
+    ResourceExhausted = 8,
+    /// 13: a loop or another mesh fault.
+    Internal = 13,
+    /// 14: no instance, no connection, no certificate: try again later.
+    Unavailable = 14,
 }
 
 impl ProxyError {
@@ -134,15 +182,76 @@ impl ProxyError {
             // and counts it towards ejecting this one.
             ProxyError::NoHealthyInstance { .. }
             | ProxyError::Overloaded { .. }
-            | ProxyError::AppUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::AppUnavailable { .. }
+            | ProxyError::NoCertificate { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Unreachable { .. } | ProxyError::BadGateway { .. } => {
                 StatusCode::BAD_GATEWAY
             }
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ProxyError::Forbidden { .. } | ProxyError::EgressDenied { .. } => StatusCode::FORBIDDEN,
             ProxyError::Loop { .. } => StatusCode::LOOP_DETECTED,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
+    }
+
+    /// The gRPC status a gRPC caller gets instead of [`ProxyError::status`].
+    pub fn grpc_code(&self) -> GrpcCode {
+        match self {
+            ProxyError::NoHealthyInstance { .. }
+            | ProxyError::Unreachable { .. }
+            | ProxyError::AppUnavailable { .. }
+            | ProxyError::NoCertificate { .. } => GrpcCode::Unavailable,
+            ProxyError::Overloaded { .. } => GrpcCode::ResourceExhausted,
+            // Not UNAVAILABLE: clients retry that, and this call may have
+            // run.
+            ProxyError::BadGateway { .. } => GrpcCode::Unknown,
+            ProxyError::Timeout { .. } => GrpcCode::DeadlineExceeded,
+            ProxyError::Forbidden { .. } | ProxyError::EgressDenied { .. } => {
+                GrpcCode::PermissionDenied
+            }
+            ProxyError::Loop { .. } => GrpcCode::Internal,
+            ProxyError::BadRequest(_) | ProxyError::HeadersTooLarge { .. } => {
+                GrpcCode::InvalidArgument
+            }
+        }
+    }
+
+    /// Whether an inbound answering with this error had passed the request
+    /// to its app: only then may it have been processed.
+    pub fn reached_app(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::BadGateway { .. } | ProxyError::Timeout { .. }
+        )
+    }
+
+    /// The response for a caller of `kind`: for gRPC, a trailers-only
+    /// answer (HTTP 200, `grpc-status`, `grpc-message`); otherwise the
+    /// HTTP status with the message as body. Both carry `x-signpost-error`.
+    pub fn respond(self, kind: Caller) -> Response<ProxyBody> {
+        match kind {
+            Caller::Http => self.into_response(),
+            Caller::Grpc => self.into_grpc_response(),
+        }
+    }
+
+    /// The trailers-only gRPC answer (HTTP 200, `grpc-status`,
+    /// `grpc-message`, no body), with `x-signpost-error`.
+    pub fn into_grpc_response(self) -> Response<ProxyBody> {
+        let message = self.to_string();
+        let mut rsp = Response::new(crate::body::empty());
+        let headers = rsp.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(GRPC_STATUS, HeaderValue::from(self.grpc_code() as u16));
+        if let Ok(v) = HeaderValue::from_str(&grpc_message(&message)) {
+            headers.insert(GRPC_MESSAGE, v);
+        }
+        headers.insert(ERROR_HEADER, header_value(&message));
+        rsp
     }
 
     /// The response: status, `x-signpost-error`, and the message as body.
@@ -174,10 +283,14 @@ impl ProxyError {
         if let Some(found) = crate::outbound::endpoint::find_endpoint_error(&**err) {
             let source = match found {
                 EndpointError::Connect(c) => EndpointError::Connect(clone_connect(c)),
-                EndpointError::Reset { addr, source } => {
+                EndpointError::Refused { addr, reason } => EndpointError::Refused {
+                    addr: *addr,
+                    reason: reason.clone(),
+                },
+                EndpointError::Reset { .. } => {
                     return ProxyError::BadGateway {
                         service: service.to_string(),
-                        reason: format!("{addr} reset the request: {source}"),
+                        reason: found.to_string(),
                     };
                 }
             };
@@ -221,6 +334,45 @@ fn clone_connect(err: &ConnectError) -> ConnectError {
     }
 }
 
+/// Who a sidecar answers, for the form of its own error answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// Anything but gRPC: the HTTP status and a text body.
+    Http,
+    /// `content-type: application/grpc*`: a trailers-only gRPC answer.
+    Grpc,
+}
+
+impl Caller {
+    /// The kind of caller that sent a request with these headers.
+    pub fn of(headers: &http::HeaderMap) -> Self {
+        let grpc = headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if grpc { Caller::Grpc } else { Caller::Http }
+    }
+}
+
+/// The gRPC status header (or trailer).
+pub const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
+/// The gRPC status message header (or trailer).
+pub const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
+
+/// `text` percent-encoded as `grpc-message` wants it: printable ASCII but
+/// `%` as is, everything else as `%XX` of its UTF-8 bytes.
+pub fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// A header value from any text: characters a header cannot carry become `?`.
 pub fn header_value(text: &str) -> HeaderValue {
     let clean: String = text
@@ -238,6 +390,8 @@ pub fn header_value(text: &str) -> HeaderValue {
 
 #[cfg(test)]
 mod tests {
+    use http_body::Body as _;
+
     use super::*;
 
     #[test]
@@ -286,5 +440,60 @@ mod tests {
         };
         assert_eq!(timeout.status(), 504);
         assert_eq!(timeout.to_string(), "user: no response within 30s");
+    }
+
+    #[test]
+    fn grpc_callers_get_trailers_only_answers() {
+        let cases = [
+            (
+                ProxyError::NoHealthyInstance {
+                    service: "echo".into(),
+                    dns: None,
+                },
+                "14",
+            ),
+            (
+                ProxyError::Timeout {
+                    service: "echo".into(),
+                    after: Duration::from_secs(1),
+                },
+                "4",
+            ),
+            (
+                ProxyError::Overloaded {
+                    service: "echo".into(),
+                    limit: 1,
+                },
+                "8",
+            ),
+            (
+                ProxyError::NoCertificate {
+                    reason: "CA down".into(),
+                },
+                "14",
+            ),
+            (
+                ProxyError::Forbidden {
+                    caller: "order".into(),
+                    service: "echo".into(),
+                    why: String::new(),
+                },
+                "7",
+            ),
+        ];
+        for (err, code) in cases {
+            let message = err.to_string();
+            let rsp = err.respond(Caller::Grpc);
+            assert_eq!(rsp.status(), 200);
+            assert_eq!(rsp.headers()[&GRPC_STATUS], code, "{message}");
+            assert_eq!(rsp.headers()[&ERROR_HEADER], message.as_str());
+            assert_eq!(rsp.headers()["content-type"], "application/grpc");
+            assert!(rsp.body().is_end_stream(), "trailers-only: no body");
+        }
+        assert_eq!(grpc_message("a 100% é"), "a 100%25 %C3%A9");
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(Caller::of(&headers), Caller::Http);
+        headers.insert("content-type", "application/grpc+proto".parse().unwrap());
+        assert_eq!(Caller::of(&headers), Caller::Grpc);
     }
 }

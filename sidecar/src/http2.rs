@@ -23,7 +23,6 @@ use h2::{Ping, PingPong, RecvStream, SendStream};
 use http::HeaderMap;
 use http::header::CONTENT_LENGTH;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 
 use crate::body::{BoxError, ProxyBody};
 
@@ -42,7 +41,10 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 2048;
 
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
-const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+/// Above [`crate::headers::MAX_HEADER_BYTES`]: a larger header section
+/// reaches the proxy, which answers 431 with `x-signpost-error`, rather
+/// than failing inside HTTP/2 with no status.
+pub const MAX_HEADER_LIST_SIZE: u32 = 256 * 1024;
 const MAX_SEND_BUFFER: usize = 400 * 1024;
 
 /// The client settings, as hyper's defaults.
@@ -235,9 +237,29 @@ pub async fn send_body(
     result
 }
 
+/// The body's next frame, or the stream's reset if that comes first: a
+/// body waiting on its sender (a stream waiting for an answer) must not
+/// keep a stream the peer refused, nor the body, which a retry may need.
+async fn next_frame(
+    body: &mut ProxyBody,
+    stream: &mut SendStream<Bytes>,
+) -> Result<Option<Result<Frame<Bytes>, BoxError>>, SendBodyError> {
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
+            return Poll::Ready(Ok(frame));
+        }
+        match stream.poll_reset(cx) {
+            Poll::Ready(Ok(reason)) => Poll::Ready(Err(SendBodyError::Send(reason.into()))),
+            Poll::Ready(Err(err)) => Poll::Ready(Err(SendBodyError::Send(err))),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
 async fn pump(body: &mut ProxyBody, stream: &mut SendStream<Bytes>) -> Result<(), SendBodyError> {
     loop {
-        let Some(frame) = body.frame().await else {
+        let Some(frame) = next_frame(body, stream).await? else {
             // Ended without a last frame marked as such: close the stream.
             stream.send_data(Bytes::new(), true)?;
             return Ok(());
@@ -301,7 +323,7 @@ pub fn boxed(stream: RecvStream, headers: &HeaderMap) -> ProxyBody {
 
 #[cfg(test)]
 mod tests {
-    use http_body_util::StreamBody;
+    use http_body_util::{BodyExt, StreamBody};
     use tokio::io::duplex;
 
     use super::*;

@@ -36,15 +36,18 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::app::AppClient;
+use crate::app::{AppClient, AppH2Client, AppProtocol};
 use crate::body::{self, ProxyBody};
-use crate::deadline::Timers;
-use crate::error::ProxyError;
+use crate::deadline::{Timers, deadline_of};
+use crate::error::{Caller as CallerKind, NOT_FORWARDED_HEADER, ProxyError};
+use crate::headers::{
+    HOP_HEADER, MAX_HEADER_BYTES, ORIG_PROTO_HEADER, header_bytes, innermost, restore_upgrade,
+    strip_hop_by_hop_and, upgrade_protocol,
+};
 use crate::http2;
 use crate::metrics::{Direction, Metrics, RequestMetrics};
-use crate::outbound::proxy::{HOP_HEADER, innermost, strip_hop_by_hop, strip_hop_by_hop_and};
-use crate::serve::{self, Closing};
-use crate::tls::{ALPN_TCP, InboundTls};
+use crate::serve::{self, Closing, Upgrades};
+use crate::tls::{ALPN_TCP, MeshSlot};
 use crate::wake::OnWake;
 
 /// Header telling the app which mesh service called it. Set only from a
@@ -56,7 +59,7 @@ pub const CALLER_HEADER: http::HeaderName = http::HeaderName::from_static("x-sig
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The TLS record type of a handshake, the first byte of every ClientHello.
-const TLS_HANDSHAKE: u8 = 0x16;
+pub const TLS_HANDSHAKE: u8 = 0x16;
 
 /// A peer as its certificate names it, with the `x-signpost-caller` value
 /// the app is told: made once per connection and shared by its requests
@@ -129,19 +132,38 @@ pub struct InboundConfig {
     pub id: String,
     /// The local app.
     pub app: SocketAddr,
-    /// Limit for the app's response headers.
+    /// Limit for the app's response headers, from the end of the request
+    /// body.
     pub request_timeout: Duration,
+    /// Which protocol the app is spoken to in.
+    pub app_protocol: AppProtocol,
+}
+
+impl InboundConfig {
+    /// Settings with the sidecar's defaults but for the names.
+    pub fn new(service: ServiceName, id: impl Into<String>, app: SocketAddr) -> Self {
+        Self {
+            service,
+            id: id.into(),
+            app,
+            request_timeout: Duration::from_secs(30),
+            app_protocol: AppProtocol::Auto,
+        }
+    }
 }
 
 /// The inbound proxy.
 pub struct Inbound {
     config: InboundConfig,
     policy: Arc<ArcSwap<ServiceConfig>>,
-    tls: Option<InboundTls>,
+    tls: Option<MeshSlot>,
     app: AppClient,
+    app_h2: AppH2Client,
     requests: RequestMetrics,
     /// The request timeouts' timers.
     timers: Arc<Timers>,
+    /// WebSockets in progress.
+    upgrades: Upgrades,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -155,23 +177,33 @@ impl std::fmt::Debug for Inbound {
 
 impl Inbound {
     /// An inbound proxy. Without `tls` it serves plain connections only
-    /// (for tests; every caller is then unidentified).
+    /// (for tests; every caller is then unidentified); with it, until the
+    /// slot holds a certificate, TLS connections are closed at once and
+    /// plain requests answered 503 "no certificate yet".
     pub fn new(
         config: InboundConfig,
         policy: Arc<ArcSwap<ServiceConfig>>,
-        tls: Option<InboundTls>,
+        tls: Option<MeshSlot>,
         metrics: Metrics,
     ) -> Arc<Self> {
         let app = AppClient::new(config.app, Duration::from_secs(1));
+        let app_h2 = AppH2Client::new(config.app, Duration::from_secs(1));
         let requests = metrics.requests_of(Direction::Inbound, config.service.as_str());
         Arc::new(Self {
             config,
             policy,
             tls,
             app,
+            app_h2,
             requests,
             timers: Timers::new(),
+            upgrades: Upgrades::new(),
         })
+    }
+
+    /// WebSockets open now.
+    pub fn upgraded_connections(&self) -> usize {
+        self.upgrades.len()
     }
 
     /// Serves peers on `listener` until `stop`, then drains.
@@ -181,7 +213,9 @@ impl Inbound {
         stop: CancellationToken,
         drain: Duration,
     ) {
-        serve::accept_loop(
+        let upgrades = self.upgrades.clone();
+        let stopped = stop.clone();
+        let connections = serve::accept_loop(
             "inbound",
             listener,
             stop,
@@ -191,8 +225,11 @@ impl Inbound {
                 async move { this.connection(stream, closing).await }
                     .instrument(info_span!("inbound_conn", peer = %peer))
             },
-        )
-        .await;
+        );
+        tokio::join!(connections, async move {
+            stopped.cancelled().await;
+            upgrades.shutdown(drain).await;
+        });
     }
 
     async fn connection(self: Arc<Self>, stream: TcpStream, closing: Closing) {
@@ -221,9 +258,18 @@ impl Inbound {
             .await;
             return;
         }
-        let Some(tls) = &self.tls else {
-            debug!("TLS connection but this inbound has no certificate");
+        let Some(tls) = self.tls.as_ref().and_then(MeshSlot::get) else {
+            // Nothing to answer a handshake with: closed at once, so the
+            // caller's sidecar tries another instance.
+            debug!("TLS connection but this inbound has no certificate yet");
             return;
+        };
+        let tls = match tls.inbound() {
+            Ok(tls) => tls,
+            Err(err) => {
+                warn!(%err, "cannot serve mesh TLS");
+                return;
+            }
         };
         let acceptor = match self.policy.load().mtls {
             MtlsMode::Strict => tls.strict(),
@@ -413,11 +459,18 @@ impl Inbound {
             path = %req.uri().path(),
             caller = caller.as_ref().map(|c| c.identity.service().to_string()).unwrap_or_else(|| "-".into())
         );
+        let kind = CallerKind::of(req.headers());
         let rsp = match self.forward(req, caller).instrument(span).await {
             Ok(rsp) => rsp,
             Err(err) => {
                 info!(error = %err, "refused");
-                err.into_response()
+                let reached_app = err.reached_app();
+                let mut rsp = err.respond(kind);
+                if !reached_app {
+                    rsp.headers_mut()
+                        .insert(NOT_FORWARDED_HEADER, HeaderValue::from_static("1"));
+                }
+                rsp
             }
         };
         self.requests
@@ -427,71 +480,154 @@ impl Inbound {
 
     async fn forward(
         &self,
-        req: Request<ProxyBody>,
+        mut req: Request<ProxyBody>,
         caller: Option<Arc<Caller>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // No hop check here: this sidecar's own outbound marks the requests
         // it sends, and an app may legitimately call its own service. The
         // loop an inbound could cause (`--app` pointing back at the sidecar)
         // is refused at start-up instead.
+        if let Some(reason) = self.tls.as_ref().and_then(MeshSlot::not_ready) {
+            return Err(ProxyError::NoCertificate { reason });
+        }
         let identity = caller.as_ref().map(|c| &c.identity);
         authorize(&self.policy.load(), &self.config.service, identity)?;
+        let size = header_bytes(req.headers());
+        if size > MAX_HEADER_BYTES {
+            return Err(ProxyError::HeadersTooLarge {
+                size,
+                limit: MAX_HEADER_BYTES,
+            });
+        }
+        let upgrade = match req.version() {
+            Version::HTTP_11 => upgrade_protocol(req.headers()),
+            _ => None,
+        };
+        let downstream = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let sent_as_http1 = req.headers().contains_key(ORIG_PROTO_HEADER);
+        let http2 = upgrade.is_none()
+            && match self.config.app_protocol {
+                AppProtocol::Http1 => false,
+                AppProtocol::Http2 => true,
+                AppProtocol::Auto => req.version() == Version::HTTP_2 && !sent_as_http1,
+            };
         let (mut parts, body) = req.into_parts();
         // Only this sidecar vouches for callers; and the hop list is the
         // mesh's business, not the app's (an app that copies all incoming
         // headers to its own calls would otherwise trip the loop guard).
-        strip_hop_by_hop_and(&mut parts.headers, &[CALLER_HEADER, HOP_HEADER]);
+        strip_hop_by_hop_and(
+            &mut parts.headers,
+            &[CALLER_HEADER, HOP_HEADER, ORIG_PROTO_HEADER],
+        );
+        if let Some(protocol) = &upgrade {
+            restore_upgrade(&mut parts.headers, protocol.clone());
+        }
         if let Some(v) = caller.as_ref().and_then(|c| c.header.clone()) {
             parts.headers.insert(CALLER_HEADER, v);
         }
-        if !parts.headers.contains_key(header::HOST) {
-            let host = match parts.uri.authority() {
-                Some(a) => HeaderValue::from_str(a.as_str()),
-                None => HeaderValue::from_str(&self.config.app.to_string()),
-            };
-            if let Ok(v) = host {
-                parts.headers.insert(header::HOST, v);
-            }
-        }
-        // Origin form (`/path?query`), as HTTP/1.1 sends to a server.
-        parts.uri = match parts.uri.path_and_query() {
-            Some(path) if path.as_str().starts_with('/') || path.as_str() == "*" => {
-                Uri::from(path.clone())
-            }
-            _ => Uri::from_static("/"),
+        let deadline = deadline_of(&parts.headers, self.config.request_timeout);
+        let (body, ended) = if body.is_end_stream() {
+            (body, None)
+        } else {
+            let (body, ended) = body::watch(body, None);
+            (body, Some(ended))
         };
-        parts.version = Version::HTTP_11;
-        let req = Request::from_parts(parts, body);
-        let timeout = self.config.request_timeout;
         let service = || self.config.service.to_string();
         let app = self.config.app;
-        let rsp = self
-            .timers
-            .timeout(timeout, self.app.request(req))
-            .await
-            .map_err(|_| ProxyError::Timeout {
-                service: service(),
-                after: timeout,
-            })?
-            .map_err(|e| {
-                if e.is_connect() {
-                    // Not sent: answered 503 so that callers retry elsewhere
-                    // (see `ProxyError::status`).
-                    ProxyError::AppUnavailable {
-                        service: service(),
-                        app,
-                        reason: innermost(&e),
+        let unavailable = |reason: String| ProxyError::AppUnavailable {
+            service: service(),
+            app,
+            reason,
+        };
+        let broke_off = |reason: String| ProxyError::BadGateway {
+            service: service(),
+            reason: format!("app at {app}: {reason}"),
+        };
+        let timed_out = |_| ProxyError::Timeout {
+            service: service(),
+            after: deadline.after,
+        };
+        let rsp = if http2 {
+            let req = self.app_h2.request_from(parts, body);
+            let call = Box::pin(self.app_h2.request(req));
+            self.timers
+                .timed(call, ended, deadline)
+                .await
+                .map_err(timed_out)?
+                // Not sent: answered 503 so that callers retry elsewhere
+                // (see `ProxyError::status`).
+                .map_err(|e| {
+                    if e.is_connect() {
+                        unavailable(innermost(&e))
+                    } else {
+                        broke_off(innermost(&e))
                     }
-                } else {
-                    ProxyError::BadGateway {
-                        service: service(),
-                        reason: format!("app at {app}: {}", innermost(&e)),
-                    }
+                })?
+                .map(body::boxed)
+        } else {
+            self.set_host(&mut parts);
+            // Origin form (`/path?query`), as HTTP/1.1 sends to a server.
+            parts.uri = match parts.uri.path_and_query() {
+                Some(path) if path.as_str().starts_with('/') || path.as_str() == "*" => {
+                    Uri::from(path.clone())
                 }
-            })?;
-        let mut rsp = rsp.map(body::boxed);
-        strip_hop_by_hop(rsp.headers_mut());
+                _ => Uri::from_static("/"),
+            };
+            parts.version = Version::HTTP_11;
+            let req = Request::from_parts(parts, body);
+            let result = if upgrade.is_some() {
+                let call = Box::pin(crate::app::upgrade(app, Duration::from_secs(1), req));
+                self.timers.timed(call, ended, deadline).await
+            } else {
+                let call = Box::pin(self.app.request(req));
+                self.timers
+                    .timed(call, ended, deadline)
+                    .await
+                    .map(|r| r.map(|rsp| rsp.map(body::boxed)))
+            };
+            result.map_err(timed_out)?.map_err(|e| {
+                if e.is_connect() {
+                    unavailable(innermost(&e))
+                } else {
+                    broke_off(innermost(&e))
+                }
+            })?
+        };
+        let mut rsp = rsp;
+        strip_hop_by_hop_and(rsp.headers_mut(), &[NOT_FORWARDED_HEADER]);
+        if let (Some(protocol), Some(downstream)) = (upgrade, downstream)
+            && rsp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+        {
+            restore_upgrade(rsp.headers_mut(), protocol);
+            let upstream = hyper::upgrade::on(&mut rsp);
+            self.upgrades.spawn(async move {
+                match tokio::try_join!(downstream, upstream) {
+                    Ok((peer, app)) => {
+                        serve::splice(
+                            hyper_util::rt::TokioIo::new(peer),
+                            hyper_util::rt::TokioIo::new(app),
+                        )
+                        .await
+                    }
+                    Err(err) => debug!(%err, "upgrade failed"),
+                }
+            });
+        }
         Ok(rsp)
+    }
+
+    /// Gives an HTTP/1.1 request the `Host` its caller named.
+    fn set_host(&self, parts: &mut http::request::Parts) {
+        if parts.headers.contains_key(header::HOST) {
+            return;
+        }
+        let host = match parts.uri.authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()),
+            None => HeaderValue::from_str(&self.config.app.to_string()),
+        };
+        if let Ok(v) = host {
+            parts.headers.insert(header::HOST, v);
+        }
     }
 }
 
@@ -553,6 +689,7 @@ mod tests {
             id: "u1".into(),
             app: "127.0.0.1:9".parse().unwrap(),
             request_timeout: Duration::from_secs(5),
+            app_protocol: AppProtocol::Auto,
         };
         let policy = Arc::new(ArcSwap::from_pointee(ServiceConfig::default()));
         let inbound = Inbound::new(config, policy, None, Metrics::new());

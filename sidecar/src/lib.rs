@@ -47,6 +47,7 @@ pub mod config;
 pub mod deadline;
 pub mod discovery;
 pub mod error;
+pub mod headers;
 pub mod http2;
 pub mod inbound;
 pub mod metrics;
@@ -79,11 +80,11 @@ pub use crate::metrics::Metrics;
 use crate::admin::Admin;
 use crate::certificate::CertificateClient;
 use crate::inbound::{Inbound, InboundConfig};
-use crate::outbound::endpoint::Connect;
+use crate::outbound::endpoint::{Connect, PeerProtocol};
 use crate::outbound::proxy::{OutboundConfig, OutboundProxy};
 use crate::outbound::{DestinationConfig, Destinations, MakeConnect};
 use crate::register::Readiness;
-use crate::tls::{ALPN_TCP, MeshTls, Refuse};
+use crate::tls::{ALPN_TCP, MeshSlot, MeshTls};
 use crate::tunnel::Tunnel;
 
 /// Runs a sidecar until `shutdown` is cancelled, then deregisters, keeps
@@ -245,44 +246,116 @@ async fn drive(
     let admin = tokio::spawn(
         Admin::new(metrics.clone(), ready.clone()).serve(listeners.admin, stop_background.clone()),
     );
+    let mut tasks: Vec<JoinHandle<()>> = Vec::new();
 
-    // 1. A certificate and the trust bundle, waiting for the control plane.
+    // 1. Inbound, outbound and tunnels serve at once: until the first
+    //    certificate, mesh calls are answered "no certificate yet" (calls
+    //    leaving the mesh go out), so no caller waits on a silent port.
+    let slot = MeshSlot::new();
+    let policy = Arc::new(ArcSwap::from_pointee(ServiceConfig::default()));
+    tasks.push(tokio::spawn(
+        inbound::watch_service_config(
+            client.clone(),
+            config.service.clone(),
+            policy.clone(),
+            stop_background.clone(),
+        )
+        .instrument(info_span!("service_config")),
+    ));
+    let inbound = Inbound::new(
+        InboundConfig {
+            service: config.service.clone(),
+            id: config.id.to_string(),
+            app: config.app,
+            request_timeout: config.request_timeout,
+            app_protocol: config.app_protocol,
+        },
+        policy,
+        Some(slot.clone()),
+        metrics.clone(),
+    );
+    let mut servers = vec![tokio::spawn(inbound.serve(
+        listeners.inbound,
+        stop_listeners.clone(),
+        config.drain,
+    ))];
+    let make_connect: MakeConnect = {
+        let slot = slot.clone();
+        Arc::new(
+            move |svc: &ServiceName, protocol: PeerProtocol| -> Arc<dyn Connect> {
+                let alpn = match protocol {
+                    PeerProtocol::Http2 => signpost_certs::ALPN_H2,
+                    PeerProtocol::Http1 => signpost_certs::ALPN_HTTP1,
+                    PeerProtocol::Tcp => ALPN_TCP,
+                };
+                Arc::new(slot.connector(svc, alpn))
+            },
+        )
+    };
+    let destinations = Destinations::new(
+        resolver.clone(),
+        make_connect.clone(),
+        DestinationConfig {
+            connect_timeout: config.connect_timeout,
+            max_pending: config.max_pending,
+            idle_timeout: config.idle_timeout,
+            ..DestinationConfig::default()
+        },
+        metrics.clone(),
+    );
+    tasks.push(tokio::spawn(
+        destinations
+            .clone()
+            .run_idle_reaper(stop_background.clone()),
+    ));
+    let outbound = OutboundProxy::with_mesh(
+        OutboundConfig {
+            id: config.id.to_string(),
+            zone: config.zone.clone(),
+            request_timeout: config.request_timeout,
+            connect_timeout: config.connect_timeout,
+            body_idle_timeout: config.body_idle_timeout,
+            egress: config.egress,
+        },
+        destinations,
+        metrics.clone(),
+        slot.clone(),
+    )?;
+    servers.push(tokio::spawn(outbound.serve(
+        listeners.outbound,
+        stop_listeners.clone(),
+        config.drain,
+    )));
+    for (svc, listener) in listeners.upstreams {
+        let connector = make_connect(&svc, PeerProtocol::Tcp);
+        let tunnel = Tunnel::new(svc, resolver.clone(), connector, config.connect_timeout);
+        servers.push(tokio::spawn(tunnel.serve(listener, stop_listeners.clone())));
+    }
+    info!(inbound = %inbound_addr, "sidecar serving; getting a certificate");
+
+    // 2. A certificate and the trust bundle, waiting for the control plane.
     let certs = CertificateClient::new(
         &config.control_plane,
         config.token.clone(),
         config.service.clone(),
     )
     .map_err(|e| SidecarError::Certificate(e.to_string()))?;
-    let mut backoff = Duration::from_millis(500);
-    let (cert, bundle) = loop {
-        let attempt = async {
-            Ok::<_, certificate::CertificateError>((certs.issue().await?, certs.roots().await?))
-        };
-        let result = tokio::select! {
-            () = shutdown.cancelled() => {
-                stop_background.cancel();
-                let _ = admin.await;
-                return Ok(());
-            }
-            r = attempt => r,
-        };
-        match result {
-            Ok(got) => break got,
-            Err(err) => {
-                warn!(%err, retry_in = ?backoff, "no certificate yet");
-                tokio::select! {
-                    () = shutdown.cancelled() => {}
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-        }
+    let stopping = Stopping {
+        listeners: stop_listeners,
+        background: stop_background.clone(),
+    };
+    let Some((cert, bundle)) = first_certificate(&certs, &slot, &shutdown).await else {
+        stopping.stop(servers, tasks, admin).await;
+        return Ok(());
     };
     info!(identity = %cert.identity(), expires = %humantime::format_rfc3339_seconds(cert.expires()), "certificate obtained");
     metrics.set_certificate_expiry(cert.expires());
     let holder = Arc::new(CertHolder::new(cert));
+    let mesh = MeshTls::new(bundle, holder.clone(), &config.zone, metrics.clone());
+    mesh.inbound()
+        .map_err(|e| SidecarError::Certificate(e.to_string()))?;
+    slot.fill(mesh.clone());
     ready.set_certificate(true);
-    let mut tasks: Vec<JoinHandle<()>> = Vec::new();
     {
         let (holder, certs, metrics, cancel) = (
             holder.clone(),
@@ -309,7 +382,6 @@ async fn drive(
             .instrument(info_span!("renewal")),
         ));
     }
-    let mesh = MeshTls::new(bundle, holder, &config.zone, metrics.clone());
     tasks.push(tokio::spawn(
         certificate::run_bundle_refresh(
             certs.clone(),
@@ -319,39 +391,9 @@ async fn drive(
         )
         .instrument(info_span!("trust_bundle")),
     ));
-    let inbound_tls = mesh
-        .inbound()
-        .map_err(|e| SidecarError::Certificate(e.to_string()))?;
 
-    // 2. Inbound, with the service's config kept current.
-    let policy = Arc::new(ArcSwap::from_pointee(ServiceConfig::default()));
-    tasks.push(tokio::spawn(
-        inbound::watch_service_config(
-            client.clone(),
-            config.service.clone(),
-            policy.clone(),
-            stop_background.clone(),
-        )
-        .instrument(info_span!("service_config")),
-    ));
-    let inbound = Inbound::new(
-        InboundConfig {
-            service: config.service.clone(),
-            id: config.id.to_string(),
-            app: config.app,
-            request_timeout: config.request_timeout,
-        },
-        policy,
-        Some(inbound_tls),
-        metrics.clone(),
-    );
-    let mut servers = vec![tokio::spawn(inbound.serve(
-        listeners.inbound,
-        stop_listeners.clone(),
-        config.drain,
-    ))];
-
-    // 3. Registration, heartbeats, health.
+    // 3. Registration, heartbeats, health: only with a certificate, so
+    //    that callers find an instance that can answer them.
     let registration = Registration {
         address: config.address.to_string(),
         port: i64::from(inbound_addr.port()),
@@ -385,59 +427,9 @@ async fn drive(
             .instrument(info_span!("health_probe")),
         ));
     }
+    info!("sidecar registered and serving the mesh");
 
-    // 4. Outbound and tunnels.
-    let make_connect: MakeConnect = {
-        let mesh = mesh.clone();
-        Arc::new(move |svc: &ServiceName| -> Arc<dyn Connect> {
-            match mesh.connector(svc, signpost_certs::ALPN_H2) {
-                Ok(c) => Arc::new(c),
-                Err(err) => Arc::new(Refuse::new(err.to_string())),
-            }
-        })
-    };
-    let destinations = Destinations::new(
-        resolver.clone(),
-        make_connect,
-        DestinationConfig {
-            connect_timeout: config.connect_timeout,
-            max_pending: config.max_pending,
-            idle_timeout: config.idle_timeout,
-            ..DestinationConfig::default()
-        },
-        metrics.clone(),
-    );
-    tasks.push(tokio::spawn(
-        destinations
-            .clone()
-            .run_idle_reaper(stop_background.clone()),
-    ));
-    let outbound = OutboundProxy::new(
-        OutboundConfig {
-            id: config.id.to_string(),
-            zone: config.zone.clone(),
-            request_timeout: config.request_timeout,
-            connect_timeout: config.connect_timeout,
-        },
-        destinations,
-        metrics.clone(),
-    )?;
-    servers.push(tokio::spawn(outbound.serve(
-        listeners.outbound,
-        stop_listeners.clone(),
-        config.drain,
-    )));
-    for (svc, listener) in listeners.upstreams {
-        let connector: Arc<dyn Connect> = match mesh.connector(&svc, ALPN_TCP) {
-            Ok(c) => Arc::new(c),
-            Err(err) => Arc::new(Refuse::new(err.to_string())),
-        };
-        let tunnel = Tunnel::new(svc, resolver.clone(), connector, config.connect_timeout);
-        servers.push(tokio::spawn(tunnel.serve(listener, stop_listeners.clone())));
-    }
-    info!(inbound = %inbound_addr, "sidecar serving");
-
-    // 5. Shutdown: leave the catalog, let callers notice, drain, stop.
+    // 4. Shutdown: leave the catalog, let callers notice, drain, stop.
     shutdown.cancelled().await;
     info!("shutting down: deregistering");
     ready.set_stopping();
@@ -456,15 +448,65 @@ async fn drive(
     info!(linger = ?config.shutdown_linger, "serving while callers' DNS caches expire");
     tokio::time::sleep(config.shutdown_linger).await;
     info!(drain = ?config.drain, "no longer accepting; draining");
-    stop_listeners.cancel();
-    for server in servers {
-        let _ = server.await;
-    }
-    stop_background.cancel();
-    for task in tasks {
-        let _ = task.await;
-    }
-    let _ = admin.await;
+    stopping.stop(servers, tasks, admin).await;
     info!("stopped");
     Ok(())
+}
+
+/// The last two stages of stopping: the listeners (which drain), then the
+/// background loops and the admin port.
+struct Stopping {
+    listeners: CancellationToken,
+    background: CancellationToken,
+}
+
+impl Stopping {
+    async fn stop(
+        self,
+        servers: Vec<JoinHandle<()>>,
+        tasks: Vec<JoinHandle<()>>,
+        admin: JoinHandle<()>,
+    ) {
+        self.listeners.cancel();
+        for server in servers {
+            let _ = server.await;
+        }
+        self.background.cancel();
+        for task in tasks {
+            let _ = task.await;
+        }
+        let _ = admin.await;
+    }
+}
+
+/// Asks the control plane for a certificate and the trust bundle until it
+/// gives both, recording in `slot` why not meanwhile; `None` when
+/// `shutdown` fires first.
+async fn first_certificate(
+    certs: &CertificateClient,
+    slot: &MeshSlot,
+    shutdown: &CancellationToken,
+) -> Option<(signpost_certs::WorkloadCert, signpost_certs::TrustBundle)> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let attempt = async {
+            Ok::<_, certificate::CertificateError>((certs.issue().await?, certs.roots().await?))
+        };
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            r = attempt => r,
+        };
+        match result {
+            Ok(got) => return Some(got),
+            Err(err) => {
+                warn!(%err, retry_in = ?backoff, "no certificate yet");
+                slot.set_waiting(err.to_string());
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
 }

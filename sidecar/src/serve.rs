@@ -100,6 +100,137 @@ pub async fn accept_loop<F, Fut>(
     }
 }
 
+/// Upgraded connections (WebSocket, CONNECT tunnels) of one listener. They
+/// outlive the HTTP exchange that made them, and no idle timer of the
+/// connection applies to them any more, so the listener tracks them here:
+/// on shutdown, those serving HTTP inside a tunnel are asked to finish,
+/// and whatever is still open after the drain time is cut.
+#[derive(Debug, Clone, Default)]
+pub struct Upgrades {
+    tracker: TaskTracker,
+    closing: CancellationToken,
+    cut: CancellationToken,
+}
+
+impl Upgrades {
+    /// No upgraded connections yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs `carry` (the bytes of one upgraded connection) until it ends
+    /// or the drain time is over.
+    pub fn spawn<F>(&self, carry: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let cut = self.cut.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                () = cut.cancelled() => debug!("upgraded connection cut at the end of the drain"),
+                () = carry => {}
+            }
+        });
+    }
+
+    /// The signal for HTTP served inside upgraded connections.
+    pub fn closing(&self) -> Closing {
+        Closing(self.closing.clone())
+    }
+
+    /// How many upgraded connections are open.
+    pub fn len(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Whether none is open.
+    pub fn is_empty(&self) -> bool {
+        self.tracker.is_empty()
+    }
+
+    /// Asks what can finish to finish, waits up to `drain`, then cuts the
+    /// rest.
+    pub async fn shutdown(&self, drain: Duration) {
+        self.closing.cancel();
+        self.tracker.close();
+        if !self.tracker.is_empty() {
+            info!(open = self.tracker.len(), "draining upgraded connections");
+        }
+        if tokio::time::timeout(drain, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open = self.tracker.len(),
+                "drain time over; cutting upgraded connections"
+            );
+            self.cut.cancel();
+            self.tracker.wait().await;
+        }
+    }
+}
+
+/// Carries bytes both ways between two upgraded connections until both
+/// sides have closed (a close on one side is passed to the other).
+pub async fn splice<A, B>(mut a: A, mut b: B)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::io::copy_bidirectional(&mut a, &mut b).await {
+        Ok((there, back)) => debug!(there, back, "upgraded connection closed"),
+        Err(err) => debug!(%err, "upgraded connection ended with an error"),
+    }
+}
+
+/// A byte stream whose first bytes were already read (to tell TLS from
+/// HTTP): they are read again first.
+#[derive(Debug)]
+pub struct Rewind<I> {
+    prefix: Bytes,
+    io: I,
+}
+
+impl<I> Rewind<I> {
+    /// `io`, with `prefix` read before it.
+    pub fn new(prefix: Bytes, io: I) -> Self {
+        Self { prefix, io }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// A served connection with no request in progress for this long is
 /// closed: between one and two periods after its last request ended (or
 /// after it opened). A client trickling a request head never starts a
@@ -234,8 +365,12 @@ where
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_header_list_size(crate::http2::MAX_HEADER_LIST_SIZE)
         .keep_alive_interval(Some(Duration::from_secs(10)));
-    let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
+    // With upgrades: WebSocket and CONNECT take the connection over.
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .into_owned();
     tokio::pin!(conn);
     // Polled only when they fire, not at every wake-up of the connection.
     let signal = OnWake::new(async {

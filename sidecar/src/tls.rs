@@ -258,6 +258,116 @@ impl Connect for TlsConnect {
     }
 }
 
+/// The mesh TLS of a sidecar once its first certificate came, and until
+/// then why not. The listeners start before the certificate, so that a
+/// caller gets an answer at once ("no certificate yet") rather than a
+/// connection nobody serves.
+#[derive(Clone, Default)]
+pub struct MeshSlot(Arc<SlotInner>);
+
+#[derive(Default)]
+struct SlotInner {
+    mesh: std::sync::OnceLock<MeshTls>,
+    waiting: std::sync::Mutex<String>,
+}
+
+impl std::fmt::Debug for MeshSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshSlot")
+            .field("filled", &self.0.mesh.get().is_some())
+            .finish()
+    }
+}
+
+impl MeshSlot {
+    /// An empty slot, waiting for the control plane.
+    pub fn new() -> Self {
+        let slot = Self::default();
+        slot.set_waiting("waiting for the control plane's first answer".into());
+        slot
+    }
+
+    /// A slot holding `mesh` already.
+    pub fn filled(mesh: MeshTls) -> Self {
+        let slot = Self::default();
+        slot.fill(mesh);
+        slot
+    }
+
+    /// The mesh TLS, once there is a certificate.
+    pub fn get(&self) -> Option<&MeshTls> {
+        self.0.mesh.get()
+    }
+
+    /// Installs the mesh TLS made from the first certificate.
+    pub fn fill(&self, mesh: MeshTls) {
+        let _ = self.0.mesh.set(mesh);
+    }
+
+    /// Records why there is no certificate yet.
+    pub fn set_waiting(&self, reason: String) {
+        *self.0.waiting.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+    }
+
+    /// Why there is no certificate yet; `None` once there is one.
+    pub fn not_ready(&self) -> Option<String> {
+        if self.0.mesh.get().is_some() {
+            return None;
+        }
+        Some(
+            self.0
+                .waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+
+    /// A connector to the sidecars of `service` negotiating `alpn`, made
+    /// on its first connection after the certificate came.
+    pub fn connector(&self, service: &ServiceName, alpn: &'static [u8]) -> LateConnect {
+        LateConnect {
+            slot: self.clone(),
+            service: service.clone(),
+            alpn,
+            built: Arc::default(),
+        }
+    }
+}
+
+/// A [`TlsConnect`] made once the slot holds the mesh TLS; before that,
+/// every connection fails with "no certificate yet".
+#[derive(Clone)]
+pub struct LateConnect {
+    slot: MeshSlot,
+    service: ServiceName,
+    alpn: &'static [u8],
+    built: Arc<std::sync::OnceLock<Result<TlsConnect, String>>>,
+}
+
+impl Connect for LateConnect {
+    fn connect(&self, addr: SocketAddr) -> BoxFuture<Result<BoxedIo, ConnectError>> {
+        let Some(mesh) = self.slot.get() else {
+            let reason = self.slot.not_ready().unwrap_or_default();
+            return Box::pin(async move {
+                Err(ConnectError::Tls {
+                    addr,
+                    reason: "no_certificate",
+                    source: std::io::Error::other(format!("no certificate yet: {reason}")),
+                })
+            });
+        };
+        let built = self.built.get_or_init(|| {
+            mesh.connector(&self.service, self.alpn)
+                .map_err(|e| e.to_string())
+        });
+        match built {
+            Ok(connect) => connect.connect(addr),
+            Err(reason) => Refuse::new(reason.clone()).connect(addr),
+        }
+    }
+}
+
 /// A connector that always fails, for a destination whose TLS config could
 /// not be built: its requests get a 502 naming the reason.
 #[derive(Debug, Clone)]

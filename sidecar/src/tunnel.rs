@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use rand::Rng;
 use signpost_control_plane::model::ServiceName;
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
@@ -88,28 +88,49 @@ impl Tunnel {
         })
     }
 
-    async fn endpoints(&self) -> Vec<Endpoint> {
+    /// The endpoints: the last answer when there is one (resolved again in
+    /// the background once its TTL is over, so a connection never waits on
+    /// DNS, and DNS being down costs nothing while the answer holds),
+    /// otherwise a fresh one.
+    async fn endpoints(self: &Arc<Self>) -> Vec<Endpoint> {
         let now = Instant::now();
-        if let Ok(cached) = self.cached.lock()
-            && let Some((res, at)) = cached.as_ref()
-            && now.saturating_duration_since(*at) < res.ttl
+        let cached = self
+            .cached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(res, at)| {
+                (
+                    res.endpoints.clone(),
+                    now.saturating_duration_since(*at) >= res.ttl,
+                )
+            });
+        if let Some((endpoints, stale)) = cached
+            && !endpoints.is_empty()
         {
-            return res.endpoints.clone();
+            if stale {
+                let this = self.clone();
+                tokio::spawn(async move { this.resolve(Instant::now()).await });
+            }
+            return endpoints;
         }
+        self.resolve(now).await
+    }
+
+    async fn resolve(&self, now: Instant) -> Vec<Endpoint> {
         match self.resolver.resolve(&self.service).await {
             Ok(res) => {
                 let endpoints = res.endpoints.clone();
-                if let Ok(mut cached) = self.cached.lock() {
-                    *cached = Some((res, now));
-                }
+                *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((res, now));
                 endpoints
             }
             Err(err) => {
                 warn!(%err, "tunnel: resolution failed; using the last answer");
                 self.cached
                     .lock()
-                    .ok()
-                    .and_then(|c| c.as_ref().map(|(r, _)| r.endpoints.clone()))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .map(|(r, _)| r.endpoints.clone())
                     .unwrap_or_default()
             }
         }
@@ -136,7 +157,12 @@ impl Tunnel {
         }
     }
 
-    async fn carry(&self, mut local: TcpStream) {
+    /// Carries one local connection (a TCP connection to the tunnel port,
+    /// or the bytes of a `CONNECT` to a mesh name) to an endpoint.
+    pub async fn carry<I>(self: &Arc<Self>, mut local: I)
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
         let endpoints = self.endpoints().await;
         if endpoints.is_empty() {
             warn!("no healthy instance; closing the connection");

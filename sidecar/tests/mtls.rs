@@ -10,13 +10,23 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use signpost_certs::{Ca, CertHolder, Identity, ServerIdentityVerifier, TrustBundle};
 use signpost_control_plane::model::{MtlsMode, ServiceConfig, ServiceName};
+use signpost_sidecar::app::AppProtocol;
 use signpost_sidecar::discovery::StaticResolver;
 use signpost_sidecar::inbound::{Inbound, InboundConfig};
 use signpost_sidecar::metrics::Metrics;
-use signpost_sidecar::outbound::endpoint::Connect;
-use signpost_sidecar::outbound::proxy::{OutboundConfig, OutboundProxy};
+use signpost_sidecar::outbound::endpoint::{Connect, PeerProtocol};
+use signpost_sidecar::outbound::proxy::{Egress, OutboundConfig, OutboundProxy};
 use signpost_sidecar::outbound::{DestinationConfig, Destinations, MakeConnect};
-use signpost_sidecar::tls::MeshTls;
+use signpost_sidecar::tls::{ALPN_TCP, MeshSlot, MeshTls};
+
+/// The ALPN a sidecar negotiates for `protocol`.
+fn alpn(protocol: PeerProtocol) -> &'static [u8] {
+    match protocol {
+        PeerProtocol::Http2 => signpost_certs::ALPN_H2,
+        PeerProtocol::Http1 => signpost_certs::ALPN_HTTP1,
+        PeerProtocol::Tcp => ALPN_TCP,
+    }
+}
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -71,13 +81,14 @@ async fn inbound(mesh: &Mesh, ip: &str, service: &str, mode: MtlsMode) -> Peer {
         mtls: mode,
     }));
     let mesh_tls = mesh.tls(service, &metrics);
-    let tls = mesh_tls.inbound().unwrap();
+    let tls = MeshSlot::filled(mesh_tls.clone());
     let inbound = Inbound::new(
         InboundConfig {
             service: name(service),
             id: format!("{service}-1"),
             app,
             request_timeout: Duration::from_secs(5),
+            app_protocol: AppProtocol::Auto,
         },
         policy.clone(),
         Some(tls),
@@ -97,8 +108,8 @@ async fn outbound(mesh: &Mesh, service: &str, resolver: &StaticResolver) -> (Soc
     let addr = listener.local_addr().unwrap();
     let metrics = Metrics::new();
     let tls = mesh.tls(service, &metrics);
-    let make: MakeConnect = Arc::new(move |svc: &ServiceName| {
-        Arc::new(tls.connector(svc, signpost_certs::ALPN_H2).unwrap()) as Arc<dyn Connect>
+    let make: MakeConnect = Arc::new(move |svc: &ServiceName, protocol: PeerProtocol| {
+        Arc::new(tls.connector(svc, alpn(protocol)).unwrap()) as Arc<dyn Connect>
     });
     let destinations = Destinations::new(
         Arc::new(resolver.clone()),
@@ -112,6 +123,8 @@ async fn outbound(mesh: &Mesh, service: &str, resolver: &StaticResolver) -> (Soc
             zone: ZONE.into(),
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
+            body_idle_timeout: Duration::from_secs(60),
+            egress: Egress::Allow,
         },
         destinations,
         metrics.clone(),
@@ -266,12 +279,8 @@ async fn new_trust_bundle_applies_to_new_connections() {
     let metrics = Metrics::new();
     let tls = old.tls("order", &metrics);
     let connector_tls = tls.clone();
-    let make: MakeConnect = Arc::new(move |svc: &ServiceName| {
-        Arc::new(
-            connector_tls
-                .connector(svc, signpost_certs::ALPN_H2)
-                .unwrap(),
-        ) as Arc<dyn Connect>
+    let make: MakeConnect = Arc::new(move |svc: &ServiceName, protocol: PeerProtocol| {
+        Arc::new(connector_tls.connector(svc, alpn(protocol)).unwrap()) as Arc<dyn Connect>
     });
     let destinations = Destinations::new(
         Arc::new(resolver.clone()),
@@ -285,6 +294,8 @@ async fn new_trust_bundle_applies_to_new_connections() {
             zone: ZONE.into(),
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
+            body_idle_timeout: Duration::from_secs(60),
+            egress: Egress::Allow,
         },
         destinations,
         metrics.clone(),

@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use signpost_control_plane::model::{MtlsMode, ServiceConfig, ServiceName};
+use signpost_sidecar::app::AppProtocol;
 use signpost_sidecar::discovery::{Endpoint, StaticResolver};
 use signpost_sidecar::inbound::{Inbound, InboundConfig};
 use signpost_sidecar::metrics::Metrics;
 use signpost_sidecar::outbound::endpoint::{Connect, TcpConnect};
-use signpost_sidecar::outbound::proxy::{OutboundConfig, OutboundProxy};
+use signpost_sidecar::outbound::proxy::{Egress, OutboundConfig, OutboundProxy};
 use signpost_sidecar::outbound::{DestinationConfig, Destinations, MakeConnect};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +37,7 @@ async fn inbound(ip: &str, service: &str, app: SocketAddr, mode: MtlsMode) -> So
             id: format!("{service}-1"),
             app,
             request_timeout: Duration::from_secs(5),
+            app_protocol: AppProtocol::Auto,
         },
         policy,
         None,
@@ -62,7 +64,7 @@ async fn outbound_with(
     let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let metrics = Metrics::new();
-    let make: MakeConnect = Arc::new(|_: &ServiceName| Arc::new(TcpConnect) as Arc<dyn Connect>);
+    let make: MakeConnect = Arc::new(|_: &ServiceName, _| Arc::new(TcpConnect) as Arc<dyn Connect>);
     let destinations = Destinations::new(
         Arc::new(resolver.clone()),
         make,
@@ -75,6 +77,8 @@ async fn outbound_with(
             zone: "xingren.host".into(),
             request_timeout,
             connect_timeout: Duration::from_secs(1),
+            body_idle_timeout: Duration::from_secs(60),
+            egress: Egress::Allow,
         },
         destinations,
         metrics.clone(),
@@ -320,6 +324,7 @@ async fn stoppable_inbound(ip: &str, app: SocketAddr, stop: CancellationToken) -
             id: format!("user-{ip}"),
             app,
             request_timeout: Duration::from_secs(5),
+            app_protocol: AppProtocol::Auto,
         },
         Arc::new(ArcSwap::from_pointee(ServiceConfig::default())),
         None,

@@ -119,20 +119,59 @@ pub enum EndpointError {
     /// No connection could be made; the request was not sent.
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    /// The connection failed before a response came (reset, closed).
-    #[error("{addr} reset the request: {source}")]
+    /// The peer refused the request unprocessed: `REFUSED_STREAM`, a
+    /// graceful GOAWAY below its stream id (RFC 9113 §8.7), or the
+    /// connection failed before the request was written.
+    #[error("{addr} refused the request before processing it: {reason}")]
+    Refused {
+        /// The peer.
+        addr: SocketAddr,
+        /// What HTTP/2 said.
+        reason: String,
+    },
+    /// The exchange broke off after the request was sent: the peer may
+    /// have processed it.
+    #[error(
+        "{addr} broke off the request after it was sent ({source}); it may have been processed"
+    )]
     Reset {
         /// The peer.
         addr: SocketAddr,
-        /// The HTTP/2 error (a reset stream, a closed connection).
-        source: h2::Error,
+        /// The error (a reset stream, a closed connection).
+        source: BoxError,
     },
 }
 
 impl EndpointError {
     /// Whether the request certainly did not reach the peer's app.
-    pub fn is_connect(&self) -> bool {
-        matches!(self, EndpointError::Connect(_))
+    pub fn is_unprocessed(&self) -> bool {
+        matches!(
+            self,
+            EndpointError::Connect(_) | EndpointError::Refused { .. }
+        )
+    }
+
+    /// The error of a request to `addr` that HTTP/2 failed with `err`.
+    /// `written` says whether the request had been handed to the
+    /// connection (before that, nothing left).
+    pub fn from_h2(addr: SocketAddr, err: h2::Error, written: bool) -> Self {
+        let refused = err.reason() == Some(h2::Reason::REFUSED_STREAM) && err.is_remote();
+        // h2 fails the streams above a GOAWAY's last stream id with the
+        // GOAWAY itself; a graceful one (NO_ERROR) fails nothing else. An
+        // error GOAWAY also fails the streams below, which may have run.
+        let above_goaway =
+            err.is_go_away() && err.is_remote() && err.reason() == Some(h2::Reason::NO_ERROR);
+        if !written || refused || above_goaway {
+            EndpointError::Refused {
+                addr,
+                reason: err.to_string(),
+            }
+        } else {
+            EndpointError::Reset {
+                addr,
+                source: Box::new(err),
+            }
+        }
     }
 }
 
@@ -150,6 +189,23 @@ pub fn find_endpoint_error<'a>(
     None
 }
 
+/// What a connection to a peer sidecar carries, as its ALPN names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerProtocol {
+    /// HTTP/2: the pooled connection every request shares.
+    Http2,
+    /// HTTP/1.1: a connection of its own for one Upgrade (WebSocket).
+    Http1,
+    /// Opaque bytes ([`crate::tls::ALPN_TCP`]): a TCP tunnel.
+    Tcp,
+}
+
+/// A request extension marking an HTTP/1.1 Upgrade (WebSocket and the
+/// like): it goes to the peer on a connection of its own, which becomes
+/// the upgraded byte stream after `101 Switching Protocols`.
+#[derive(Debug, Clone, Copy)]
+pub struct UpgradeRequest;
+
 /// A live connection: its sender, and whether the task driving it ended.
 #[derive(Clone)]
 struct Live {
@@ -164,6 +220,8 @@ pub struct PeerConnection {
     connector: Arc<dyn Connect>,
     connect_timeout: Duration,
     refresh: Option<Refresh>,
+    /// Connects for upgrades (HTTP/1.1 ALPN); without it they are refused.
+    upgrades: Option<Arc<dyn Connect>>,
     live: Arc<std::sync::Mutex<Option<Live>>>,
     /// Held while connecting: requests arriving meanwhile wait for that
     /// connection rather than opening their own.
@@ -186,6 +244,7 @@ impl PeerConnection {
             connector,
             connect_timeout,
             refresh: None,
+            upgrades: None,
             live: Arc::default(),
             connecting: Arc::default(),
         }
@@ -195,6 +254,64 @@ impl PeerConnection {
     pub fn with_refresh(mut self, refresh: Refresh) -> Self {
         self.refresh = Some(refresh);
         self
+    }
+
+    /// Sends upgrade requests on connections of their own, made by
+    /// `connector`.
+    pub fn with_upgrades(mut self, connector: Arc<dyn Connect>) -> Self {
+        self.upgrades = Some(connector);
+        self
+    }
+
+    /// Sends an upgrade request on a new HTTP/1.1 connection; the response
+    /// carries the upgrade ([`hyper::upgrade::on`]).
+    ///
+    /// A connection of its own rather than an extended CONNECT stream on
+    /// the pooled HTTP/2 connection (RFC 8441): an upgraded connection
+    /// lives long and moves bytes at its own pace, and on a stream of its
+    /// own it neither shares the pooled connection's flow-control window
+    /// nor dies with it; the cost, one handshake per upgrade, is paid once
+    /// per long-lived connection.
+    async fn upgrade(
+        &self,
+        req: http::Request<ProxyBody>,
+    ) -> Result<http::Response<ProxyBody>, EndpointError> {
+        let addr = self.addr;
+        let Some(connector) = &self.upgrades else {
+            return Err(EndpointError::Refused {
+                addr,
+                reason: "upgrades are not carried to this destination".into(),
+            });
+        };
+        let io = tokio::time::timeout(self.connect_timeout, connector.connect(addr))
+            .await
+            .map_err(|_| ConnectError::Timeout {
+                addr,
+                timeout: self.connect_timeout,
+            })??;
+        let (mut send, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake::<_, ProxyBody>(hyper_util::rt::TokioIo::new(io))
+            .await
+            .map_err(|e| EndpointError::Refused {
+                addr,
+                reason: e.to_string(),
+            })?;
+        tokio::spawn(
+            async move {
+                if let Err(err) = conn.with_upgrades().await {
+                    debug!(%err, "upgrade connection ended");
+                }
+            }
+            .instrument(debug_span!("upgrade", peer = %addr)),
+        );
+        let rsp = send
+            .send_request(req)
+            .await
+            .map_err(|e| EndpointError::Reset {
+                addr,
+                source: Box::new(e),
+            })?;
+        Ok(rsp.map(crate::body::boxed))
     }
 
     /// The open connection, if there is one.
@@ -270,9 +387,12 @@ impl PeerConnection {
         req: http::Request<ProxyBody>,
     ) -> Result<http::Response<ProxyBody>, EndpointError> {
         let addr = self.addr;
-        let reset = |source| EndpointError::Reset { addr, source };
         // Waits while the peer's limit of concurrent streams is reached.
-        let mut send = live.send.ready().await.map_err(reset)?;
+        let mut send = live
+            .send
+            .ready()
+            .await
+            .map_err(|e| EndpointError::from_h2(addr, e, false))?;
         let (parts, body) = req.into_parts();
         let mut head = http::Request::from_parts(parts, ());
         if let Some(len) = body.size_hint().exact()
@@ -283,7 +403,9 @@ impl PeerConnection {
                 .or_insert_with(|| http::HeaderValue::from(len));
         }
         let end = body.is_end_stream();
-        let (rsp, mut stream) = send.send_request(head, end).map_err(reset)?;
+        let (rsp, mut stream) = send
+            .send_request(head, end)
+            .map_err(|e| EndpointError::from_h2(addr, e, false))?;
         if !end {
             // The body goes out beside the wait for the response, which
             // may come first (a peer refusing a large upload, say).
@@ -296,7 +418,9 @@ impl PeerConnection {
                 .instrument(debug_span!("request_body", peer = %addr)),
             );
         }
-        let rsp = rsp.await.map_err(reset)?;
+        let rsp = rsp
+            .await
+            .map_err(|e| EndpointError::from_h2(addr, e, true))?;
         let (parts, recv) = rsp.into_parts();
         let body = crate::http2::boxed(recv, &parts.headers);
         Ok(http::Response::from_parts(parts, body))
@@ -324,6 +448,9 @@ impl Service<http::Request<ProxyBody>> for PeerConnection {
     fn call(&mut self, req: http::Request<ProxyBody>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
+            if req.extensions().get::<UpgradeRequest>().is_some() {
+                return Ok(this.upgrade(req).await?);
+            }
             let live = match this.sender().await {
                 Ok(live) => live,
                 Err(err) => {
@@ -367,7 +494,7 @@ mod tests {
             err,
             EndpointError::Connect(ConnectError::Timeout { .. })
         ));
-        assert!(err.is_connect());
+        assert!(err.is_unprocessed());
     }
 
     /// A connector refusing every connection, as a stopped peer does.
@@ -394,7 +521,7 @@ mod tests {
             .call(http::Request::new(crate::body::empty()))
             .await
             .unwrap_err();
-        assert!(find_endpoint_error(&*err).unwrap().is_connect());
+        assert!(find_endpoint_error(&*err).unwrap().is_unprocessed());
         assert!(
             refresh.take_request(),
             "the failed connection must ask for a new DNS answer"

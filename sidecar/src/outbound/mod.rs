@@ -41,7 +41,7 @@ use tower::ServiceBuilder;
 use tracing::{Instrument, debug, info_span};
 
 use self::eject::{EjectionConfig, EjectionPool};
-use self::endpoint::{Connect, PeerConnection};
+use self::endpoint::{Connect, PeerConnection, PeerProtocol};
 use self::retry::RetryPolicy;
 use crate::body::{BoxError, ProxyBody};
 use crate::discovery::{DiscoveryState, Refresh, Resolve, watch_endpoints};
@@ -57,9 +57,10 @@ pub type DestinationService = Stack<
     tower::balance::p2c::Balance<balance::DiscoverStream<PeerConnection>, Request<ProxyBody>>,
 >;
 
-/// Makes the connector for a destination: mesh TLS expecting that service's
-/// identity, or plain TCP in tests.
-pub type MakeConnect = Arc<dyn Fn(&ServiceName) -> Arc<dyn Connect> + Send + Sync>;
+/// Makes the connector for a destination and protocol: mesh TLS expecting
+/// that service's identity and negotiating the protocol, or plain TCP in
+/// tests.
+pub type MakeConnect = Arc<dyn Fn(&ServiceName, PeerProtocol) -> Arc<dyn Connect> + Send + Sync>;
 
 /// Settings of the per-destination stacks.
 #[derive(Debug, Clone)]
@@ -262,11 +263,13 @@ impl Destinations {
             self.config.ejection,
             self.metrics.ejections.get_or_create(&labels).clone(),
         ));
-        let connector = (self.make_connect)(name);
+        let connector = (self.make_connect)(name, PeerProtocol::Http2);
+        let upgrades = (self.make_connect)(name, PeerProtocol::Http1);
         let connect_timeout = self.config.connect_timeout;
         let balance = balance::balancer(changes_rx, pool, move |ep: crate::discovery::Endpoint| {
             PeerConnection::new(ep.addr, connector.clone(), connect_timeout)
                 .with_refresh(refresh.clone())
+                .with_upgrades(upgrades.clone())
         });
         let policy = RetryPolicy::new(
             retry::budget(),
@@ -282,6 +285,17 @@ impl Destinations {
             requests: self.metrics.requests_of(Direction::Outbound, name.as_str()),
             authority: OnceLock::new(),
         }
+    }
+
+    /// An opaque TCP tunnel to `name` (what `CONNECT` to a mesh name
+    /// carries when its bytes are not HTTP), balanced per connection.
+    pub fn tunnel(&self, name: &ServiceName) -> Arc<crate::tunnel::Tunnel> {
+        crate::tunnel::Tunnel::new(
+            name.clone(),
+            self.resolver.clone(),
+            (self.make_connect)(name, PeerProtocol::Tcp),
+            self.config.connect_timeout,
+        )
     }
 
     /// Drops destinations unused for the idle timeout, every minute, until
@@ -335,7 +349,7 @@ mod tests {
     fn destinations() -> Arc<Destinations> {
         let resolver = StaticResolver::new(Duration::from_secs(5));
         let make: MakeConnect =
-            Arc::new(|_: &ServiceName| Arc::new(TcpConnect) as Arc<dyn Connect>);
+            Arc::new(|_: &ServiceName, _| Arc::new(TcpConnect) as Arc<dyn Connect>);
         Destinations::new(
             Arc::new(resolver),
             make,

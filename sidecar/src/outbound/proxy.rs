@@ -1,45 +1,61 @@
 //! The HTTP front of the outbound side: what the app talks to.
 //!
-//! The app sends plain HTTP/1.1 here, either as to a forward proxy
+//! The app sends HTTP/1.1 or HTTP/2 with prior knowledge (gRPC) here,
+//! told apart by the connection preface, either as to a forward proxy
 //! (`GET http://user/users/1`, what clients send with `http_proxy` set) or
-//! straight to the port with a `Host` header (`Host: user.xingren.host`).
-//! The host decides the route:
+//! straight to the port with a `Host` header or `:authority`
+//! (`user.xingren.host`). Each request is balanced on its own, so one
+//! long-lived HTTP/2 connection from the app spreads its calls over every
+//! instance. The host decides the route:
 //!
 //! - `user` or `user.<zone>` (any port): the mesh destination `user`, over
 //!   the balanced, retried, mTLS stack of [`super::Destinations`];
 //! - anything else (another domain, an IP address, `localhost`): forwarded
 //!   as plain HTTP to that host, outside the mesh, so `http_proxy` can be
-//!   set for a whole process without breaking its other calls.
+//!   set for a whole process without breaking its other calls
+//!   (`--egress deny` refuses them).
+//!
+//! HTTP/1.1 Upgrades (WebSocket) pass through, and `CONNECT` opens a
+//! tunnel: out of the mesh to another host, or into it to a mesh name.
 
 use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Method, Request, Response, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
+use hyper::upgrade::Upgraded;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use signpost_control_plane::model::ServiceName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tracing::{Instrument, debug, info_span};
 
+use super::endpoint::UpgradeRequest;
 use super::{Destination, Destinations};
-use crate::body::{self, BoxError, ProxyBody, Replay};
-use crate::deadline::Timers;
-use crate::error::{ProxyError, SidecarError};
+use crate::body::{self, BoxError, ProxyBody};
+use crate::deadline::{Timers, deadline_of};
+use crate::error::{Caller, ProxyError, SidecarError};
+use crate::headers::{
+    MAX_HEADER_BYTES, ORIG_PROTO_HEADER, enter_hop, header_bytes, innermost, passed_through,
+    restore_upgrade, strip_hop_by_hop, upgrade_protocol,
+};
+use crate::inbound::{HANDSHAKE_TIMEOUT, TLS_HANDSHAKE};
 use crate::metrics::{Direction, Metrics, RequestMetrics};
-use crate::serve;
-
-/// Header listing the sidecars that sent a request out of the mesh (their
-/// ids), to refuse a request that comes back to the sidecar that sent it.
-pub const HOP_HEADER: HeaderName = HeaderName::from_static("x-signpost-hop");
+use crate::serve::{self, Upgrades};
+use crate::tls::MeshSlot;
 
 /// Label used in metrics for calls that leave the mesh: one label, not one
 /// per host, so a crawler cannot explode the metric's cardinality.
@@ -118,140 +134,15 @@ pub fn normalize_zone(zone: &str) -> String {
     zone.trim_end_matches('.').to_ascii_lowercase()
 }
 
-const HOPS: usize = 9;
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy ones: never forwarded,
-/// and forbidden in HTTP/2. Names, not strings, so that removing them does
-/// not parse each name again on every request.
-static HOP_BY_HOP: [HeaderName; HOPS] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// The position of `name` in [`HOP_BY_HOP`]. A match on the name's text
-/// (always lower-case) compiles to a switch on its length: comparing each
-/// name with nine `HeaderName`s cost ~1k instructions per message.
-fn hop_index(name: &HeaderName) -> Option<usize> {
-    match name.as_str() {
-        "connection" => Some(0),
-        "keep-alive" => Some(1),
-        "proxy-connection" => Some(2),
-        "proxy-authenticate" => Some(3),
-        "proxy-authorization" => Some(4),
-        "te" => Some(5),
-        "trailer" => Some(6),
-        "transfer-encoding" => Some(7),
-        "upgrade" => Some(8),
-        _ => None,
-    }
-}
-
-/// Removes hop-by-hop headers, including those named in `Connection`.
-///
-/// Most messages carry none, and most others only `Connection: keep-alive`:
-/// one pass over the names finds which are present, and only those are
-/// removed; only a `Connection` token naming another header is parsed.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    strip_hop_by_hop_and(headers, &[]);
-}
-
-/// [`strip_hop_by_hop`], and also removes the headers named in `also`,
-/// found in the same pass over the names: a removal hashes the name, and
-/// the headers stripped are seldom there.
-pub fn strip_hop_by_hop_and<const N: usize>(headers: &mut HeaderMap, also: &[HeaderName; N]) {
-    let mut present = [false; HOPS];
-    let mut also_present = [false; N];
-    for name in headers.keys() {
-        if let Some(i) = hop_index(name) {
-            present[i] = true;
-        } else {
-            for (other, seen) in also.iter().zip(also_present.iter_mut()) {
-                *seen |= name == other;
-            }
-        }
-    }
-    for (other, seen) in also.iter().zip(also_present) {
-        if seen {
-            headers.remove(other);
-        }
-    }
-    if !present.contains(&true) {
-        return;
-    }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|token| {
-            !token.eq_ignore_ascii_case("close")
-                && !HOP_BY_HOP
-                    .iter()
-                    .any(|hop| token.eq_ignore_ascii_case(hop.as_str()))
-        })
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for (name, present) in HOP_BY_HOP.iter().zip(present) {
-        if present {
-            headers.remove(name);
-        }
-    }
-}
-
-/// Whether a hop header's `text` lists this sidecar (`id`).
-fn lists_hop(text: &str, id: &str) -> bool {
-    text.split(',').any(|hop| hop.trim() == id)
-}
-
-/// Whether the request already passed this sidecar (`id`): it looped.
-pub fn passed_through(headers: &HeaderMap, id: &str) -> bool {
-    headers
-        .get_all(&HOP_HEADER)
-        .iter()
-        .any(|v| lists_hop(v.to_str().unwrap_or_default(), id))
-}
-
-/// Adds this sidecar (`id`, and `value`, the same as a header value) to the
-/// hop header, unless it is there already: then the request has looped
-/// back, and the answer is `false`. One map lookup for both questions.
-pub fn enter_hop(headers: &mut HeaderMap, id: &str, value: &HeaderValue) -> bool {
-    let mut hops = match headers.entry(HOP_HEADER) {
-        // The common case: the first hop, no formatting.
-        Entry::Vacant(vacant) => {
-            vacant.insert(value.clone());
-            return true;
-        }
-        Entry::Occupied(hops) => hops,
-    };
-    let mut joined = Vec::new();
-    for v in hops.iter() {
-        let text = v.to_str().unwrap_or_default();
-        if lists_hop(text, id) {
-            return false;
-        }
-        if !text.trim().is_empty() {
-            joined.extend_from_slice(text.trim().as_bytes());
-            joined.extend_from_slice(b", ");
-        }
-    }
-    joined.extend_from_slice(value.as_bytes());
-    // Only visible ASCII went in, so this cannot fail; if it did, the hops
-    // so far stay as they were.
-    if let Ok(v) = HeaderValue::from_bytes(&joined) {
-        hops.insert(v);
-    }
-    true
+/// Whether the app's calls may leave the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Egress {
+    /// Calls to hosts outside the zone go out as plain HTTP, and `CONNECT`
+    /// to them opens a TCP tunnel.
+    #[default]
+    Allow,
+    /// They get 403 with `x-signpost-error`.
+    Deny,
 }
 
 /// Settings of the outbound front.
@@ -261,10 +152,31 @@ pub struct OutboundConfig {
     pub id: String,
     /// The mesh zone.
     pub zone: String,
-    /// Limit for a whole request (retries included) until response headers.
+    /// Limit for a response's headers, counted from the end of the request
+    /// body (retries included): a slow upload is not cut by it.
     pub request_timeout: Duration,
     /// Limit for connecting to a host outside the mesh.
     pub connect_timeout: Duration,
+    /// A request body that sends nothing for this long is cut: the stalled
+    /// upload ends. gRPC streams, which may idle for good reasons, are not
+    /// subject to it.
+    pub body_idle_timeout: Duration,
+    /// Whether calls may leave the mesh.
+    pub egress: Egress,
+}
+
+impl OutboundConfig {
+    /// Settings with the sidecar's defaults but for the names.
+    pub fn new(id: impl Into<String>, zone: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            zone: zone.into(),
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(1),
+            body_idle_timeout: Duration::from_secs(60),
+            egress: Egress::Allow,
+        }
+    }
 }
 
 /// The outbound HTTP proxy.
@@ -280,6 +192,13 @@ pub struct OutboundProxy {
     unrouted_requests: RequestMetrics,
     /// The request timeouts' timers.
     timers: Arc<Timers>,
+    /// The certificate, when mesh calls need one (`None`: plain, in tests).
+    mesh: Option<MeshSlot>,
+    /// WebSockets and CONNECT tunnels in progress.
+    upgrades: Upgrades,
+    /// `CONNECT`s to mesh names, to be served by the listener's task.
+    into_mesh: mpsc::UnboundedSender<(Upgraded, ServiceName)>,
+    into_mesh_rx: Mutex<Option<mpsc::UnboundedReceiver<(Upgraded, ServiceName)>>>,
 }
 
 impl std::fmt::Debug for OutboundProxy {
@@ -290,12 +209,35 @@ impl std::fmt::Debug for OutboundProxy {
     }
 }
 
+/// The result of routing one request, and the metrics it counts in.
+type Routed = (RequestMetrics, Result<Response<ProxyBody>, ProxyError>);
+
 impl OutboundProxy {
     /// A proxy routing mesh calls through `destinations`.
     pub fn new(
+        config: OutboundConfig,
+        destinations: Arc<Destinations>,
+        metrics: Metrics,
+    ) -> Result<Arc<Self>, SidecarError> {
+        Self::build(config, destinations, metrics, None)
+    }
+
+    /// Like [`OutboundProxy::new`], answering mesh calls with "no
+    /// certificate yet" until `mesh` holds one.
+    pub fn with_mesh(
+        config: OutboundConfig,
+        destinations: Arc<Destinations>,
+        metrics: Metrics,
+        mesh: MeshSlot,
+    ) -> Result<Arc<Self>, SidecarError> {
+        Self::build(config, destinations, metrics, Some(mesh))
+    }
+
+    fn build(
         mut config: OutboundConfig,
         destinations: Arc<Destinations>,
         metrics: Metrics,
+        mesh: Option<MeshSlot>,
     ) -> Result<Arc<Self>, SidecarError> {
         config.zone = normalize_zone(&config.zone);
         let hop = HeaderValue::from_str(&config.id).map_err(|_| {
@@ -308,6 +250,7 @@ impl OutboundProxy {
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_nodelay(true);
         let external = Client::builder(TokioExecutor::new()).build(http);
+        let (into_mesh, into_mesh_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(Self {
             config,
             hop,
@@ -316,17 +259,52 @@ impl OutboundProxy {
             external_requests: metrics.requests_of(Direction::Outbound, EXTERNAL),
             unrouted_requests: metrics.requests_of(Direction::Outbound, "-"),
             timers: Timers::new(),
+            mesh,
+            upgrades: Upgrades::new(),
+            into_mesh,
+            into_mesh_rx: Mutex::new(Some(into_mesh_rx)),
         }))
     }
 
-    /// Serves the app's connections on `listener` until `stop`, then drains.
+    /// WebSockets and tunnels open now.
+    pub fn upgraded_connections(&self) -> usize {
+        self.upgrades.len()
+    }
+
+    /// Serves the app's connections on `listener` until `stop`, then drains
+    /// (upgraded connections too: they are cut after `drain`).
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         stop: CancellationToken,
         drain: Duration,
     ) {
-        serve::accept_loop(
+        let upgrades = self.upgrades.clone();
+        let stopped = stop.clone();
+        let tunnels = self
+            .into_mesh_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut tunnels) = tunnels {
+            let this = self.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    let (app, name) = tokio::select! {
+                        () = stop.cancelled() => return,
+                        next = tunnels.recv() => match next {
+                            Some(next) => next,
+                            None => return,
+                        },
+                    };
+                    let span = info_span!("connect", service = %name);
+                    let served = this.clone().serve_tunnelled(TokioIo::new(app), name);
+                    this.upgrades.spawn(served.instrument(span));
+                }
+            });
+        }
+        let connections = serve::accept_loop(
             "outbound",
             listener,
             stop,
@@ -340,32 +318,45 @@ impl OutboundProxy {
                 }
                 .instrument(info_span!("outbound_conn", client = %peer))
             },
-        )
-        .await;
+        );
+        tokio::join!(connections, async move {
+            stopped.cancelled().await;
+            upgrades.shutdown(drain).await;
+        });
     }
 
     /// Handles one request from the app.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
-        let (requests, result) = self.route(req).await;
+        let caller = Caller::of(req.headers());
+        let (requests, result) = if req.method() == Method::CONNECT {
+            self.connect(req).await
+        } else {
+            self.route(req).await
+        };
         let rsp = result.unwrap_or_else(|err| {
             debug!(error = %err, "answered by the sidecar");
-            err.into_response()
+            err.respond(caller)
         });
         requests.record(rsp.status().as_u16(), started.elapsed());
         rsp
     }
 
+    /// Why mesh calls cannot be made now: no certificate yet.
+    fn no_certificate(&self) -> Option<ProxyError> {
+        let reason = self.mesh.as_ref()?.not_ready()?;
+        Some(ProxyError::NoCertificate { reason })
+    }
+
     /// The answer, and the metrics it counts in.
-    async fn route(
-        &self,
-        mut req: Request<Incoming>,
-    ) -> (RequestMetrics, Result<Response<ProxyBody>, ProxyError>) {
+    async fn route(&self, mut req: Request<Incoming>) -> Routed {
         let unrouted = |err| (self.unrouted_requests.clone(), Err(err));
-        if req.method() == Method::CONNECT {
-            return unrouted(ProxyError::BadRequest(
-                "CONNECT is not supported: call http:// URLs through the sidecar (the mesh encrypts them)".into(),
-            ));
+        let size = header_bytes(req.headers());
+        if size > MAX_HEADER_BYTES {
+            return unrouted(ProxyError::HeadersTooLarge {
+                size,
+                limit: MAX_HEADER_BYTES,
+            });
         }
         let authority = match requested_authority(req.uri(), req.headers()) {
             Ok(authority) => authority,
@@ -399,23 +390,43 @@ impl OutboundProxy {
             },
             Target::External => None,
         };
+        // HTTP/1.1 only: an HTTP/2 request has no Upgrade.
+        let upgrade = match req.version() {
+            Version::HTTP_11 => upgrade_protocol(req.headers()),
+            _ => None,
+        };
+        let downstream = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = &upgrade {
+            restore_upgrade(&mut parts.headers, protocol.clone());
+        }
         let path = parts
             .uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        match dest {
+        let (requests, result) = match dest {
             Some(dest) => {
+                if let Some(err) = self.no_certificate() {
+                    return (dest.requests().clone(), Err(err));
+                }
                 let span = info_span!("outbound", service = %dest.name, method = %parts.method, path = %path.path());
                 let result = self
-                    .call_mesh(&dest, parts, path, incoming)
+                    .call_mesh(&dest, parts, path, incoming, upgrade.is_some())
                     .instrument(span)
                     .await;
                 (dest.requests().clone(), result)
             }
             None => {
+                if self.config.egress == Egress::Deny {
+                    return (
+                        self.external_requests.clone(),
+                        Err(ProxyError::EgressDenied {
+                            host: authority.host().to_string(),
+                        }),
+                    );
+                }
                 let span = info_span!("outbound", external = %authority, method = %parts.method);
                 let result = self
                     .call_external(authority, parts, path, incoming)
@@ -423,7 +434,146 @@ impl OutboundProxy {
                     .await;
                 (self.external_requests.clone(), result)
             }
+        };
+        let result = result.map(|mut rsp| {
+            if let (Some(protocol), Some(downstream)) = (upgrade, downstream)
+                && rsp.status() == StatusCode::SWITCHING_PROTOCOLS
+            {
+                restore_upgrade(rsp.headers_mut(), protocol);
+                let upstream = hyper::upgrade::on(&mut rsp);
+                self.upgrades.spawn(async move {
+                    match tokio::try_join!(downstream, upstream) {
+                        Ok((app, peer)) => {
+                            serve::splice(TokioIo::new(app), TokioIo::new(peer)).await
+                        }
+                        Err(err) => debug!(%err, "upgrade failed"),
+                    }
+                });
+            }
+            rsp
+        });
+        (requests, result)
+    }
+
+    /// `CONNECT host:port`: to a host outside the mesh, a TCP tunnel; to a
+    /// mesh name, the tunnelled bytes are served as mesh HTTP (balanced per
+    /// request), or, when they are not HTTP (a TLS ClientHello), carried as
+    /// an opaque mTLS tunnel to the service (balanced per connection).
+    async fn connect(self: &Arc<Self>, mut req: Request<Incoming>) -> Routed {
+        let unrouted = |err| (self.unrouted_requests.clone(), Err(err));
+        let Some(authority) = req.uri().authority().cloned() else {
+            return unrouted(ProxyError::BadRequest(
+                "CONNECT needs host:port as its target".into(),
+            ));
+        };
+        let Some(port) = authority.port_u16() else {
+            return unrouted(ProxyError::BadRequest(format!(
+                "CONNECT {authority}: no port"
+            )));
+        };
+        let to = match target(&self.config.zone, &authority) {
+            Ok(to) => to,
+            Err(err) => return unrouted(err),
+        };
+        let label = match to {
+            Target::Mesh(label) => label.into_owned(),
+            Target::External => {
+                let requests = self.external_requests.clone();
+                if self.config.egress == Egress::Deny {
+                    return (
+                        requests,
+                        Err(ProxyError::EgressDenied {
+                            host: authority.host().to_string(),
+                        }),
+                    );
+                }
+                let host = authority
+                    .host()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                let timeout = self.config.connect_timeout;
+                let remote =
+                    match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
+                        Ok(Ok(remote)) => remote,
+                        Ok(Err(err)) => {
+                            return (
+                                requests,
+                                Err(ProxyError::BadGateway {
+                                    service: authority.to_string(),
+                                    reason: err.to_string(),
+                                }),
+                            );
+                        }
+                        Err(_) => {
+                            return (
+                                requests,
+                                Err(ProxyError::Timeout {
+                                    service: authority.to_string(),
+                                    after: timeout,
+                                }),
+                            );
+                        }
+                    };
+                let _ = remote.set_nodelay(true);
+                let tunnel = hyper::upgrade::on(&mut req);
+                self.upgrades.spawn(
+                    async move {
+                        match tunnel.await {
+                            Ok(app) => serve::splice(TokioIo::new(app), remote).await,
+                            Err(err) => debug!(%err, "CONNECT: the app left before the tunnel"),
+                        }
+                    }
+                    .instrument(info_span!("connect", external = %authority)),
+                );
+                return (requests, Ok(Response::new(body::empty())));
+            }
+        };
+        let dest = match self.destinations.get(&label) {
+            Ok(dest) => dest,
+            Err(e) => {
+                return unrouted(ProxyError::BadRequest(format!(
+                    "{label:?} is not a service name: {e}"
+                )));
+            }
+        };
+        let requests = dest.requests().clone();
+        if let Some(err) = self.no_certificate() {
+            return (requests, Err(err));
         }
+        let tunnel = hyper::upgrade::on(&mut req);
+        let into_mesh = self.into_mesh.clone();
+        let name = dest.name.clone();
+        tokio::spawn(async move {
+            match tunnel.await {
+                // Served by the listener's task (see `serve`): this one
+                // cannot name the future of `handle` that it is part of.
+                Ok(app) => {
+                    let _ = into_mesh.send((app, name));
+                }
+                Err(err) => debug!(%err, "CONNECT: the app left before the tunnel"),
+            }
+        });
+        (requests, Ok(Response::new(body::empty())))
+    }
+
+    /// Serves the bytes of a `CONNECT` to mesh service `name`.
+    async fn serve_tunnelled<I>(self: Arc<Self>, mut io: I, name: ServiceName)
+    where
+        I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let mut first = [0u8; 1];
+        let n = match tokio::time::timeout(HANDSHAKE_TIMEOUT, io.read(&mut first)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return,
+        };
+        let io = serve::Rewind::new(Bytes::copy_from_slice(&first[..n]), io);
+        if first[0] == TLS_HANDSHAKE {
+            debug!("CONNECT carries TLS: an opaque tunnel");
+            self.destinations.tunnel(&name).carry(io).await;
+            return;
+        }
+        let closing = self.upgrades.closing();
+        serve::serve_http(io, closing, move |req| self.clone().handle(req)).await;
     }
 
     async fn call_mesh(
@@ -432,64 +582,91 @@ impl OutboundProxy {
         mut parts: http::request::Parts,
         path: PathAndQuery,
         incoming: Incoming,
+        upgrade: bool,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let timeout = self.config.request_timeout;
         let name = || dest.name.to_string();
         let limit = self.destinations.config().max_pending;
-        let work = async {
-            let state = match dest.resolved_now() {
-                Some(state) => state,
-                // Boxed, so that the rare wait does not grow every request's future.
-                None => Box::pin(dest.resolved()).await,
-            };
-            if state.endpoints == 0 {
-                return Err(ProxyError::NoHealthyInstance {
-                    service: name(),
-                    dns: state.error,
-                });
+        let state = match dest.resolved_now() {
+            Some(state) => state,
+            // Boxed, so that the rare wait does not grow every request's future.
+            None => Box::pin(dest.resolved()).await,
+        };
+        if state.endpoints == 0 {
+            return Err(ProxyError::NoHealthyInstance {
+                service: name(),
+                dns: state.error,
+            });
+        }
+        let version = parts.version;
+        let grpc = Caller::of(&parts.headers) == Caller::Grpc;
+        let (body, ended) = self.watch_body(body::boxed(incoming), grpc);
+        // The peer sees the logical name as :authority; the port the app
+        // used means nothing to it.
+        let authority = dest.authority(&self.config.zone).ok_or_else(|| {
+            ProxyError::BadRequest(format!(
+                "{}.{} is not a valid authority",
+                dest.name, self.config.zone
+            ))
+        })?;
+        parts.headers.remove(header::HOST);
+        if upgrade {
+            // An upgrade crosses on an HTTP/1.1 connection of its own.
+            parts.uri = Uri::from(path);
+            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                parts.headers.insert(header::HOST, host);
             }
-            let (body, replay) = body::buffer(incoming).await.map_err(|e| {
-                ProxyError::BadRequest(format!("cannot read the request body: {e}"))
-            })?;
-            // The peer sees the logical name as :authority; the port the app
-            // used means nothing to it.
+            parts.version = Version::HTTP_11;
+            parts.extensions.insert(UpgradeRequest);
+        } else {
             let mut uri = http::uri::Parts::default();
             uri.scheme = Some(Scheme::HTTP);
-            uri.authority = Some(dest.authority(&self.config.zone).ok_or_else(|| {
-                ProxyError::BadRequest(format!(
-                    "{}.{} is not a valid authority",
-                    dest.name, self.config.zone
-                ))
-            })?);
+            uri.authority = Some(authority);
             uri.path_and_query = Some(path);
             parts.uri = Uri::from_parts(uri).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
-            parts.headers.remove(header::HOST);
-            parts.version = Version::HTTP_2;
-            let mut req = Request::from_parts(parts, body);
-            // An empty body is replayed without a copy (see `RetryPolicy`):
-            // no extension map to allocate for most requests.
-            if let Some(bytes) = replay.filter(|b| !b.is_empty()) {
-                req.extensions_mut().insert(Replay(bytes));
+            if version != Version::HTTP_2 {
+                parts
+                    .headers
+                    .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
             }
-            // Boxed as a plain `Send` future: awaiting the stack's future
-            // directly trips rustc's higher-ranked `Send` inference
-            // (rust-lang/rust#102211) once this runs inside `tokio::spawn`.
-            let call: Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, BoxError>> + Send>> =
-                Box::pin(dest.service().oneshot(req));
-            call.await
-                .map_err(|e| ProxyError::from_stack(&name(), &e, limit))
-        };
-        let mut rsp =
-            self.timers
-                .timeout(timeout, work)
-                .await
-                .map_err(|_| ProxyError::Timeout {
-                    service: name(),
-                    after: timeout,
-                })??;
+            parts.version = Version::HTTP_2;
+        }
+        let mut req = Request::from_parts(parts, body);
+        // An empty body is replayed without a copy (see `RetryPolicy`):
+        // no extension map to allocate for most requests.
+        if !req.body().is_end_stream() {
+            let (body, replay) = body::record(std::mem::replace(req.body_mut(), body::empty()));
+            *req.body_mut() = body;
+            req.extensions_mut().insert(replay);
+        }
+        let timeout = deadline_of(req.headers(), self.config.request_timeout);
+        // Boxed as a plain `Send` future: awaiting the stack's future
+        // directly trips rustc's higher-ranked `Send` inference
+        // (rust-lang/rust#102211) once this runs inside `tokio::spawn`.
+        let call: Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, BoxError>> + Send>> =
+            Box::pin(dest.service().oneshot(req));
+        let mut rsp = self
+            .timers
+            .timed(call, ended, timeout)
+            .await
+            .map_err(|_| ProxyError::Timeout {
+                service: name(),
+                after: timeout.after,
+            })?
+            .map_err(|e| ProxyError::from_stack(&name(), &e, limit))?;
         strip_hop_by_hop(rsp.headers_mut());
-        *rsp.version_mut() = Version::HTTP_11;
+        *rsp.version_mut() = version;
         Ok(rsp)
+    }
+
+    /// The request body, watched for its end and for stalls (see
+    /// [`body::watch`]); an empty one needs no watching.
+    fn watch_body(&self, body: ProxyBody, grpc: bool) -> (ProxyBody, Option<body::BodyEnd>) {
+        if body.is_end_stream() {
+            return (body, None);
+        }
+        let idle = (!grpc).then_some(self.config.body_idle_timeout);
+        let (body, ended) = body::watch(body, idle);
+        (body, Some(ended))
     }
 
     async fn call_external(
@@ -500,6 +677,7 @@ impl OutboundProxy {
         incoming: Incoming,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let name = authority.host().to_string();
+        let version = parts.version;
         parts.uri = Uri::builder()
             .scheme(Scheme::HTTP)
             .authority(authority.clone())
@@ -512,15 +690,17 @@ impl OutboundProxy {
             parts.headers.insert(header::HOST, v);
         }
         parts.version = Version::HTTP_11;
-        let req = Request::from_parts(parts, body::boxed(incoming));
-        let timeout = self.config.request_timeout;
+        let grpc = Caller::of(&parts.headers) == Caller::Grpc;
+        let (body, ended) = self.watch_body(body::boxed(incoming), grpc);
+        let req = Request::from_parts(parts, body);
+        let timeout = deadline_of(req.headers(), self.config.request_timeout);
         let rsp = self
             .timers
-            .timeout(timeout, self.external.request(req))
+            .timed(self.external.request(req), ended, timeout)
             .await
             .map_err(|_| ProxyError::Timeout {
                 service: name.clone(),
-                after: timeout,
+                after: timeout.after,
             })?
             .map_err(|e| ProxyError::BadGateway {
                 service: name.clone(),
@@ -528,18 +708,9 @@ impl OutboundProxy {
             })?;
         let mut rsp = rsp.map(body::boxed);
         strip_hop_by_hop(rsp.headers_mut());
+        *rsp.version_mut() = version;
         Ok(rsp)
     }
-}
-
-/// The innermost cause of an error, which is the one a person can act on
-/// ("Connection refused" rather than "client error (Connect)").
-pub fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = err;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
 }
 
 #[cfg(test)]
@@ -591,79 +762,5 @@ mod tests {
         assert_eq!(route("/", Some("2fa:80")).unwrap(), mesh("2fa"));
         assert!(route("/", None).is_err());
         assert!(route("http://u1.user.xingren.host/", None).is_err());
-    }
-
-    #[test]
-    fn hop_index_follows_the_hop_list() {
-        for (i, name) in HOP_BY_HOP.iter().enumerate() {
-            assert_eq!(hop_index(name), Some(i), "{name}");
-        }
-        assert_eq!(hop_index(&header::HOST), None);
-        assert_eq!(hop_index(&HeaderName::from_static("x-te")), None);
-    }
-
-    #[test]
-    fn hops_are_recorded_and_loops_recognized() {
-        let enter = |headers: &mut HeaderMap, id: &'static str| {
-            enter_hop(headers, id, &HeaderValue::from_static(id))
-        };
-        let mut headers = HeaderMap::new();
-        assert!(!passed_through(&headers, "o1"));
-        assert!(enter(&mut headers, "o1"));
-        assert!(passed_through(&headers, "o1"));
-        assert!(
-            !passed_through(&headers, "o"),
-            "a prefix is another sidecar"
-        );
-        assert!(enter(&mut headers, "u1"));
-        assert_eq!(headers[&HOP_HEADER], "o1, u1");
-        assert!(!enter(&mut headers, "u1"), "u1 again is a loop");
-        assert!(!enter(&mut headers, "o1"));
-        assert_eq!(headers[&HOP_HEADER], "o1, u1", "a loop adds nothing");
-        assert!(enter(&mut headers, "u"), "a prefix is another sidecar");
-        assert_eq!(headers[&HOP_HEADER], "o1, u1, u");
-
-        // Several hop headers become one list.
-        let mut headers = HeaderMap::new();
-        headers.append(&HOP_HEADER, HeaderValue::from_static("a"));
-        headers.append(&HOP_HEADER, HeaderValue::from_static("b, c"));
-        assert!(!enter(&mut headers, "c"));
-        assert!(enter(&mut headers, "d"));
-        assert_eq!(headers.get_all(&HOP_HEADER).iter().count(), 1);
-        assert_eq!(headers[&HOP_HEADER], "a, b, c, d");
-    }
-
-    #[test]
-    fn hop_by_hop_headers_are_removed() {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("close, x-private"),
-        );
-        headers.insert("x-private", HeaderValue::from_static("1"));
-        headers.insert("keep-alive", HeaderValue::from_static("5"));
-        headers.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut headers);
-        assert_eq!(headers.len(), 1);
-        assert!(headers.contains_key("x-kept"));
-
-        // What every HTTP/1.1 app answers with.
-        let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
-        strip_hop_by_hop(&mut headers);
-        assert_eq!(headers.len(), 1);
-        assert!(headers.contains_key(header::CONTENT_LENGTH));
-
-        // With more names to strip: every value of each, hop-by-hop or not.
-        let mut headers = HeaderMap::new();
-        headers.append(&HOP_HEADER, HeaderValue::from_static("a"));
-        headers.append(&HOP_HEADER, HeaderValue::from_static("b"));
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        headers.insert("x-kept", HeaderValue::from_static("1"));
-        let also = [HeaderName::from_static("x-absent"), HOP_HEADER];
-        strip_hop_by_hop_and(&mut headers, &also);
-        assert_eq!(headers.len(), 1, "{headers:?}");
-        assert!(headers.contains_key("x-kept"));
     }
 }

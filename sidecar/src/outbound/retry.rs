@@ -1,13 +1,23 @@
 //! Retrying a failed request once on another endpoint, within a budget.
 //!
-//! A request is retried when it can be sent again (its body is empty, or
-//! was buffered, see [`crate::body::Replay`]: idempotent requests without a
-//! body always qualify, any request with a body of at most 64 KiB too) and
-//! it failed in a way that says the peer did not handle it: the connection
-//! could not be made, it was reset before a response, or the peer answered
-//! 503. At most one retry per request, and retries as a whole stay within
-//! 20 % of requests (tower's [`TpsBudget`], as Finagle and linkerd do), so a
-//! sick service is not hit with twice its load.
+//! The rule: a request is sent again only when it certainly did not reach
+//! the peer's app, or when running it twice is harmless.
+//!
+//! - Certainly not processed, any method: no connection could be made;
+//!   the peer refused the stream (`REFUSED_STREAM`) or sent a graceful
+//!   GOAWAY below its id (RFC 9113 §8.7); or the peer's sidecar answered
+//!   503 with `x-signpost-not-forwarded` (its app was down, say).
+//! - Idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE, TRACE; RFC 9110
+//!   §9.2.2) also after other failures once sent: the connection broke off,
+//!   or a 503.
+//! - Never a POST or PATCH that may have run: its caller gets 502 saying
+//!   it may have been processed.
+//!
+//! The body must be whole to be sent again: empty, or recorded while it
+//! was sent (see [`crate::body::record`], up to 64 KiB). At most one retry
+//! per request, and retries as a whole stay within 20 % of requests
+//! (tower's [`TpsBudget`], as Finagle and linkerd do), so a sick service
+//! is not hit with twice its load.
 //!
 //! The retry goes to another endpoint because the balancer penalizes the
 //! endpoint that just failed (see [`super::balance`]).
@@ -15,7 +25,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use prometheus_client::metrics::counter::Counter;
 use tower::retry::Policy;
@@ -23,7 +33,8 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tracing::debug;
 
 use super::endpoint::{EndpointError, find_endpoint_error};
-use crate::body::{BoxError, ProxyBody, Replay, empty, full};
+use crate::body::{BoxError, ProxyBody, Replay, empty};
+use crate::error::NOT_FORWARDED_HEADER;
 
 /// Fraction of requests that may be retried.
 pub const RETRY_RATIO: f32 = 0.2;
@@ -69,11 +80,38 @@ impl RetryPolicy {
     }
 }
 
-/// Whether a failure shows the request was not processed by the peer.
-fn retryable_error(err: &BoxError) -> bool {
+/// What a failed attempt says about the request.
+enum Failure {
+    /// The peer's app certainly did not see it.
+    Unprocessed,
+    /// It may have been processed.
+    Sent,
+}
+
+fn failure(result: &Result<Response<ProxyBody>, BoxError>) -> Option<Failure> {
+    match result {
+        Ok(rsp) if rsp.status() == StatusCode::SERVICE_UNAVAILABLE => {
+            if rsp.headers().contains_key(NOT_FORWARDED_HEADER) {
+                Some(Failure::Unprocessed)
+            } else {
+                Some(Failure::Sent)
+            }
+        }
+        Ok(_) => None,
+        Err(err) => match find_endpoint_error(&**err) {
+            Some(e) if e.is_unprocessed() => Some(Failure::Unprocessed),
+            Some(EndpointError::Reset { .. }) => Some(Failure::Sent),
+            _ => None,
+        },
+    }
+}
+
+/// Whether running the method twice has the effect of running it once
+/// (RFC 9110 §9.2.2).
+pub fn is_idempotent(method: &Method) -> bool {
     matches!(
-        find_endpoint_error(&**err),
-        Some(EndpointError::Connect(_) | EndpointError::Reset { .. })
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     )
 }
 
@@ -82,17 +120,26 @@ impl Policy<Request<ProxyBody>, Response<ProxyBody>, BoxError> for RetryPolicy {
 
     fn retry(
         &mut self,
-        _req: &mut Request<ProxyBody>,
+        req: &mut Request<ProxyBody>,
         result: &mut Result<Response<ProxyBody>, BoxError>,
     ) -> Option<Self::Future> {
         if self.retried || !self.replayable {
             return None;
         }
-        let failed = match result {
-            Ok(rsp) => rsp.status() == StatusCode::SERVICE_UNAVAILABLE,
-            Err(err) => retryable_error(err),
-        };
-        if !failed {
+        match failure(result)? {
+            Failure::Unprocessed => {}
+            Failure::Sent if is_idempotent(req.method()) => {}
+            Failure::Sent => {
+                debug!(method = %req.method(), "may have been processed; not sent again");
+                return None;
+            }
+        }
+        // The copy's body is whole only once the first attempt has read
+        // all of it or given it back.
+        if let Some(replay) = req.extensions().get::<Replay>()
+            && !replay.ready()
+        {
+            debug!("the request body cannot be sent again; not retrying");
             return None;
         }
         if !self.budget.withdraw() {
@@ -111,18 +158,21 @@ impl Policy<Request<ProxyBody>, Response<ProxyBody>, BoxError> for RetryPolicy {
             self.budget.deposit();
             self.deposited = true;
         }
-        let body = match req.extensions().get::<Replay>() {
-            Some(replay) => full(replay.0.clone()),
+        let replay = req.extensions().get::<Replay>();
+        let body = match replay {
+            Some(replay) => replay.body(),
             // Nothing to copy, and no extension to look for: most requests.
             None if req.body().is_end_stream() => empty(),
             None => return None,
         };
         let mut clone = Request::new(body);
+        if let Some(replay) = replay {
+            clone.extensions_mut().insert(replay.clone());
+        }
         *clone.method_mut() = req.method().clone();
         *clone.uri_mut() = req.uri().clone();
         *clone.version_mut() = req.version();
         *clone.headers_mut() = req.headers().clone();
-        // Retried at most once: the copy needs no `Replay` of its own.
         self.replayable = true;
         Some(clone)
     }
@@ -131,6 +181,7 @@ impl Policy<Request<ProxyBody>, Response<ProxyBody>, BoxError> for RetryPolicy {
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
+    use std::time::Duration;
 
     use tower::{Service, ServiceExt};
     use tower_test::mock;
@@ -139,10 +190,13 @@ mod tests {
     use crate::body;
     use crate::outbound::endpoint::ConnectError;
 
+    /// A GET with a small body, recorded (and read whole, as a first
+    /// attempt would before its answer).
     fn request() -> Request<ProxyBody> {
-        let mut req = Request::new(body::full("x"));
-        req.extensions_mut()
-            .insert(Replay(bytes::Bytes::from_static(b"x")));
+        let (body, replay) = body::record(body::full("x"));
+        drop(body);
+        let mut req = Request::new(body::empty());
+        req.extensions_mut().insert(replay);
         req
     }
 
@@ -233,6 +287,80 @@ mod tests {
         handle.next_request().await.unwrap().1.send_error(refused());
         assert!(answer.await.unwrap().is_err());
         assert_eq!(retries.get(), 0);
+    }
+
+    fn broke_off() -> BoxError {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        Box::new(EndpointError::Reset {
+            addr,
+            source: "connection closed".into(),
+        })
+    }
+
+    fn not_forwarded() -> Response<ProxyBody> {
+        Response::builder()
+            .status(503)
+            .header(NOT_FORWARDED_HEADER, "1")
+            .body(empty())
+            .unwrap()
+    }
+
+    /// Sends `method` through a retrying mock whose first answer is
+    /// `first`; whether a second attempt came.
+    async fn retried_after(method: Method, first: Result<Response<ProxyBody>, BoxError>) -> bool {
+        let (svc, mut handle) = mock::pair::<Request<ProxyBody>, Response<ProxyBody>>();
+        let mut svc = tower::retry::Retry::new(RetryPolicy::new(budget(), Counter::default()), svc);
+        let mut req = request();
+        *req.method_mut() = method;
+        let answer = tokio::spawn(svc.ready().await.unwrap().call(req));
+        let (_, send) = handle.next_request().await.unwrap();
+        match first {
+            Ok(rsp) => send.send_response(rsp),
+            Err(err) => send.send_error(err),
+        }
+        let again = tokio::select! {
+            next = handle.next_request() => {
+                next.unwrap().1.send_response(status(200));
+                true
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+        };
+        let _ = answer.await;
+        again
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_post_that_may_have_run_is_never_sent_twice() {
+        assert!(!retried_after(Method::POST, Err(broke_off())).await);
+        assert!(!retried_after(Method::PATCH, Err(broke_off())).await);
+        assert!(
+            !retried_after(Method::POST, Ok(status(503))).await,
+            "the app's own 503"
+        );
+        // Certainly not processed: any method goes again.
+        assert!(retried_after(Method::POST, Err(refused())).await);
+        assert!(retried_after(Method::POST, Ok(not_forwarded())).await);
+        // Idempotent methods go again after a break too.
+        assert!(retried_after(Method::GET, Err(broke_off())).await);
+        assert!(retried_after(Method::PUT, Ok(status(503))).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_still_being_sent_is_not_replayed() {
+        let (svc, mut handle) = mock::pair::<Request<ProxyBody>, Response<ProxyBody>>();
+        let mut svc = tower::retry::Retry::new(RetryPolicy::new(budget(), Counter::default()), svc);
+        let stream = http_body_util::StreamBody::new(futures::stream::pending::<
+            Result<http_body::Frame<bytes::Bytes>, BoxError>,
+        >());
+        let (body, replay) = body::record(body::boxed(stream));
+        let mut req = Request::new(body);
+        req.extensions_mut().insert(replay);
+        let answer = tokio::spawn(svc.ready().await.unwrap().call(req));
+        // The first attempt keeps the body (a send task still streaming it).
+        let (held, send) = handle.next_request().await.unwrap();
+        send.send_error(refused());
+        assert!(answer.await.unwrap().is_err(), "not retried");
+        drop(held);
     }
 
     #[tokio::test(start_paused = true)]
