@@ -256,13 +256,24 @@ pub struct BodyIdle(pub Duration);
 
 /// Resolves when a body [`watch`]ed was read to its end, or dropped.
 #[derive(Debug)]
-pub struct BodyEnd(tokio::sync::oneshot::Receiver<()>);
+pub struct BodyEnd {
+    ended: tokio::sync::oneshot::Receiver<()>,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BodyEnd {
+    /// Set once the body was cut for sending nothing: a failure that
+    /// follows is the caller's stall, not the peer's.
+    pub fn stalled(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.stalled.clone()
+    }
+}
 
 impl std::future::Future for BodyEnd {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        Pin::new(&mut self.0).poll(cx).map(|_| ())
+        Pin::new(&mut self.ended).poll(cx).map(|_| ())
     }
 }
 
@@ -271,18 +282,21 @@ impl std::future::Future for BodyEnd {
 /// it sends nothing for `idle` (so a stalled one is).
 pub fn watch(body: ProxyBody, idle: Option<Duration>) -> (ProxyBody, BodyEnd) {
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watched = Watched {
         inner: body,
         ended: Some(tx),
         idle: idle.map(|after| (after, Box::pin(tokio::time::sleep(after)))),
+        stalled: stalled.clone(),
     };
-    (BoxBody::new(watched), BodyEnd(rx))
+    (BoxBody::new(watched), BodyEnd { ended: rx, stalled })
 }
 
 struct Watched {
     inner: ProxyBody,
     ended: Option<tokio::sync::oneshot::Sender<()>>,
     idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Body for Watched {
@@ -309,6 +323,8 @@ impl Body for Watched {
                 if let Some((after, timer)) = &mut this.idle
                     && timer.as_mut().poll(cx).is_ready()
                 {
+                    this.stalled
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     return Poll::Ready(Some(Err(Box::new(BodyIdle(*after)))));
                 }
                 Poll::Pending
@@ -398,10 +414,11 @@ mod tests {
         end.await;
 
         let stalled = StreamBody::new(futures::stream::pending::<Result<Frame<Bytes>, BoxError>>());
-        let (body, _end) = watch(BodyExt::boxed(stalled), Some(Duration::from_secs(5)));
+        let (body, end) = watch(BodyExt::boxed(stalled), Some(Duration::from_secs(5)));
         let started = tokio::time::Instant::now();
         let err = body.collect().await.unwrap_err();
         assert!(err.is::<BodyIdle>(), "{err}");
+        assert!(end.stalled().load(std::sync::atomic::Ordering::Relaxed));
         assert_eq!(started.elapsed(), Duration::from_secs(5));
     }
 }

@@ -144,6 +144,12 @@ pub enum ProxyError {
         /// The limit.
         limit: usize,
     },
+    /// The caller's request body sent nothing for the body idle timeout.
+    #[error("the request body sent nothing for {}; request cut", humantime::format_duration(*.after))]
+    BodyStalled {
+        /// The idle timeout.
+        after: Duration,
+    },
     /// `--egress deny`: nothing may leave the mesh.
     #[error("{host} is outside the mesh and egress is denied (--egress deny)")]
     EgressDenied {
@@ -192,6 +198,7 @@ impl ProxyError {
             ProxyError::Loop { .. } => StatusCode::LOOP_DETECTED,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::BodyStalled { .. } => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -206,7 +213,9 @@ impl ProxyError {
             // Not UNAVAILABLE: clients retry that, and this call may have
             // run.
             ProxyError::BadGateway { .. } => GrpcCode::Unknown,
-            ProxyError::Timeout { .. } => GrpcCode::DeadlineExceeded,
+            ProxyError::Timeout { .. } | ProxyError::BodyStalled { .. } => {
+                GrpcCode::DeadlineExceeded
+            }
             ProxyError::Forbidden { .. } | ProxyError::EgressDenied { .. } => {
                 GrpcCode::PermissionDenied
             }
@@ -222,7 +231,9 @@ impl ProxyError {
     pub fn reached_app(&self) -> bool {
         matches!(
             self,
-            ProxyError::BadGateway { .. } | ProxyError::Timeout { .. }
+            ProxyError::BadGateway { .. }
+                | ProxyError::Timeout { .. }
+                | ProxyError::BodyStalled { .. }
         )
     }
 

@@ -560,7 +560,11 @@ impl Inbound {
                     if e.is_connect() {
                         unavailable(innermost(&e))
                     } else {
-                        broke_off(innermost(&e))
+                        broke_off(format!(
+                            "{} (HTTP/2, the caller's protocol: an app that speaks only \
+                             HTTP/1.1 needs --app-protocol http1)",
+                            innermost(&e)
+                        ))
                     }
                 })?
                 .map(body::boxed)

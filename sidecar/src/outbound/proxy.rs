@@ -644,6 +644,7 @@ impl OutboundProxy {
         // (rust-lang/rust#102211) once this runs inside `tokio::spawn`.
         let call: Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, BoxError>> + Send>> =
             Box::pin(dest.service().oneshot(req));
+        let stalled = ended.as_ref().map(body::BodyEnd::stalled);
         let mut rsp = self
             .timers
             .timed(call, ended, timeout)
@@ -652,7 +653,15 @@ impl OutboundProxy {
                 service: name(),
                 after: timeout.after,
             })?
-            .map_err(|e| ProxyError::from_stack(&name(), &e, limit))?;
+            .map_err(|e| {
+                if stalled.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
+                    ProxyError::BodyStalled {
+                        after: self.config.body_idle_timeout,
+                    }
+                } else {
+                    ProxyError::from_stack(&name(), &e, limit)
+                }
+            })?;
         strip_hop_by_hop(rsp.headers_mut());
         *rsp.version_mut() = version;
         Ok(rsp)
