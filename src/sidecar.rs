@@ -89,6 +89,12 @@ pub struct SidecarArgs {
     #[arg(long, default_value = "auto", value_parser = parse_app_protocol)]
     pub app_protocol: AppProtocol,
 
+    /// How often the trust bundle is fetched again; a handshake that meets
+    /// an unknown CA fetches it at once, and a bundle that no longer holds
+    /// this sidecar's CA gets it a new certificate at once.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub bundle_refresh: Duration,
+
     /// Whether the app's calls may leave the mesh (plain HTTP to other
     /// hosts, CONNECT tunnels): `allow` or `deny` (403).
     #[arg(long, default_value = "allow", value_parser = parse_egress)]
@@ -183,6 +189,7 @@ pub async fn run(args: SidecarArgs) -> Result<()> {
     config.body_idle_timeout = args.body_idle_timeout;
     config.app_protocol = args.app_protocol;
     config.egress = args.egress;
+    config.bundle_refresh = args.bundle_refresh;
     config.drain = args.drain;
     config.shutdown_linger = args.linger;
 

@@ -30,9 +30,10 @@ pub struct Mesh {
     pub dir: tempfile::TempDir,
     /// A plain client.
     pub http: reqwest::Client,
-    _etcd: EtcdProcess,
+    etcd: EtcdProcess,
     /// The control plane.
     pub server: Process,
+    server_args: Vec<String>,
 }
 
 /// An app with its sidecar on 127.0.<net>.<host>.
@@ -124,8 +125,9 @@ impl Mesh {
             dns: format!("127.0.0.1:{dns_port}").parse().unwrap(),
             dir,
             http: reqwest::Client::new(),
-            _etcd: etcd,
+            etcd,
             server,
+            server_args,
         };
         for svc in &options.services {
             let resp = mesh
@@ -146,6 +148,25 @@ impl Mesh {
         mesh
     }
 
+    /// The etcd the control plane keeps its state in.
+    pub fn etcd(&self) -> &EtcdProcess {
+        &self.etcd
+    }
+
+    /// Stops the control plane and starts it again with its arguments
+    /// changed by `change`; waits until it is ready.
+    pub async fn restart_server(&mut self, change: impl FnOnce(&mut Vec<String>)) {
+        self.server.kill();
+        change(&mut self.server_args);
+        self.server = Process::spawn(
+            "signpost-server-2",
+            &signpost_bin(),
+            &self.server_args,
+            self.dir.path(),
+        );
+        wait_http_ok(&format!("{}/readyz", self.api), Duration::from_secs(15)).await;
+    }
+
     /// The address of host `host`.
     pub fn ip(&self, host: u8) -> String {
         format!("127.0.{}.{host}", self.net)
@@ -153,6 +174,11 @@ impl Mesh {
 
     /// Starts app `kind` (user or order) and its sidecar as instance `id`.
     pub async fn pod(&self, kind: &str, id: &str, host: u8) -> Pod {
+        self.pod_with(kind, id, host, &[]).await
+    }
+
+    /// [`Mesh::pod`], with more sidecar flags.
+    pub async fn pod_with(&self, kind: &str, id: &str, host: u8, flags: &[&str]) -> Pod {
         let ip = self.ip(host);
         let app = format!("{ip}:8080");
         let mut app_args = vec![
@@ -188,6 +214,7 @@ impl Mesh {
             // single-threaded one, user's a worker per CPU.
             extra.extend(["--threads".to_string(), "1".to_string()]);
         }
+        extra.extend(flags.iter().map(|f| f.to_string()));
         let sidecar = self.sidecar(kind, id, host, &app, &extra).await;
         Pod {
             host,

@@ -97,55 +97,90 @@ impl std::str::FromStr for AppProtocol {
 }
 
 /// HTTP/2 with prior knowledge (h2c) to the app: hyper-util's client,
-/// which keeps one connection and multiplexes every request on it.
+/// which keeps a connection and multiplexes every request on it.
 #[derive(Debug, Clone)]
 pub struct AppH2Client {
-    client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        ProxyBody,
-    >,
+    client: hyper_util::client::legacy::Client<ToApp, ProxyBody>,
     authority: http::uri::Authority,
+}
+
+/// Connects to the app whatever the URI says: the URI carries the
+/// caller's `:authority` (which HTTP/2 sends from the URI alone), not the
+/// app's address.
+#[derive(Debug, Clone, Copy)]
+struct ToApp {
+    addr: SocketAddr,
+    timeout: Duration,
+}
+
+impl tower::Service<http::Uri> for ToApp {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let ToApp { addr, timeout } = *self;
+        Box::pin(async move {
+            let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no connection within {timeout:?}"),
+                    )
+                })??;
+            let _ = stream.set_nodelay(true);
+            Ok(TokioIo::new(stream))
+        })
+    }
 }
 
 impl AppH2Client {
     /// A client of the app at `addr`.
     pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
-        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-        http.set_connect_timeout(Some(connect_timeout));
-        http.set_nodelay(true);
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .http2_only(true)
                 .http2_max_header_list_size(crate::http2::MAX_HEADER_LIST_SIZE)
-                .build(http);
+                .build(ToApp {
+                    addr,
+                    timeout: connect_timeout,
+                });
         let authority = http::uri::Authority::try_from(addr.to_string().as_str())
             .unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1"));
         Self { client, authority }
     }
 
-    /// A request to the app made of `parts` and `body`: the app's address
-    /// in the URI, the caller's `:authority` kept when it had one.
+    /// A request to the app made of `parts` and `body`, with the caller's
+    /// `:authority` (its `Host` when it came as HTTP/1.1; the app's
+    /// address when it named none).
     pub fn request_from(
         &self,
         mut parts: http::request::Parts,
         body: ProxyBody,
     ) -> Request<ProxyBody> {
+        let named = parts.uri.authority().cloned().or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse().ok())
+        });
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(http::uri::Scheme::HTTP);
-        uri.authority = Some(self.authority.clone());
+        uri.authority = Some(named.unwrap_or_else(|| self.authority.clone()));
         uri.path_and_query = parts
             .uri
             .path_and_query()
             .cloned()
             .or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
-        // The caller's authority, as HTTP/2 would carry it, goes as `Host`
-        // (hyper sends it as `:authority`).
-        if !parts.headers.contains_key(http::header::HOST)
-            && let Some(a) = parts.uri.authority()
-            && let Ok(v) = http::HeaderValue::from_str(a.as_str())
-        {
-            parts.headers.insert(http::header::HOST, v);
-        }
+        // HTTP/2 carries it as `:authority`.
+        parts.headers.remove(http::header::HOST);
         if let Ok(uri) = http::Uri::from_parts(uri) {
             parts.uri = uri;
         }

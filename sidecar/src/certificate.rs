@@ -166,18 +166,30 @@ impl CertificateClient {
 /// by it appear (they come with renewals, at two thirds of a lifetime).
 pub const BUNDLE_REFRESH: Duration = Duration::from_secs(60);
 
-/// Fetches the trust bundle every `interval` and installs it in `mesh` when
-/// it changed, until `cancel`. Failures keep the current bundle.
+/// Fetches the trust bundle every `interval`, and at once (at most every
+/// [`MIN_REFRESH`]) when a handshake failed on an unknown CA, installing it
+/// in `mesh` when it changed, until `cancel`. Failures keep the current
+/// bundle.
+///
+/// When the bundle no longer holds the root that signed this sidecar's
+/// certificate, peers refuse it: a new certificate is asked for at once,
+/// and `ready` says not ready until the sidecar holds one the bundle
+/// trusts.
 pub async fn run_bundle_refresh(
     client: CertificateClient,
     mesh: crate::tls::MeshTls,
     interval: Duration,
+    ready: std::sync::Arc<crate::register::Readiness>,
+    metrics: crate::Metrics,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
+            () = mesh.refresh_requested() => {
+                tracing::debug!("a handshake met an unknown CA; fetching the trust bundle");
+            }
         }
         let fetched = tokio::select! {
             () = cancel.cancelled() => return,
@@ -191,5 +203,61 @@ pub async fn run_bundle_refresh(
             }
             Err(err) => tracing::debug!(%err, "trust bundle refresh failed"),
         }
+        if !mesh.trusts_own_certificate() {
+            renew_untrusted(&client, &mesh, &ready, &metrics, &cancel).await;
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(MIN_REFRESH) => {}
+        }
+    }
+}
+
+/// The shortest time between two fetches of the trust bundle.
+pub const MIN_REFRESH: Duration = Duration::from_secs(1);
+
+/// Gets certificates until one is trusted by the bundle, not ready
+/// meanwhile.
+async fn renew_untrusted(
+    client: &CertificateClient,
+    mesh: &crate::tls::MeshTls,
+    ready: &crate::register::Readiness,
+    metrics: &crate::Metrics,
+    cancel: &tokio_util::sync::CancellationToken,
+) {
+    tracing::warn!("the trust bundle no longer holds this sidecar's CA; getting a new certificate");
+    ready.set_certificate(false);
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let issued = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = client.issue() => r,
+        };
+        match issued {
+            Ok(cert) => {
+                metrics.set_certificate_expiry(cert.expires());
+                mesh.holder().replace(cert);
+                if mesh.trusts_own_certificate() {
+                    tracing::info!("new certificate, trusted by the bundle");
+                    ready.set_certificate(true);
+                    return;
+                }
+                // Signed by a root the bundle does not hold yet: the
+                // bundle is older than the CA; fetch it again.
+                if let Ok(bundle) = client.roots().await {
+                    let _ = mesh.set_bundle(bundle);
+                    if mesh.trusts_own_certificate() {
+                        ready.set_certificate(true);
+                        return;
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(%err, retry_in = ?backoff, "no new certificate yet"),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }

@@ -74,6 +74,9 @@ pub struct SidecarConfig {
     /// A request body from the app that sends nothing this long is cut
     /// (gRPC streams excepted).
     pub body_idle_timeout: Duration,
+    /// How often the trust bundle is fetched again (and at once after a
+    /// handshake met an unknown CA).
+    pub bundle_refresh: Duration,
 }
 
 impl SidecarConfig {
@@ -115,6 +118,7 @@ impl SidecarConfig {
             // Twice the request timeout: an upload that pauses this long
             // has stalled.
             body_idle_timeout: Duration::from_secs(60),
+            bundle_refresh: crate::certificate::BUNDLE_REFRESH,
         }
     }
 }

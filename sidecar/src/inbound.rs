@@ -475,7 +475,10 @@ impl Inbound {
         };
         self.requests
             .record(rsp.status().as_u16(), started.elapsed());
-        rsp
+        match kind {
+            CallerKind::Grpc => self.requests.observe_grpc(rsp),
+            CallerKind::Http => rsp,
+        }
     }
 
     async fn forward(

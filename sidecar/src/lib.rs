@@ -386,7 +386,9 @@ async fn drive(
         certificate::run_bundle_refresh(
             certs.clone(),
             mesh.clone(),
-            certificate::BUNDLE_REFRESH,
+            config.bundle_refresh,
+            ready.clone(),
+            metrics.clone(),
             stop_background.clone(),
         )
         .instrument(info_span!("trust_bundle")),

@@ -14,6 +14,16 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::Response;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::body::{BoxError, ProxyBody};
+use crate::error::GRPC_STATUS;
+
 /// Which way a request went through the sidecar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
@@ -50,6 +60,18 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
+/// Labels of `signpost_sidecar_grpc_responses_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct GrpcLabels {
+    /// Outbound or inbound.
+    pub direction: Direction,
+    /// The destination service (outbound) or this service (inbound).
+    pub service: String,
+    /// The `grpc-status` code (`0` OK, `14` UNAVAILABLE, ...), `missing`
+    /// when the call ended without one.
+    pub grpc_status: String,
+}
+
 /// Labels of the duration histogram.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct DurationLabels {
@@ -83,6 +105,9 @@ fn duration_histogram() -> Histogram {
 pub struct Metrics {
     /// Requests answered, by direction, service and status.
     pub requests: Family<RequestLabels, Counter>,
+    /// gRPC calls answered, by direction, service and `grpc-status`: the
+    /// HTTP status of a gRPC call is 200 whatever happened.
+    pub grpc_responses: Family<GrpcLabels, Counter>,
     /// Request durations, by direction and service.
     pub durations: Family<DurationLabels, Histogram, fn() -> Histogram>,
     /// Failed TLS handshakes, by reason.
@@ -110,6 +135,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
+        let grpc_responses = Family::<GrpcLabels, Counter>::default();
         let durations =
             Family::<DurationLabels, Histogram, fn() -> Histogram>::new_with_constructor(
                 duration_histogram,
@@ -123,6 +149,11 @@ impl Metrics {
             "signpost_sidecar_requests",
             "Requests answered by the sidecar",
             requests.clone(),
+        );
+        registry.register(
+            "signpost_sidecar_grpc_responses",
+            "gRPC calls answered, by grpc-status (from the trailers, or the headers of a trailers-only answer)",
+            grpc_responses.clone(),
         );
         registry.register(
             "signpost_sidecar_request_duration_seconds",
@@ -156,6 +187,7 @@ impl Metrics {
         );
         Self {
             requests,
+            grpc_responses,
             durations,
             handshake_failures,
             endpoints,
@@ -180,6 +212,7 @@ impl Metrics {
             direction,
             service: service.to_string(),
             requests: self.requests.clone(),
+            grpc: self.grpc_responses.clone(),
             by_status: Mutex::default(),
             duration,
         }))
@@ -224,6 +257,7 @@ struct RequestMetricsInner {
     direction: Direction,
     service: String,
     requests: Family<RequestLabels, Counter>,
+    grpc: Family<GrpcLabels, Counter>,
     /// At most one entry per status code.
     by_status: Mutex<Vec<(u16, Counter)>>,
     duration: Histogram,
@@ -254,6 +288,88 @@ impl RequestMetrics {
         counter.inc();
         inner.duration.observe(took.as_secs_f64());
     }
+
+    /// Counts one gRPC call that ended with `grpc_status` (its value, as
+    /// sent; anything but a number is counted as `invalid`).
+    pub fn record_grpc(&self, grpc_status: Option<&[u8]>) {
+        let label = match grpc_status {
+            None => "missing".to_string(),
+            Some(code)
+                if !code.is_empty() && code.len() <= 3 && code.iter().all(u8::is_ascii_digit) =>
+            {
+                String::from_utf8_lossy(code).into_owned()
+            }
+            Some(_) => "invalid".to_string(),
+        };
+        let inner = &*self.0;
+        inner
+            .grpc
+            .get_or_create(&GrpcLabels {
+                direction: inner.direction,
+                service: inner.service.clone(),
+                grpc_status: label,
+            })
+            .inc();
+    }
+
+    /// Counts the `grpc-status` of `rsp`, the answer to a gRPC call: at
+    /// once for a trailers-only answer, else when its trailers pass.
+    pub fn observe_grpc(&self, rsp: Response<ProxyBody>) -> Response<ProxyBody> {
+        if let Some(code) = rsp.headers().get(GRPC_STATUS) {
+            self.record_grpc(Some(code.as_bytes()));
+            return rsp;
+        }
+        let metrics = self.clone();
+        rsp.map(|body| {
+            crate::body::boxed(GrpcObserved {
+                body,
+                metrics: Some(metrics),
+            })
+        })
+    }
+}
+
+/// A gRPC response body that counts the `grpc-status` of its trailers.
+struct GrpcObserved {
+    body: ProxyBody,
+    /// Taken when counted: each call once.
+    metrics: Option<RequestMetrics>,
+}
+
+impl Body for GrpcObserved {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(trailers) = f.trailers_ref()
+                    && let Some(metrics) = self.metrics.take()
+                {
+                    metrics.record_grpc(trailers.get(GRPC_STATUS).map(|v| v.as_bytes()));
+                }
+            }
+            None => {
+                if let Some(metrics) = self.metrics.take() {
+                    metrics.record_grpc(None);
+                }
+            }
+            Some(Err(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 #[cfg(test)]
@@ -266,6 +382,8 @@ mod tests {
         m.requests_of(Direction::Outbound, "user")
             .record(200, Duration::from_millis(3));
         m.handshake_failure("unknown_ca");
+        m.requests_of(Direction::Outbound, "user")
+            .record_grpc(Some(b"14"));
         m.retries
             .get_or_create(&ServiceLabels {
                 service: "user".into(),
@@ -277,6 +395,7 @@ mod tests {
             "signpost_sidecar_request_duration_seconds_bucket",
             "signpost_sidecar_tls_handshake_failures_total{reason=\"unknown_ca\"} 1",
             "signpost_sidecar_retries_total{service=\"user\"} 1",
+            "signpost_sidecar_grpc_responses_total{direction=\"outbound\",service=\"user\",grpc_status=\"14\"} 1",
             "signpost_sidecar_certificate_expiry_seconds 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");

@@ -47,6 +47,20 @@ struct Inner {
     zone: String,
     metrics: Metrics,
     inbound: ArcSwapOption<Acceptors>,
+    /// Asks the bundle refresh to fetch now: a handshake failed on a CA
+    /// one side does not know, so the bundle may be out of date.
+    refresh: tokio::sync::Notify,
+}
+
+impl Inner {
+    /// Counts a failed handshake; one that names an unknown CA asks for
+    /// the trust bundle at once.
+    fn handshake_failed(&self, reason: &str) {
+        self.metrics.handshake_failure(reason);
+        if reason == signpost_certs::HandshakeFailure::UnknownCa.as_str() {
+            self.refresh.notify_one();
+        }
+    }
 }
 
 impl std::fmt::Debug for MeshTls {
@@ -100,8 +114,38 @@ impl MeshTls {
                 zone: zone.to_string(),
                 metrics,
                 inbound: ArcSwapOption::empty(),
+                refresh: tokio::sync::Notify::new(),
             }),
         }
+    }
+
+    /// Resolves when a handshake failed on an unknown CA (see
+    /// [`crate::certificate::run_bundle_refresh`]).
+    pub async fn refresh_requested(&self) {
+        self.inner.refresh.notified().await;
+    }
+
+    /// Whether the trust bundle holds the root that signed this sidecar's
+    /// own certificate, as a peer's inbound checks it: when a CA rotation
+    /// (or a `--dev` server's restart) dropped that root, peers refuse the
+    /// certificate and a new one is needed.
+    pub fn trusts_own_certificate(&self) -> bool {
+        use rustls::server::danger::ClientCertVerifier as _;
+        let bundle = self.inner.bundle.load();
+        let key = self.inner.holder.current().certified_key();
+        let Some((leaf, intermediates)) = key.cert.split_first() else {
+            return false;
+        };
+        let Ok(verifier) = signpost_certs::ClientIdentityVerifier::new(
+            &bundle,
+            &self.inner.zone,
+            ClientAuth::Required,
+        ) else {
+            return false;
+        };
+        verifier
+            .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+            .is_ok()
     }
 
     /// The certificate holder.
@@ -194,9 +238,9 @@ impl InboundTls {
         self.acceptors().map(|a| a.permissive.clone())
     }
 
-    /// Counts a failed handshake.
+    /// Counts a failed handshake (see [`MeshTls::refresh_requested`]).
     pub fn handshake_failure(&self, reason: &str) {
-        self.mesh.metrics.handshake_failure(reason);
+        self.mesh.handshake_failed(reason);
     }
 }
 
@@ -246,7 +290,7 @@ impl Connect for TlsConnect {
                 Ok(stream) => Ok(Box::new(stream) as BoxedIo),
                 Err(source) => {
                     let reason = signpost_certs::classify_io(&source).as_str();
-                    this.mesh.metrics.handshake_failure(reason);
+                    this.mesh.handshake_failed(reason);
                     Err(ConnectError::Tls {
                         addr,
                         reason,

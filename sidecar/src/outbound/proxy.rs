@@ -339,7 +339,10 @@ impl OutboundProxy {
             err.respond(caller)
         });
         requests.record(rsp.status().as_u16(), started.elapsed());
-        rsp
+        match caller {
+            Caller::Grpc => requests.observe_grpc(rsp),
+            Caller::Http => rsp,
+        }
     }
 
     /// Why mesh calls cannot be made now: no certificate yet.
