@@ -8,7 +8,7 @@
 # creates three "pods" - network namespaces with their own 10.x address and
 # resolv.conf when run as root, loopback addresses otherwise - runs two `user`
 # and one `order` service with a sidecar each, and shows discovery, mTLS and
-# failover step by step. Everything it started is stopped on exit, and the
+# failover step by step, then a gRPC call balanced per call through the mesh. Everything it started is stopped on exit, and the
 # namespaces are removed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,7 +44,7 @@ cleanup() {
         ip netns del "$ns" 2>/dev/null || true
         rm -rf "/etc/netns/$ns"
     done
-    for n in 1 2 3; do ip link del "spdemo-h$n" 2>/dev/null || true; done
+    for n in 1 2 3 4; do ip link del "spdemo-h$n" 2>/dev/null || true; done
     ip link del "$BRIDGE" 2>/dev/null || true
     if [ $code -ne 0 ]; then
         echo "logs were in $WORK:" >&2
@@ -74,11 +74,11 @@ fi
 if [ $USE_NETNS = 1 ]; then
     NODE=10.123.0.1                   # the "node": bridge address, runs Signpost
     DNS_PORT=53                       # resolv.conf cannot name a port
-    declare -A POD_IP=([user-1]=10.123.0.11 [user-2]=10.123.0.12 [order-1]=10.123.0.21)
+    declare -A POD_IP=([user-1]=10.123.0.11 [user-2]=10.123.0.12 [order-1]=10.123.0.21 [echo-1]=10.123.0.31)
 else
     NODE=127.0.0.1
     DNS_PORT=15353
-    declare -A POD_IP=([user-1]=127.0.0.11 [user-2]=127.0.0.12 [order-1]=127.0.0.21)
+    declare -A POD_IP=([user-1]=127.0.0.11 [user-2]=127.0.0.12 [order-1]=127.0.0.21 [echo-1]=127.0.0.31)
 fi
 API=http://$NODE:18500
 export SIGNPOST_ADDR=$API
@@ -119,7 +119,7 @@ if [ $USE_NETNS = 1 ]; then
     ip addr add "$NODE/24" dev "$BRIDGE"
     ip link set "$BRIDGE" up
     n=0
-    for pod in user-1 user-2 order-1; do
+    for pod in user-1 user-2 order-1 echo-1; do
         n=$((n + 1))
         ns=spdemo-$pod
         ip netns del "$ns" 2>/dev/null || true
@@ -136,7 +136,7 @@ if [ $USE_NETNS = 1 ]; then
         say "pod $pod: ${POD_IP[$pod]}, resolv.conf -> nameserver $NODE, search xingren.host"
     done
 else
-    bold "Not root (or no network namespaces): pods are loopback addresses 127.0.0.11/12/21"
+    bold "Not root (or no network namespaces): pods are loopback addresses 127.0.0.11/12/21/31"
 fi
 
 # --- signpost server --------------------------------------------------------
@@ -154,7 +154,8 @@ SIGNPOST_TOKEN=$(cat "$WORK/admin.token")
 say "ready. Admin token in $WORK/admin.token; each service gets its own token:"
 "$SIGNPOST" token create --service user >"$WORK/user.token" 2>/dev/null
 "$SIGNPOST" token create --service order >"$WORK/order.token" 2>/dev/null
-say "user -> $WORK/user.token, order -> $WORK/order.token (stored in etcd as hashes only)"
+"$SIGNPOST" token create --service echo >"$WORK/echo.token" 2>/dev/null
+say "user -> $WORK/user.token, order -> $WORK/order.token, echo -> $WORK/echo.token (stored in etcd as hashes only)"
 "$SIGNPOST" register dummy --id d1 --address 127.0.0.1 --port 1 >/dev/null   # warms up the catalog
 "$SIGNPOST" deregister dummy d1 >/dev/null
 
@@ -167,15 +168,20 @@ start_pod() {
     else
         app_addr=$ip:8080; inbound=$ip:15006; outbound=$ip:15001; admin=$ip:15000
     fi
+    local health=(--app-health /health)
     if [ "$svc" = order ]; then
         bg_in_pod "$pod" "$WORK/$pod-app.log" env http_proxy="http://$outbound" "$BIN/order" --listen "$app_addr" --id "$pod"
+    elif [ "$svc" = echo ]; then
+        # A gRPC server (h2c); it has no HTTP health endpoint.
+        bg_in_pod "$pod" "$WORK/$pod-app.log" "$BIN/grpc-echo" --listen "$app_addr" --id "$pod"
+        health=()
     else
         bg_in_pod "$pod" "$WORK/$pod-app.log" "$BIN/user" --listen "$app_addr" --id "$pod"
     fi
     PIDS+=($!)
     APP_PID[$pod]=$!
     bg_in_pod "$pod" "$WORK/$pod-sidecar.log" "$SIGNPOST" sidecar --service "$svc" --id "$pod" --address "$ip" --app "$app_addr" \
-        --app-health /health --inbound "$inbound" --outbound "$outbound" --admin "$admin" \
+        "${health[@]}" --inbound "$inbound" --outbound "$outbound" --admin "$admin" \
         --control-plane "$API" --dns "$NODE:$DNS_PORT" --token-file "$WORK/$svc.token" \
         --ttl 6s --linger 5s --drain 5s
     PIDS+=($!)
@@ -184,11 +190,11 @@ declare -A APP_PID=()
 pod_admin() { if [ $USE_NETNS = 1 ]; then echo 127.0.0.1:15000; else echo "${POD_IP[$1]}:15000"; fi; }
 pod_app() { if [ $USE_NETNS = 1 ]; then echo 127.0.0.1:8080; else echo "${POD_IP[$1]}:8080"; fi; }
 
-bold "Starting pods: user-1 and user-2 (service user), order-1 (service order), each app with a sidecar"
+bold "Starting pods: user-1 and user-2 (service user), order-1 (service order), echo-1 (gRPC service echo), each app with a sidecar"
 say "Each sidecar gets a certificate for spiffe://xingren.host/svc/<service> from the CA,"
 say "registers its instance with a 6s TTL and heartbeats, and checks its app's /health."
-for p in user-1:user user-2:user order-1:order; do start_pod "${p%%:*}" "${p##*:}"; done
-for pod in user-1 user-2 order-1; do
+for p in user-1:user user-2:user order-1:order echo-1:echo; do start_pod "${p%%:*}" "${p##*:}"; done
+for pod in user-1 user-2 order-1 echo-1; do
     ok=0
     for _ in $(seq 150); do
         if in_pod "$pod" curl -fsS "http://$(pod_admin $pod)/ready" >/dev/null 2>&1; then ok=1; break; fi
@@ -246,7 +252,23 @@ say "plain HTTP to user-1's sidecar -> HTTP $code (mTLS required)"
 [ "$code" != 200 ] || fail "strict mTLS let a plaintext request through"
 pause
 
-bold "7. Kill user-1's app: the sidecars eject it, requests keep working"
+bold "7. gRPC through the mesh: HTTP/2 from the app, per-call balancing, gRPC statuses"
+say "grpc-call in order-1's pod speaks HTTP/2 (prior knowledge) to its sidecar's outbound with"
+say ":authority echo.xingren.host; the sidecars carry each call over mTLS to echo-1's app as HTTP/2."
+pod_outbound() { if [ $USE_NETNS = 1 ]; then echo 127.0.0.1:15001; else echo "${POD_IP[$1]}:15001"; fi; }
+run in_pod order-1 "$BIN/grpc-call" --target "$(pod_outbound order-1)" --authority echo.xingren.host unary --message hello --count 10 \
+    || fail "gRPC calls through the mesh failed"
+say "A call to a service with no instance is a gRPC status, not a broken stream:"
+in_pod order-1 env RUST_BACKTRACE=0 "$BIN/grpc-call" --target "$(pod_outbound order-1)" --authority nosuch.xingren.host unary 2>&1 | head -n 1 | sed "s/^/   /" || true
+say "order's sidecar counts gRPC statuses apart from HTTP ones:"
+in_pod order-1 curl -fsS "http://$(pod_admin order-1)/metrics" | grep -E '^signpost_sidecar_grpc_responses_total\{direction="outbound"' \
+    || fail "no gRPC metric"
+in_pod order-1 curl -fsS "http://$(pod_admin order-1)/metrics" \
+    | grep -qE '^signpost_sidecar_grpc_responses_total\{direction="outbound",service="echo",grpc_status="0"\} 10$' \
+    || fail "the 10 gRPC calls were not counted OK"
+pause
+
+bold "8. Kill user-1's app: the sidecars eject it, requests keep working"
 kill "${APP_PID[user-1]}"
 say "user-1's app is gone; its sidecar still answers, with an error — order's sidecar retries on user-2"
 say "and ejects user-1 after failures; user-1's sidecar reports its app critical, so DNS drops it."

@@ -382,21 +382,68 @@ impl Refresh {
     }
 }
 
+/// The endpoints a destination last resolved to, kept beyond the
+/// destination itself: a destination made again after it was dropped for
+/// being idle starts from them, so it works at once, and goes on working
+/// while DNS cannot be reached.
+#[derive(Debug, Clone, Default)]
+pub struct LastKnown(Arc<Mutex<Vec<Endpoint>>>);
+
+impl LastKnown {
+    /// The endpoints last known.
+    pub fn get(&self) -> Vec<Endpoint> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sends the endpoints known to `changes`, for a destination made
+    /// again; the discovery state to start from.
+    pub fn seed(
+        &self,
+        changes: &mpsc::UnboundedSender<Change<SocketAddr, Endpoint>>,
+    ) -> DiscoveryState {
+        let known = self.get();
+        if known.is_empty() {
+            return DiscoveryState::default();
+        }
+        for ep in &known {
+            let _ = changes.send(Change::Insert(ep.addr, *ep));
+        }
+        DiscoveryState {
+            resolved: true,
+            endpoints: known.len(),
+            error: None,
+        }
+    }
+
+    fn set(&self, endpoints: Vec<Endpoint>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = endpoints;
+    }
+
+    /// Whether none is known.
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+}
+
 /// Re-resolves `service` whenever its answer expires, or sooner when
 /// `refresh` asks, and sends the differences to `changes`, until `cancel`
 /// fires or the receiver is gone.
 ///
 /// A failed resolution keeps the endpoints already sent: a DNS outage must
-/// not empty the balancer while the peers themselves are fine.
+/// not empty the balancer while the peers themselves are fine. It starts
+/// from the endpoints in `known`, which the caller has sent already (see
+/// [`LastKnown::seed`]), and keeps `known` current.
 pub async fn watch_endpoints(
     resolver: Arc<dyn Resolve>,
     service: ServiceName,
     changes: mpsc::UnboundedSender<Change<SocketAddr, Endpoint>>,
     state: watch::Sender<DiscoveryState>,
     refresh: Refresh,
+    known: LastKnown,
     cancel: CancellationToken,
 ) {
-    let mut current: HashMap<SocketAddr, Endpoint> = HashMap::new();
+    let mut current: HashMap<SocketAddr, Endpoint> =
+        known.get().into_iter().map(|e| (e.addr, e)).collect();
     loop {
         let started = Instant::now();
         // Requests made until now are answered by this resolution.
@@ -419,6 +466,7 @@ pub async fn watch_endpoints(
                     }
                 }
                 debug!(%service, endpoints = next.len(), ttl = ?resolution.ttl, "resolved");
+                known.set(resolution.endpoints.clone());
                 current = next;
                 state.send_replace(DiscoveryState {
                     resolved: true,
@@ -472,6 +520,7 @@ mod tests {
             tx,
             state_tx,
             Refresh::new(),
+            LastKnown::default(),
             cancel.clone(),
         ));
         let mut inserted = Vec::new();
@@ -506,6 +555,7 @@ mod tests {
             tx,
             state_tx,
             Refresh::new(),
+            LastKnown::default(),
             CancellationToken::new(),
         ));
         drop(rx);
@@ -532,6 +582,7 @@ mod tests {
             tx,
             state_tx,
             refresh.clone(),
+            LastKnown::default(),
             cancel.clone(),
         ));
         assert!(matches!(rx.recv().await.unwrap(), Change::Insert(a, _) if a == old));

@@ -44,7 +44,7 @@ use self::eject::{EjectionConfig, EjectionPool};
 use self::endpoint::{Connect, PeerConnection, PeerProtocol};
 use self::retry::RetryPolicy;
 use crate::body::{BoxError, ProxyBody};
-use crate::discovery::{DiscoveryState, Refresh, Resolve, watch_endpoints};
+use crate::discovery::{DiscoveryState, LastKnown, Refresh, Resolve, watch_endpoints};
 use crate::metrics::{Direction, Metrics, RequestMetrics, ServiceLabels};
 
 /// The layers above a balancer `S`: see [`stack`].
@@ -179,6 +179,10 @@ pub struct Destinations {
     /// On foldhash: looked up on every request, and SipHash was about 200
     /// instructions of each.
     active: Mutex<HashMap<ServiceName, Arc<Destination>, foldhash::fast::RandomState>>,
+    /// The endpoints each destination last resolved to, kept when it is
+    /// dropped (see [`LastKnown`]); names that resolved to nothing are
+    /// forgotten with their destination.
+    known: Mutex<HashMap<ServiceName, LastKnown>>,
 }
 
 impl std::fmt::Debug for Destinations {
@@ -203,6 +207,7 @@ impl Destinations {
             config,
             metrics,
             active: Mutex::default(),
+            known: Mutex::default(),
         })
     }
 
@@ -230,8 +235,15 @@ impl Destinations {
         let labels = ServiceLabels {
             service: name.to_string(),
         };
+        let known = self
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.clone())
+            .or_default()
+            .clone();
         let (changes_tx, changes_rx) = mpsc::unbounded_channel();
-        let (state_tx, state_rx) = watch::channel(DiscoveryState::default());
+        let (state_tx, state_rx) = watch::channel(known.seed(&changes_tx));
         let stop = CancellationToken::new();
         let refresh = Refresh::new();
         tokio::spawn(
@@ -241,6 +253,7 @@ impl Destinations {
                 changes_tx,
                 state_tx,
                 refresh.clone(),
+                known,
                 stop.clone(),
             )
             .instrument(info_span!("discovery", service = %name)),
@@ -327,6 +340,12 @@ impl Destinations {
             }
             keep
         });
+        // Kept for the names in use and those that had endpoints; a name
+        // that never resolved to any is not worth remembering.
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|name, known| active.contains_key(name) || !known.is_empty());
     }
 
     /// How many destinations are active.
@@ -398,6 +417,61 @@ mod tests {
             "seen 299 s ago: kept"
         );
         assert_eq!(reap_after(&destinations, 2).await, 0);
+    }
+
+    /// Answers once, then fails as an unreachable DNS server does.
+    struct Once(std::sync::atomic::AtomicBool);
+
+    impl Resolve for Once {
+        fn resolve(
+            &self,
+            _: &ServiceName,
+        ) -> crate::discovery::BoxFuture<
+            'static,
+            Result<crate::discovery::Resolution, crate::discovery::ResolveError>,
+        > {
+            let first = !self.0.swap(true, Ordering::SeqCst);
+            Box::pin(async move {
+                if first {
+                    Ok(crate::discovery::Resolution {
+                        endpoints: vec![crate::discovery::Endpoint {
+                            addr: addr(1),
+                            weight: 100,
+                        }],
+                        ttl: Duration::from_secs(5),
+                    })
+                } else {
+                    Err(crate::discovery::ResolveError::Dns {
+                        name: "user.xingren.host.".into(),
+                        reason: "timed out".into(),
+                    })
+                }
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_destination_dropped_while_dns_is_down_comes_back_with_its_endpoints() {
+        let make: MakeConnect =
+            Arc::new(|_: &ServiceName, _| Arc::new(TcpConnect) as Arc<dyn Connect>);
+        let destinations = Destinations::new(
+            Arc::new(Once(std::sync::atomic::AtomicBool::new(false))),
+            make,
+            DestinationConfig::default(),
+            Metrics::new(),
+        );
+        let dest = destinations.get("user").unwrap();
+        assert_eq!(dest.resolved().await.endpoints, 1);
+        drop(dest);
+        // DNS is down from here on; the destination idles out.
+        assert_eq!(reap_after(&destinations, 301).await, 0);
+        let again = destinations.get("user").unwrap();
+        let state = again
+            .resolved_now()
+            .expect("resolved at once, from the last answer");
+        assert_eq!(state.endpoints, 1);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(again.resolved().await.endpoints, 1, "kept while DNS fails");
     }
 
     /// Advances the clock by `secs`, reaps, and counts what is left.
