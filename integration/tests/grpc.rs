@@ -177,18 +177,10 @@ fn meta(status: &Status, key: &str) -> Option<String> {
         .map(String::from)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_calls_are_balanced_per_call_on_one_channel() {
-    let m = echo_mesh(Hosts {
-        echo: [11, 12],
-        caller: 21,
-    })
-    .await;
-    // One channel is one HTTP/2 connection: a sidecar that balanced per
-    // connection would send all of these to one instance. The calls are in
-    // flight together (each holds 100 ms), so the balancer sees the load it
-    // put on each instance.
-    let client = m.client(ECHO).await;
+/// Forty unary calls in flight together on `client`'s one channel, each
+/// holding 100 ms so the balancer sees the load it put on each instance;
+/// how many each instance served.
+async fn forty_calls_together(client: EchoClient<Channel>) -> BTreeMap<String, usize> {
     let calls = (0..40).map(|i| {
         let mut client = client.clone();
         async move {
@@ -218,6 +210,21 @@ async fn grpc_calls_are_balanced_per_call_on_one_channel() {
         );
         *served.entry(reply.instance).or_default() += 1;
     }
+    served
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_are_balanced_per_call_on_one_channel() {
+    let m = echo_mesh(Hosts {
+        echo: [11, 12],
+        caller: 21,
+    })
+    .await;
+    // One channel is one HTTP/2 connection: a sidecar that balanced per
+    // connection would send all of these to one instance. The calls are in
+    // flight together (each holds 100 ms), so the balancer sees the load it
+    // put on each instance.
+    let served = forty_calls_together(m.client(ECHO).await).await;
     assert_eq!(
         served.keys().map(String::as_str).collect::<Vec<_>>(),
         ["e1", "e2"],
@@ -245,6 +252,59 @@ async fn grpc_calls_are_balanced_per_call_on_one_channel() {
         counted,
         "{series} or {ok} is not at least 40 in\n{}",
         last.lock().expect("not poisoned")
+    );
+}
+
+/// A channel to `authority` the way a gRPC client with `http_proxy` set
+/// makes one: `CONNECT authority:80` to the caller's outbound, then
+/// HTTP/2 inside the tunnel.
+async fn channel_through_connect(outbound: SocketAddr, authority: &str) -> Channel {
+    let target = authority.to_string();
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let target = target.clone();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect(outbound).await?;
+            let connect = format!("CONNECT {target}:80 HTTP/1.1\r\nhost: {target}:80\r\n\r\n");
+            stream.write_all(connect.as_bytes()).await?;
+            // The answer's head, byte by byte: nothing after it may be
+            // read here, it belongs to HTTP/2.
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                if stream.read(&mut byte).await? == 0 {
+                    return Err(std::io::Error::other("closed during CONNECT"));
+                }
+                head.push(byte[0]);
+            }
+            if !head.starts_with(b"HTTP/1.1 200") {
+                return Err(std::io::Error::other(
+                    String::from_utf8_lossy(&head).into_owned(),
+                ));
+            }
+            Ok::<_, std::io::Error>(TokioIo::new(stream))
+        }
+    });
+    tonic::transport::Endpoint::from_shared(format!("http://{authority}"))
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_through_http_proxy_connect_is_balanced_per_call() {
+    let m = echo_mesh(Hosts {
+        echo: [91, 92],
+        caller: 101,
+    })
+    .await;
+    let channel = channel_through_connect(m.outbound(), ECHO).await;
+    let served = forty_calls_together(EchoClient::new(channel)).await;
+    assert_eq!(
+        served.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["e1", "e2"],
+        "40 calls in one CONNECT tunnel were served as {served:?}"
     );
 }
 
