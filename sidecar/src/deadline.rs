@@ -132,13 +132,11 @@ pub struct Deadline {
     pub from_start: bool,
 }
 
-/// The deadline of a request with `headers`: its `grpc-timeout` when smaller than
-/// `request_timeout`, which is the limit otherwise.
-pub fn deadline_of(headers: &http::HeaderMap, request_timeout: Duration) -> Deadline {
-    match headers
-        .get(GRPC_TIMEOUT)
-        .and_then(|v| parse_grpc_timeout(v.as_bytes()))
-    {
+/// The deadline of a request with `grpc_timeout` (see
+/// [`crate::headers::Head`]): that when smaller than `request_timeout`,
+/// which is the limit otherwise.
+pub fn deadline_of(grpc_timeout: Option<Duration>, request_timeout: Duration) -> Deadline {
+    match grpc_timeout {
         Some(grpc) if grpc < request_timeout => Deadline {
             after: grpc,
             from_start: true,
@@ -273,14 +271,11 @@ mod tests {
         for bad in [&b""[..], b"m", b"123456789m", b"10x", b"-1S", b"1.5S"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
-        let req = http::Request::builder()
-            .header(GRPC_TIMEOUT, "250m")
-            .body(())
-            .unwrap();
-        let d = deadline_of(req.headers(), Duration::from_secs(30));
+        let grpc = Some(Duration::from_millis(250));
+        let d = deadline_of(grpc, Duration::from_secs(30));
         assert_eq!(d.after, Duration::from_millis(250));
         assert!(d.from_start);
-        let d = deadline_of(req.headers(), Duration::from_millis(100));
+        let d = deadline_of(grpc, Duration::from_millis(100));
         assert_eq!(d.after, Duration::from_millis(100), "the smaller one");
         assert!(!d.from_start);
     }

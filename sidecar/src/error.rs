@@ -345,23 +345,14 @@ fn clone_connect(err: &ConnectError) -> ConnectError {
     }
 }
 
-/// Who a sidecar answers, for the form of its own error answers.
+/// Who a sidecar answers, for the form of its own error answers (see
+/// [`crate::headers::Head::caller`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Caller {
     /// Anything but gRPC: the HTTP status and a text body.
     Http,
     /// `content-type: application/grpc*`: a trailers-only gRPC answer.
     Grpc,
-}
-
-impl Caller {
-    /// The kind of caller that sent a request with these headers.
-    pub fn of(headers: &http::HeaderMap) -> Self {
-        let grpc = headers
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-        if grpc { Caller::Grpc } else { Caller::Http }
-    }
 }
 
 /// The gRPC status header (or trailer).
@@ -502,9 +493,5 @@ mod tests {
             assert!(rsp.body().is_end_stream(), "trailers-only: no body");
         }
         assert_eq!(grpc_message("a 100% é"), "a 100%25 %C3%A9");
-        let mut headers = http::HeaderMap::new();
-        assert_eq!(Caller::of(&headers), Caller::Http);
-        headers.insert("content-type", "application/grpc+proto".parse().unwrap());
-        assert_eq!(Caller::of(&headers), Caller::Grpc);
     }
 }

@@ -7,10 +7,12 @@ use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 /// ids), to refuse a request that comes back to the sidecar that sent it.
 pub const HOP_HEADER: HeaderName = HeaderName::from_static("x-signpost-hop");
 
-/// Header the outbound sets on a request its app sent as HTTP/1.x, which
-/// crosses the mesh as HTTP/2: the peer's inbound gives it to its app as
-/// HTTP/1.1 again (as linkerd's `l5d-orig-proto`). Absent: the app sent
-/// HTTP/2, and the peer's app gets HTTP/2.
+/// Header the outbound sets on a request its app sent as HTTP/2 (value
+/// `HTTP/2`): every request crosses the mesh as HTTP/2, and the peer's
+/// inbound gives the app the protocol its caller spoke (the reverse of
+/// linkerd's `l5d-orig-proto`). Absent: the app sent HTTP/1.x, and the
+/// peer's app gets HTTP/1.1 — what a sidecar that predates the header
+/// means too, and the common case that then carries nothing.
 pub const ORIG_PROTO_HEADER: HeaderName = HeaderName::from_static("x-signpost-orig-proto");
 
 /// The largest request header section the sidecar takes, on HTTP/1.1 and
@@ -18,15 +20,6 @@ pub const ORIG_PROTO_HEADER: HeaderName = HeaderName::from_static("x-signpost-or
 /// 64 KiB, as hyper's HTTP/1 default and Envoy's `max_request_headers_kb`
 /// maximum allow. Past it: 431 with `x-signpost-error`.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-
-/// The size of a header section as HTTP/2's `SETTINGS_MAX_HEADER_LIST_SIZE`
-/// counts it (RFC 9113 §6.5.2).
-pub fn header_bytes(headers: &HeaderMap) -> usize {
-    headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 32)
-        .sum()
-}
 
 /// The protocol an HTTP/1.1 request asks to upgrade to (`Upgrade`, with
 /// `upgrade` among the `Connection` tokens), such as `websocket`.
@@ -60,38 +53,148 @@ pub fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
     cur.to_string()
 }
 
-const HOPS: usize = 8;
+/// The headers the sidecar looks at in every message, each found by one
+/// pass over the names ([`Head::of`]) instead of a hashed lookup apiece:
+/// most are absent from most messages, and a miss costs a lookup as much
+/// as a hit does. The first [`HOPS`] are hop-by-hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Known {
+    /// `connection`.
+    Connection,
+    /// `keep-alive`.
+    KeepAlive,
+    /// `proxy-connection`.
+    ProxyConnection,
+    /// `proxy-authenticate`.
+    ProxyAuthenticate,
+    /// `proxy-authorization`.
+    ProxyAuthorization,
+    /// `te`.
+    Te,
+    /// `transfer-encoding`.
+    TransferEncoding,
+    /// `upgrade`.
+    Upgrade,
+    /// `content-type`: tells gRPC calls apart.
+    ContentType,
+    /// `grpc-timeout`: a call's deadline.
+    GrpcTimeout,
+    /// `x-signpost-caller`: only an inbound vouches for callers.
+    Caller,
+    /// [`HOP_HEADER`].
+    Hop,
+    /// [`ORIG_PROTO_HEADER`].
+    OrigProto,
+    /// `x-signpost-not-forwarded`: only a peer's inbound says it.
+    NotForwarded,
+}
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy ones: never forwarded,
-/// and forbidden in HTTP/2. `Trailer` is not one (RFC 9110 §6.6.2): it
-/// travels end to end, and hyper sends HTTP/1.1 trailers only when it is
-/// there. `TE: trailers` is kept too (see [`strip_hop_by_hop`]). Names, not strings, so that removing them does
-/// not parse each name again on every request.
-static HOP_BY_HOP: [HeaderName; HOPS] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
+impl Known {
+    /// The known header called `name`, if it is one. A match on the name's
+    /// text (always lower-case) compiles to a switch on its length:
+    /// comparing each name with a list of `HeaderName`s costs ~1k
+    /// instructions per message.
+    fn of(name: &HeaderName) -> Option<Known> {
+        Some(match name.as_str() {
+            "connection" => Known::Connection,
+            "keep-alive" => Known::KeepAlive,
+            "proxy-connection" => Known::ProxyConnection,
+            "proxy-authenticate" => Known::ProxyAuthenticate,
+            "proxy-authorization" => Known::ProxyAuthorization,
+            "te" => Known::Te,
+            "transfer-encoding" => Known::TransferEncoding,
+            "upgrade" => Known::Upgrade,
+            "content-type" => Known::ContentType,
+            "grpc-timeout" => Known::GrpcTimeout,
+            "x-signpost-caller" => Known::Caller,
+            "x-signpost-hop" => Known::Hop,
+            "x-signpost-orig-proto" => Known::OrigProto,
+            "x-signpost-not-forwarded" => Known::NotForwarded,
+            _ => return None,
+        })
+    }
 
-/// The position of `name` in [`HOP_BY_HOP`]. A match on the name's text
-/// (always lower-case) compiles to a switch on its length: comparing each
-/// name with nine `HeaderName`s cost ~1k instructions per message.
-fn hop_index(name: &HeaderName) -> Option<usize> {
-    match name.as_str() {
-        "connection" => Some(0),
-        "keep-alive" => Some(1),
-        "proxy-connection" => Some(2),
-        "proxy-authenticate" => Some(3),
-        "proxy-authorization" => Some(4),
-        "te" => Some(5),
-        "transfer-encoding" => Some(6),
-        "upgrade" => Some(7),
-        _ => None,
+    /// The header's name.
+    pub fn name(self) -> HeaderName {
+        match self {
+            Known::ContentType => header::CONTENT_TYPE,
+            Known::GrpcTimeout => crate::deadline::GRPC_TIMEOUT,
+            Known::Caller => crate::inbound::CALLER_HEADER,
+            Known::Hop => HOP_HEADER,
+            Known::OrigProto => ORIG_PROTO_HEADER,
+            Known::NotForwarded => crate::error::NOT_FORWARDED_HEADER,
+            hop => HOP_BY_HOP[usize::from(hop as u8)].clone(),
+        }
+    }
+
+    fn bit(self) -> u16 {
+        1 << self as u8
+    }
+}
+
+/// How many of the [`Known`] headers, from the first, are hop-by-hop
+/// (RFC 9110 §7.6.1, plus the proxy ones): never forwarded, and forbidden
+/// in HTTP/2. `Trailer` is not one (RFC 9110 §6.6.2): it travels end to
+/// end, and hyper sends HTTP/1.1 trailers only when it is there. `TE:
+/// trailers` is kept too (see [`strip_hop_by_hop`]).
+const HOPS: u8 = 8;
+
+/// What the sidecar reads from a message's headers, in one pass over them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Head {
+    /// The size of the header section as HTTP/2's
+    /// `SETTINGS_MAX_HEADER_LIST_SIZE` counts it (RFC 9113 §6.5.2): name +
+    /// value + 32 per field.
+    pub size: usize,
+    /// `content-type: application/grpc*`.
+    pub grpc: bool,
+    /// A valid `grpc-timeout`.
+    pub grpc_timeout: Option<std::time::Duration>,
+    present: u16,
+}
+
+impl Head {
+    /// Reads `headers`.
+    pub fn of(headers: &HeaderMap) -> Head {
+        let mut head = Head::default();
+        for (name, value) in headers {
+            head.size += name.as_str().len() + value.len() + 32;
+            let Some(known) = Known::of(name) else {
+                continue;
+            };
+            head.present |= known.bit();
+            match known {
+                Known::ContentType => {
+                    head.grpc = value.as_bytes().starts_with(b"application/grpc");
+                }
+                Known::GrpcTimeout => {
+                    head.grpc_timeout = crate::deadline::parse_grpc_timeout(value.as_bytes());
+                }
+                _ => {}
+            }
+        }
+        head
+    }
+
+    /// Whether the message has a `known` header.
+    pub fn has(&self, known: Known) -> bool {
+        self.present & known.bit() != 0
+    }
+
+    /// Whether the message may ask for an upgrade: it has both headers that
+    /// [`upgrade_protocol`] reads.
+    pub fn may_upgrade(&self) -> bool {
+        self.has(Known::Connection) && self.has(Known::Upgrade)
+    }
+
+    /// The kind of caller that sent a request with these headers.
+    pub fn caller(&self) -> crate::error::Caller {
+        if self.grpc {
+            crate::error::Caller::Grpc
+        } else {
+            crate::error::Caller::Http
+        }
     }
 }
 
@@ -99,38 +202,26 @@ fn hop_index(name: &HeaderName) -> Option<usize> {
 /// but for `TE: trailers`: the one value HTTP/2 allows, which tells a
 /// server that the client takes trailers (gRPC needs it; an HTTP/1.1
 /// server sends trailers only then).
-///
-/// Most messages carry none, and most others only `Connection: keep-alive`:
-/// one pass over the names finds which are present, and only those are
-/// removed; only a `Connection` token naming another header is parsed.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    strip_hop_by_hop_and(headers, &[]);
+    let head = Head::of(headers);
+    strip_hop_by_hop_and(headers, &head, &[]);
 }
 
-/// [`strip_hop_by_hop`], and also removes the headers named in `also`,
-/// found in the same pass over the names: a removal hashes the name, and
-/// the headers stripped are seldom there.
-pub fn strip_hop_by_hop_and<const N: usize>(headers: &mut HeaderMap, also: &[HeaderName; N]) {
-    let mut present = [false; HOPS];
-    let mut also_present = [false; N];
-    for name in headers.keys() {
-        if let Some(i) = hop_index(name) {
-            present[i] = true;
-        } else {
-            for (other, seen) in also.iter().zip(also_present.iter_mut()) {
-                *seen |= name == other;
-            }
+/// [`strip_hop_by_hop`] for headers already read as `head`, also removing
+/// the headers in `also`. Only the headers `head` found are removed: a
+/// removal hashes the name, and most messages carry none of them, or only
+/// `Connection: keep-alive`; only a `Connection` token naming another
+/// header is parsed.
+pub fn strip_hop_by_hop_and(headers: &mut HeaderMap, head: &Head, also: &[Known]) {
+    for known in also {
+        if head.has(*known) {
+            headers.remove(known.name());
         }
     }
-    for (other, seen) in also.iter().zip(also_present) {
-        if seen {
-            headers.remove(other);
-        }
-    }
-    if !present.contains(&true) {
+    if head.present & ((1 << HOPS) - 1) == 0 {
         return;
     }
-    let te_trailers = present[TE]
+    let te_trailers = head.has(Known::Te)
         && headers
             .get_all(header::TE)
             .iter()
@@ -160,9 +251,9 @@ pub fn strip_hop_by_hop_and<const N: usize>(headers: &mut HeaderMap, also: &[Hea
     for name in named {
         headers.remove(name);
     }
-    for (name, present) in HOP_BY_HOP.iter().zip(present) {
-        if present {
-            headers.remove(name);
+    for i in 0..HOPS {
+        if head.present & (1 << i) != 0 {
+            headers.remove(HOP_BY_HOP[usize::from(i)].clone());
         }
     }
     if te_trailers {
@@ -170,8 +261,18 @@ pub fn strip_hop_by_hop_and<const N: usize>(headers: &mut HeaderMap, also: &[Hea
     }
 }
 
-/// The position of `TE` in [`HOP_BY_HOP`].
-const TE: usize = 5;
+/// The hop-by-hop names, in [`Known`]'s order: names, not strings, so that
+/// removing them does not parse each name again.
+static HOP_BY_HOP: [HeaderName; HOPS as usize] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
 
 /// Whether a hop header's `text` lists this sidecar (`id`).
 fn lists_hop(text: &str, id: &str) -> bool {
@@ -223,12 +324,60 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hop_index_follows_the_hop_list() {
-        for (i, name) in HOP_BY_HOP.iter().enumerate() {
-            assert_eq!(hop_index(name), Some(i), "{name}");
+    fn known_names_are_found_by_their_text() {
+        let all = [
+            Known::Connection,
+            Known::KeepAlive,
+            Known::ProxyConnection,
+            Known::ProxyAuthenticate,
+            Known::ProxyAuthorization,
+            Known::Te,
+            Known::TransferEncoding,
+            Known::Upgrade,
+            Known::ContentType,
+            Known::GrpcTimeout,
+            Known::Caller,
+            Known::Hop,
+            Known::OrigProto,
+            Known::NotForwarded,
+        ];
+        for (i, known) in all.into_iter().enumerate() {
+            assert_eq!(usize::from(known as u8), i);
+            assert_eq!(Known::of(&known.name()), Some(known), "{}", known.name());
         }
-        assert_eq!(hop_index(&header::HOST), None);
-        assert_eq!(hop_index(&HeaderName::from_static("x-te")), None);
+        assert!(all[..usize::from(HOPS)].contains(&Known::Upgrade));
+        assert_eq!(Known::of(&header::HOST), None);
+        assert_eq!(Known::of(&HeaderName::from_static("x-te")), None);
+    }
+
+    #[test]
+    fn a_head_is_read_in_one_pass() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        headers.insert("grpc-timeout", HeaderValue::from_static("250m"));
+        headers.append("x-a", HeaderValue::from_static("1"));
+        headers.append("x-a", HeaderValue::from_static("22"));
+        let head = Head::of(&headers);
+        assert!(head.grpc);
+        assert_eq!(head.caller(), crate::error::Caller::Grpc);
+        assert_eq!(
+            head.grpc_timeout,
+            Some(std::time::Duration::from_millis(250))
+        );
+        assert!(head.has(Known::GrpcTimeout) && !head.has(Known::Connection));
+        assert!(!head.may_upgrade());
+        let size = "content-type".len()
+            + "application/grpc+proto".len()
+            + "grpc-timeout".len()
+            + 4
+            + 2 * "x-a".len()
+            + 3
+            + 4 * 32;
+        assert_eq!(head.size, size);
+        assert!(!Head::of(&HeaderMap::new()).grpc);
     }
 
     #[test]
@@ -290,8 +439,8 @@ mod tests {
         headers.append(&HOP_HEADER, HeaderValue::from_static("b"));
         headers.insert(header::TE, HeaderValue::from_static("gzip"));
         headers.insert("x-kept", HeaderValue::from_static("1"));
-        let also = [HeaderName::from_static("x-absent"), HOP_HEADER];
-        strip_hop_by_hop_and(&mut headers, &also);
+        let head = Head::of(&headers);
+        strip_hop_by_hop_and(&mut headers, &head, &[Known::Caller, Known::Hop]);
         assert_eq!(headers.len(), 1, "{headers:?}");
         assert!(headers.contains_key("x-kept"));
 

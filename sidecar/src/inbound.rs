@@ -41,8 +41,8 @@ use crate::body::{self, ProxyBody};
 use crate::deadline::{Timers, deadline_of};
 use crate::error::{Caller as CallerKind, NOT_FORWARDED_HEADER, ProxyError};
 use crate::headers::{
-    HOP_HEADER, MAX_HEADER_BYTES, ORIG_PROTO_HEADER, header_bytes, innermost, restore_upgrade,
-    strip_hop_by_hop_and, upgrade_protocol,
+    Head, Known, MAX_HEADER_BYTES, innermost, restore_upgrade, strip_hop_by_hop_and,
+    upgrade_protocol,
 };
 use crate::http2;
 use crate::metrics::{Direction, Metrics, RequestMetrics};
@@ -459,8 +459,9 @@ impl Inbound {
             path = %req.uri().path(),
             caller = caller.as_ref().map(|c| c.identity.service().to_string()).unwrap_or_else(|| "-".into())
         );
-        let kind = CallerKind::of(req.headers());
-        let rsp = match self.forward(req, caller).instrument(span).await {
+        let head = Head::of(req.headers());
+        let kind = head.caller();
+        let rsp = match self.forward(req, caller, &head).instrument(span).await {
             Ok(rsp) => rsp,
             Err(err) => {
                 info!(error = %err, "refused");
@@ -485,6 +486,7 @@ impl Inbound {
         &self,
         mut req: Request<ProxyBody>,
         caller: Option<Arc<Caller>>,
+        head: &Head,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // No hop check here: this sidecar's own outbound marks the requests
         // it sends, and an app may legitimately call its own service. The
@@ -495,24 +497,23 @@ impl Inbound {
         }
         let identity = caller.as_ref().map(|c| &c.identity);
         authorize(&self.policy.load(), &self.config.service, identity)?;
-        let size = header_bytes(req.headers());
-        if size > MAX_HEADER_BYTES {
+        if head.size > MAX_HEADER_BYTES {
             return Err(ProxyError::HeadersTooLarge {
-                size,
+                size: head.size,
                 limit: MAX_HEADER_BYTES,
             });
         }
         let upgrade = match req.version() {
-            Version::HTTP_11 => upgrade_protocol(req.headers()),
+            Version::HTTP_11 if head.may_upgrade() => upgrade_protocol(req.headers()),
             _ => None,
         };
         let downstream = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-        let sent_as_http1 = req.headers().contains_key(ORIG_PROTO_HEADER);
+        let sent_as_http2 = head.has(Known::OrigProto);
         let http2 = upgrade.is_none()
             && match self.config.app_protocol {
                 AppProtocol::Http1 => false,
                 AppProtocol::Http2 => true,
-                AppProtocol::Auto => req.version() == Version::HTTP_2 && !sent_as_http1,
+                AppProtocol::Auto => req.version() == Version::HTTP_2 && sent_as_http2,
             };
         let (mut parts, body) = req.into_parts();
         // Only this sidecar vouches for callers; and the hop list is the
@@ -520,7 +521,8 @@ impl Inbound {
         // headers to its own calls would otherwise trip the loop guard).
         strip_hop_by_hop_and(
             &mut parts.headers,
-            &[CALLER_HEADER, HOP_HEADER, ORIG_PROTO_HEADER],
+            head,
+            &[Known::Caller, Known::Hop, Known::OrigProto],
         );
         if let Some(protocol) = &upgrade {
             restore_upgrade(&mut parts.headers, protocol.clone());
@@ -528,7 +530,7 @@ impl Inbound {
         if let Some(v) = caller.as_ref().and_then(|c| c.header.clone()) {
             parts.headers.insert(CALLER_HEADER, v);
         }
-        let deadline = deadline_of(&parts.headers, self.config.request_timeout);
+        let deadline = deadline_of(head.grpc_timeout, self.config.request_timeout);
         let (body, ended) = if body.is_end_stream() {
             (body, None)
         } else {
@@ -601,7 +603,8 @@ impl Inbound {
             })?
         };
         let mut rsp = rsp;
-        strip_hop_by_hop_and(rsp.headers_mut(), &[NOT_FORWARDED_HEADER]);
+        let answered = Head::of(rsp.headers());
+        strip_hop_by_hop_and(rsp.headers_mut(), &answered, &[Known::NotForwarded]);
         if let (Some(protocol), Some(downstream)) = (upgrade, downstream)
             && rsp.status() == http::StatusCode::SWITCHING_PROTOCOLS
         {

@@ -49,8 +49,8 @@ use crate::body::{self, BoxError, ProxyBody};
 use crate::deadline::{Timers, deadline_of};
 use crate::error::{Caller, ProxyError, SidecarError};
 use crate::headers::{
-    MAX_HEADER_BYTES, ORIG_PROTO_HEADER, enter_hop, header_bytes, innermost, passed_through,
-    restore_upgrade, strip_hop_by_hop, upgrade_protocol,
+    Head, MAX_HEADER_BYTES, ORIG_PROTO_HEADER, enter_hop, innermost, passed_through,
+    restore_upgrade, strip_hop_by_hop, strip_hop_by_hop_and, upgrade_protocol,
 };
 use crate::inbound::{HANDSHAKE_TIMEOUT, TLS_HANDSHAKE};
 use crate::metrics::{Direction, Metrics, RequestMetrics};
@@ -328,11 +328,12 @@ impl OutboundProxy {
     /// Handles one request from the app.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
-        let caller = Caller::of(req.headers());
+        let head = Head::of(req.headers());
+        let caller = head.caller();
         let (requests, result) = if req.method() == Method::CONNECT {
             self.connect(req).await
         } else {
-            self.route(req).await
+            self.route(req, &head).await
         };
         let rsp = result.unwrap_or_else(|err| {
             debug!(error = %err, "answered by the sidecar");
@@ -352,12 +353,11 @@ impl OutboundProxy {
     }
 
     /// The answer, and the metrics it counts in.
-    async fn route(&self, mut req: Request<Incoming>) -> Routed {
+    async fn route(&self, mut req: Request<Incoming>, head: &Head) -> Routed {
         let unrouted = |err| (self.unrouted_requests.clone(), Err(err));
-        let size = header_bytes(req.headers());
-        if size > MAX_HEADER_BYTES {
+        if head.size > MAX_HEADER_BYTES {
             return unrouted(ProxyError::HeadersTooLarge {
-                size,
+                size: head.size,
                 limit: MAX_HEADER_BYTES,
             });
         }
@@ -395,12 +395,12 @@ impl OutboundProxy {
         };
         // HTTP/1.1 only: an HTTP/2 request has no Upgrade.
         let upgrade = match req.version() {
-            Version::HTTP_11 => upgrade_protocol(req.headers()),
+            Version::HTTP_11 if head.may_upgrade() => upgrade_protocol(req.headers()),
             _ => None,
         };
         let downstream = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        strip_hop_by_hop_and(&mut parts.headers, head, &[]);
         if let Some(protocol) = &upgrade {
             restore_upgrade(&mut parts.headers, protocol.clone());
         }
@@ -416,7 +416,7 @@ impl OutboundProxy {
                 }
                 let span = info_span!("outbound", service = %dest.name, method = %parts.method, path = %path.path());
                 let result = self
-                    .call_mesh(&dest, parts, path, incoming, upgrade.is_some())
+                    .call_mesh(&dest, parts, path, incoming, head, upgrade.is_some())
                     .instrument(span)
                     .await;
                 (dest.requests().clone(), result)
@@ -432,7 +432,7 @@ impl OutboundProxy {
                 }
                 let span = info_span!("outbound", external = %authority, method = %parts.method);
                 let result = self
-                    .call_external(authority, parts, path, incoming)
+                    .call_external(authority, parts, path, incoming, head)
                     .instrument(span)
                     .await;
                 (self.external_requests.clone(), result)
@@ -585,6 +585,7 @@ impl OutboundProxy {
         mut parts: http::request::Parts,
         path: PathAndQuery,
         incoming: Incoming,
+        head: &Head,
         upgrade: bool,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let name = || dest.name.to_string();
@@ -601,8 +602,7 @@ impl OutboundProxy {
             });
         }
         let version = parts.version;
-        let grpc = Caller::of(&parts.headers) == Caller::Grpc;
-        let (body, ended) = self.watch_body(body::boxed(incoming), grpc);
+        let (body, ended) = self.watch_body(body::boxed(incoming), head.grpc);
         // The peer sees the logical name as :authority; the port the app
         // used means nothing to it.
         let authority = dest.authority(&self.config.zone).ok_or_else(|| {
@@ -626,10 +626,10 @@ impl OutboundProxy {
             uri.authority = Some(authority);
             uri.path_and_query = Some(path);
             parts.uri = Uri::from_parts(uri).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
-            if version != Version::HTTP_2 {
+            if version == Version::HTTP_2 {
                 parts
                     .headers
-                    .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
+                    .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/2"));
             }
             parts.version = Version::HTTP_2;
         }
@@ -641,7 +641,7 @@ impl OutboundProxy {
             *req.body_mut() = body;
             req.extensions_mut().insert(replay);
         }
-        let timeout = deadline_of(req.headers(), self.config.request_timeout);
+        let timeout = deadline_of(head.grpc_timeout, self.config.request_timeout);
         // Boxed as a plain `Send` future: awaiting the stack's future
         // directly trips rustc's higher-ranked `Send` inference
         // (rust-lang/rust#102211) once this runs inside `tokio::spawn`.
@@ -687,6 +687,7 @@ impl OutboundProxy {
         mut parts: http::request::Parts,
         path: PathAndQuery,
         incoming: Incoming,
+        head: &Head,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let name = authority.host().to_string();
         let version = parts.version;
@@ -702,10 +703,9 @@ impl OutboundProxy {
             parts.headers.insert(header::HOST, v);
         }
         parts.version = Version::HTTP_11;
-        let grpc = Caller::of(&parts.headers) == Caller::Grpc;
-        let (body, ended) = self.watch_body(body::boxed(incoming), grpc);
+        let (body, ended) = self.watch_body(body::boxed(incoming), head.grpc);
         let req = Request::from_parts(parts, body);
-        let timeout = deadline_of(req.headers(), self.config.request_timeout);
+        let timeout = deadline_of(head.grpc_timeout, self.config.request_timeout);
         let rsp = self
             .timers
             .timed(self.external.request(req), ended, timeout)
