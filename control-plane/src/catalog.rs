@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -142,11 +142,18 @@ impl CatalogState {
 
     /// Replaces the state with a full range read.
     pub fn reset(&mut self, keys: &Keys, kvs: &[KeyValue], revision: Revision) {
-        let old_index = std::mem::take(&mut self.index);
-        *self = Self::default();
+        let mut fresh = Self::default();
         for kv in kvs {
-            self.put(keys, kv);
+            fresh.put(keys, kv);
         }
+        self.replace(fresh, revision);
+    }
+
+    /// Replaces the state with `fresh`, a full read at `revision` (see
+    /// [`Store::range_pages`]).
+    pub fn replace(&mut self, fresh: CatalogState, revision: Revision) {
+        let old_index = std::mem::take(&mut self.index);
+        *self = fresh;
         // Services that vanished while we were not watching still need their
         // waiters woken: stamp them with the read's revision.
         for name in old_index.into_keys() {
@@ -309,6 +316,8 @@ pub struct Catalog {
     current: ArcSwap<Snapshot>,
     tx: watch::Sender<Arc<Snapshot>>,
     synced: AtomicBool,
+    /// Full reads of the catalog so far (the first, and every resync).
+    loads: AtomicU64,
     tombstones: ArcSwap<BTreeMap<ServiceName, Revision>>,
 }
 
@@ -336,6 +345,7 @@ impl Catalog {
             current: ArcSwap::new(empty),
             tx,
             synced: AtomicBool::new(false),
+            loads: AtomicU64::new(0),
             tombstones: ArcSwap::default(),
         })
     }
@@ -353,6 +363,12 @@ impl Catalog {
     /// A receiver told of every new snapshot.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.tx.subscribe()
+    }
+
+    /// How many full reads of the catalog have completed: the first, and
+    /// one for every resync (a lost watch, a compacted revision).
+    pub fn loads(&self) -> u64 {
+        self.loads.load(Ordering::Relaxed)
     }
 
     /// Whether the watch is connected (the snapshot is current).
@@ -457,13 +473,24 @@ impl Catalog {
         backoff: &mut Duration,
     ) -> Result<(), StoreError> {
         let prefix = self.keys.prefix().to_string();
-        let range = store.range(&prefix).await?;
-        state.reset(&self.keys, &range.kvs, range.revision);
-        let mut stream = store.watch(&prefix, range.revision + 1).await?;
+        // Read into a state of its own: a read that fails half-way leaves
+        // the current one (and its snapshot) as it was.
+        let mut fresh = CatalogState::new();
+        let keys = &self.keys;
+        let revision = store
+            .range_pages(&prefix, &mut |page| {
+                for kv in &page {
+                    fresh.put(keys, kv);
+                }
+            })
+            .await?;
+        state.replace(fresh, revision);
+        self.loads.fetch_add(1, Ordering::Relaxed);
+        let mut stream = store.watch(&prefix, revision + 1).await?;
         self.synced.store(true, Ordering::Relaxed);
         self.publish(state);
         *backoff = FIRST_RETRY;
-        tracing::debug!(revision = range.revision, "catalog synced");
+        tracing::debug!(revision, "catalog synced");
         while let Some(batch) = stream.next().await {
             let batch = batch?;
             for event in &batch.events {
@@ -608,5 +635,79 @@ mod tests {
             ),
         );
         assert!(state.snapshot().services.is_empty());
+    }
+
+    /// A catalog of `n` instances of `svc`, each `meta_bytes` of metadata,
+    /// written straight to `store`; the bytes written.
+    async fn fill(store: &dyn Store, svc: &str, n: usize, meta_bytes: usize) -> usize {
+        let keys = Keys::default();
+        let name = ServiceName::new(svc).unwrap();
+        let mut total = 0;
+        for i in 0..n {
+            let id = InstanceId::new(&format!("i{i}")).unwrap();
+            let meta = (0..meta_bytes / 250)
+                .map(|k| (format!("k{k}"), "v".repeat(240)))
+                .collect();
+            let inst = Registration {
+                address: format!("10.1.{}.{}", i / 250, i % 250 + 1),
+                port: 80,
+                meta,
+                ..Default::default()
+            }
+            .validate(&name, &id)
+            .unwrap();
+            let json = serde_json::to_vec(&inst).unwrap();
+            total += json.len();
+            store
+                .put(&keys.instance(&name, &id), json, None)
+                .await
+                .unwrap();
+        }
+        total
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_catalog_over_4_mib_loads_from_etcd() {
+        let etcd = crate::testing::EtcdProcess::spawn().await;
+        let store = crate::store::EtcdStore::connect(crate::store::EtcdOptions {
+            endpoints: vec![etcd.endpoint()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        // 300 records of ~15 KB: 4.5 MB, past the 4 MiB that one etcd
+        // answer could carry before, and in one page of the default size.
+        let bytes = fill(&store, "big", 300, 15_000).await;
+        assert!(bytes > 4 * 1024 * 1024, "{bytes} bytes");
+        let catalog = Catalog::new(Keys::default());
+        let cancel = CancellationToken::new();
+        tokio::spawn(catalog.clone().run(Arc::new(store), cancel.clone()));
+        assert!(catalog.wait_synced(Duration::from_secs(20)).await);
+        let snap = catalog.snapshot();
+        let big = snap.service(&ServiceName::new("big").unwrap()).unwrap();
+        assert_eq!(big.instances.len(), 300);
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_watcher_compacted_away_reads_the_catalog_again() {
+        // A history of 5 writes: 40 writes without yielding leave the
+        // catalog's watch behind it, which then says Compacted.
+        let store = Arc::new(crate::store::MemoryStore::with_history_limit(5));
+        let catalog = Catalog::new(Keys::default());
+        let cancel = CancellationToken::new();
+        tokio::spawn(catalog.clone().run(store.clone(), cancel.clone()));
+        assert!(catalog.wait_synced(Duration::from_secs(5)).await);
+        assert_eq!(catalog.loads(), 1);
+        fill(&*store, "user", 40, 0).await;
+        let user = ServiceName::new("user").unwrap();
+        let all = catalog
+            .wait_until(Duration::from_secs(10), |snap| {
+                snap.service(&user).is_some_and(|s| s.instances.len() == 40)
+            })
+            .await;
+        assert!(all, "the catalog did not catch up after compaction");
+        assert!(catalog.loads() >= 2, "no resync: {} loads", catalog.loads());
+        cancel.cancel();
     }
 }

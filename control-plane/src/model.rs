@@ -32,6 +32,22 @@ pub const MIN_TTL: Duration = Duration::from_secs(1);
 /// Longest TTL: an instance that has not been heard of for a day is gone.
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
+/// At most this many `meta` keys per instance.
+pub const MAX_META_KEYS: usize = 64;
+/// At most this many bytes in a `meta` key.
+pub const MAX_META_KEY_BYTES: usize = 128;
+/// At most this many bytes in a `meta` value (and `key=value` must also
+/// fit in one 255-byte TXT string, which is the tighter rule).
+pub const MAX_META_VALUE_BYTES: usize = 512;
+/// At most this many tags per instance.
+pub const MAX_TAGS: usize = 64;
+/// At most this many named ports per instance.
+pub const MAX_PORTS: usize = 64;
+/// At most this many bytes in a whole instance record (as stored): every
+/// instance is held by every control plane and DNS replica, and one page of
+/// a catalog read holds a thousand of them.
+pub const MAX_INSTANCE_BYTES: usize = 16 * 1024;
+
 /// Check interval when none is given: Consul's usual 10 s.
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -254,6 +270,37 @@ pub enum ValidationError {
     /// A metadata key or value cannot be served as a TXT string.
     #[error("meta {0:?}: {1}")]
     Meta(String, &'static str),
+    /// Past one of the size limits.
+    #[error("{what} is {got}: the limit is {limit}")]
+    TooLarge {
+        /// What was counted (`"the number of meta keys"`).
+        what: String,
+        /// Its count or size.
+        got: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// `Err` naming the limit when `got` is past `limit`.
+fn at_most(what: impl Into<String>, got: usize, limit: usize) -> Result<(), ValidationError> {
+    if got > limit {
+        return Err(ValidationError::TooLarge {
+            what: what.into(),
+            got,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+/// The first 32 characters of `text`, for naming an oversized key in a
+/// message without echoing all of it.
+fn truncated(text: &str) -> String {
+    match text.char_indices().nth(32) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_string(),
+    }
 }
 
 /// Parses a humantime duration, naming the field on failure.
@@ -464,6 +511,9 @@ impl Registration {
             .parse()
             .map_err(|_| ValidationError::Address(self.address.clone()))?;
         let main_port = port("port", self.port)?;
+        at_most("the number of named ports", self.ports.len(), MAX_PORTS)?;
+        at_most("the number of tags", self.tags.len(), MAX_TAGS)?;
+        at_most("the number of meta keys", self.meta.len(), MAX_META_KEYS)?;
         let mut ports = BTreeMap::new();
         for (name, value) in &self.ports {
             let label = validate_label("port", name)?;
@@ -477,6 +527,16 @@ impl Registration {
             }
         }
         for (key, value) in &self.meta {
+            at_most(
+                format!("the size of meta key {:?} in bytes", truncated(key)),
+                key.len(),
+                MAX_META_KEY_BYTES,
+            )?;
+            at_most(
+                format!("the size of meta value {:?} in bytes", truncated(key)),
+                value.len(),
+                MAX_META_VALUE_BYTES,
+            )?;
             if key.is_empty() || key.contains('=') {
                 return Err(ValidationError::Meta(
                     key.clone(),
@@ -509,7 +569,7 @@ impl Registration {
             }
         };
         let check = self.check.as_ref().map(CheckSpec::validate).transpose()?;
-        Ok(Instance {
+        let instance = Instance {
             service: service.clone(),
             id: id.clone(),
             address,
@@ -521,7 +581,14 @@ impl Registration {
             ttl,
             check,
             registered: SystemTime::now(),
-        })
+        };
+        let stored = serde_json::to_vec(&instance).map_or(usize::MAX, |json| json.len());
+        at_most(
+            "the instance record's size in bytes",
+            stored,
+            MAX_INSTANCE_BYTES,
+        )?;
+        Ok(instance)
     }
 }
 

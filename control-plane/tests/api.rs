@@ -316,6 +316,68 @@ async fn bad_input_is_refused_and_changes_nothing() {
 }
 
 #[tokio::test]
+async fn size_limits_are_refused_naming_the_limit() {
+    let api = memory(false).await;
+    let (status, _) = api
+        .put("/v1/services/user/instances/keep", Some(ADMIN), reg())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let before = api.stored().await;
+    let with = |field: &str, value: Value| {
+        let mut body = json!({"address": "10.0.0.1", "port": 80});
+        body[field] = value;
+        body
+    };
+    let many = |n: usize, value: &dyn Fn(usize) -> Value| -> serde_json::Map<String, Value> {
+        (0..n).map(|i| (format!("k{i}"), value(i))).collect()
+    };
+    let tags = |n: usize, len: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| format!("t{i:02}{}", "a".repeat(len.saturating_sub(3))))
+            .collect()
+    };
+    let cases: Vec<(Value, &str)> = vec![
+        (with("meta", json!(many(65, &|_| json!("v")))), "64"),
+        (with("meta", json!({"k".repeat(129): "v"})), "128"),
+        (with("meta", json!({"k": "v".repeat(513)})), "512"),
+        (with("tags", json!(tags(65, 3))), "64"),
+        (with("ports", json!(many(65, &|i| json!(1000 + i)))), "64"),
+        (
+            {
+                // Each part within its own limit, the whole past 16 KiB.
+                let mut body = with("meta", json!(many(64, &|_| json!("v".repeat(240)))));
+                body["tags"] = json!(tags(64, 63));
+                body
+            },
+            "16384",
+        ),
+    ];
+    for (body, limit) in cases {
+        let (status, answer) = api
+            .put("/v1/services/user/instances/u1", Some(ADMIN), body)
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        assert_eq!(answer["error"]["code"], "invalid_registration", "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("the limit is {limit}")),
+            "{message:?} does not name the limit {limit}"
+        );
+    }
+    assert_eq!(
+        api.stored().await,
+        before,
+        "a refused request changed the store"
+    );
+    // At the limits: taken.
+    let body = with("meta", json!(many(64, &|_| json!("v"))));
+    let (status, answer) = api
+        .put("/v1/services/user/instances/u1", Some(ADMIN), body)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+}
+
+#[tokio::test]
 async fn service_tokens_are_stored_as_hashes_only() {
     let api = memory(false).await;
     let token = api.token_for("user").await;

@@ -99,7 +99,7 @@ impl From<StoreError> for ApiError {
                 format!("{err}; nothing was changed, retry when etcd is back"),
             ),
             StoreError::LeaseNotFound(_) => Self::not_found(err.to_string()),
-            StoreError::Compacted { .. } | StoreError::Other(_) => {
+            StoreError::Compacted { .. } | StoreError::TooLarge(_) | StoreError::Other(_) => {
                 tracing::error!(%err, "store error");
                 Self::new(
                     StatusCode::INTERNAL_SERVER_ERROR,

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::{Store, StoreError, WatchEvent, WatchStream};
+use super::{KeyValue, Revision, Store, StoreError, WatchEvent, WatchStream};
 
 /// The longest any single store call may take in these checks. Stores
 /// promise to answer within a few seconds; this only catches hangs.
@@ -130,6 +130,50 @@ pub async fn put_get_range_delete(store: &dyn Store, prefix: &str) {
     assert_eq!(ok("range", store.range(&dir)).await.kvs.len(), 2);
     let rd = ok("put after delete", store.put(&b, b"22".to_vec(), None)).await;
     assert!(rd > rb);
+}
+
+/// A paged read of a prefix hands over every key under it once, in key
+/// order, in non-empty pages, and nothing outside it (a key that shares the
+/// prefix's text but not its last byte, or sorts just past it).
+pub async fn range_pages_cover_the_prefix(store: &dyn Store, prefix: &str) {
+    let dir = format!("{prefix}pages/");
+    let mut written = Vec::new();
+    // Out of key order, and across several pages of a small page size.
+    for i in (0..10).rev() {
+        let key = format!("{dir}k{i:02}");
+        let rev = ok("put", store.put(&key, vec![b'x'; i], None)).await;
+        written.push((key, rev));
+    }
+    written.sort();
+    for outside in [format!("{prefix}pages0"), format!("{prefix}pages")] {
+        ok("put outside", store.put(&outside, vec![], None)).await;
+    }
+    let mut pages: Vec<Vec<KeyValue>> = Vec::new();
+    let revision = ok(
+        "range_pages",
+        store.range_pages(&dir, &mut |page| pages.push(page)),
+    )
+    .await;
+    assert!(pages.iter().all(|p| !p.is_empty()), "an empty page");
+    let got: Vec<(String, Revision)> = pages
+        .into_iter()
+        .flatten()
+        .map(|kv| (kv.key, kv.mod_revision))
+        .collect();
+    assert_eq!(got, written);
+    let last = written.iter().map(|(_, r)| *r).max().unwrap_or_default();
+    assert!(
+        revision > last,
+        "read at {revision}, before the last write {last}"
+    );
+    let mut none = 0;
+    let empty = ok(
+        "range_pages of nothing",
+        store.range_pages(&format!("{prefix}absent/"), &mut |page| none += page.len()),
+    )
+    .await;
+    assert_eq!(none, 0);
+    assert!(empty >= revision);
 }
 
 /// The create revision stays across updates and restarts after a delete;
@@ -453,6 +497,7 @@ pub async fn run_all(store: Arc<dyn Store>, prefix: &str) {
     let store = store.as_ref();
     let p = |name: &str| format!("{prefix}{name}/");
     put_get_range_delete(store, &p("put_get_range_delete")).await;
+    range_pages_cover_the_prefix(store, &p("range_pages_cover_the_prefix")).await;
     create_and_mod_revisions(store, &p("create_and_mod_revisions")).await;
     put_if_present_follows_guard(store, &p("put_if_present_follows_guard")).await;
     multi_delete_is_atomic(store, &p("multi_delete_is_atomic")).await;
@@ -475,6 +520,7 @@ macro_rules! store_conformance_tests {
     ($make:expr) => {
         $crate::store_conformance_tests!(@each $make;
             put_get_range_delete,
+            range_pages_cover_the_prefix,
             create_and_mod_revisions,
             put_if_present_follows_guard,
             multi_delete_is_atomic,

@@ -40,8 +40,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use super::{
-    KeyValue, Leadership, LeaseId, RangeResult, Revision, Store, StoreError, WatchBatch,
-    WatchEvent, WatchStream, lease_seconds,
+    KeyValue, Leadership, LeaseId, Revision, Store, StoreError, WatchBatch, WatchEvent,
+    WatchStream, lease_seconds,
 };
 
 /// The key `ping` reads: any key works, a count-only read of one key is the
@@ -57,7 +57,18 @@ pub struct EtcdOptions {
     pub connect_timeout: Duration,
     /// Time limit for one operation, failover included.
     pub op_timeout: Duration,
+    /// Keys per page of a range read ([`Store::range_pages`]).
+    pub page_size: usize,
 }
+
+/// Keys per page of a range read: with instance records at most 16 KiB,
+/// a page stays well under [`MAX_MESSAGE`].
+pub const PAGE_SIZE: usize = 1000;
+
+/// The largest answer taken from etcd (tonic's default is 4 MiB). A page
+/// that is larger anyway (records written before the size limits) is read
+/// again in smaller pages.
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 impl Default for EtcdOptions {
     /// etcd's default local endpoint; 1 s to connect (a loopback or LAN
@@ -69,6 +80,7 @@ impl Default for EtcdOptions {
             endpoints: vec!["http://127.0.0.1:2379".to_string()],
             connect_timeout: Duration::from_secs(1),
             op_timeout: Duration::from_secs(3),
+            page_size: PAGE_SIZE,
         }
     }
 }
@@ -139,6 +151,31 @@ impl EtcdStore {
     pub fn options(&self) -> &EtcdOptions {
         &self.inner.opts
     }
+
+    /// One page of a range read: at most `limit` keys from `from` up to
+    /// `end` (exclusive), at `revision` (0: the current one).
+    async fn page(
+        &self,
+        from: &[u8],
+        end: &[u8],
+        revision: Revision,
+        limit: usize,
+    ) -> Result<etcd_client::GetResponse, StoreError> {
+        self.inner
+            .run("range", |c| {
+                let opts = GetOptions::new()
+                    .with_range(end)
+                    .with_limit(i64::try_from(limit).unwrap_or(i64::MAX))
+                    .with_revision(revision);
+                async move {
+                    let mut kv = c.kv_client().max_decoding_message_size(MAX_MESSAGE);
+                    kv.get(from, Some(opts))
+                        .await
+                        .map_err(|e| map_range_err(e, revision))
+                }
+            })
+            .await
+    }
 }
 
 /// Connection options for one endpoint.
@@ -188,6 +225,38 @@ fn map_err(e: etcd_client::Error) -> StoreError {
         E::TransportError(_) | E::IoError(_) => StoreError::Unavailable(e.to_string()),
         other => StoreError::Other(other.to_string()),
     }
+}
+
+/// Maps an error of a range read at `revision`: a compacted revision, or
+/// an answer over [`MAX_MESSAGE`].
+fn map_range_err(e: etcd_client::Error, revision: Revision) -> StoreError {
+    match &e {
+        etcd_client::Error::GRpcStatus(status) if status.code() == Code::OutOfRange => {
+            if status.message().contains("compacted") {
+                StoreError::Compacted {
+                    requested: revision,
+                    compact_revision: revision,
+                }
+            } else {
+                StoreError::TooLarge(status.message().to_string())
+            }
+        }
+        _ => map_err(e),
+    }
+}
+
+/// The end of the key range of everything under `prefix`: the prefix with
+/// its last byte below 0xff raised by one (etcd's `GetPrefixRangeEnd`).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff (or empty): to the end of the keyspace.
+    vec![0]
 }
 
 /// Maps an error of a request naming `lease`: etcd answers NotFound for a
@@ -310,20 +379,46 @@ impl Store for EtcdStore {
             .await
     }
 
-    async fn range(&self, prefix: &str) -> Result<RangeResult, StoreError> {
-        self.inner
-            .run("range", |mut c| async move {
-                let resp = c
-                    .get(prefix, Some(GetOptions::new().with_prefix()))
-                    .await
-                    .map_err(map_err)?;
-                // etcd returns keys in key order by default.
-                Ok(RangeResult {
-                    kvs: resp.kvs().iter().map(to_key_value).collect(),
-                    revision: header_revision(resp.header())?,
-                })
-            })
-            .await
+    async fn range_pages(
+        &self,
+        prefix: &str,
+        each: &mut (dyn FnMut(Vec<KeyValue>) + Send),
+    ) -> Result<Revision, StoreError> {
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = prefix.as_bytes().to_vec();
+        // The first page reads the current revision; the others read at it.
+        let mut revision = 0;
+        let mut limit = self.inner.opts.page_size.max(1);
+        loop {
+            let page = self.page(&from, &end, revision, limit).await;
+            let page = match page {
+                Ok(page) => page,
+                Err(StoreError::TooLarge(_)) if limit > 1 => {
+                    limit = limit.div_ceil(2);
+                    tracing::debug!(
+                        limit,
+                        "etcd: a range page was too large, reading smaller ones"
+                    );
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
+            if revision == 0 {
+                revision = header_revision(page.header())?;
+            }
+            let Some(last) = page.kvs().last() else {
+                return Ok(revision);
+            };
+            // etcd returns keys in key order; the next page starts just
+            // after the last key.
+            from = last.key().to_vec();
+            from.push(0);
+            let more = page.more();
+            each(page.kvs().iter().map(to_key_value).collect());
+            if !more {
+                return Ok(revision);
+            }
+        }
     }
 
     async fn put(
@@ -465,8 +560,13 @@ impl Store for EtcdStore {
         // stream.
         let (stream, created) = self
             .inner
-            .run("watch", |mut c| async move {
-                let mut stream = c.watch(prefix, Some(opts.clone())).await.map_err(map_err)?;
+            .run("watch", |c| async move {
+                let mut stream = c
+                    .watch_client()
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .watch(prefix, Some(opts.clone()))
+                    .await
+                    .map_err(map_err)?;
                 match stream.message().await.map_err(map_err)? {
                     Some(created) => Ok((stream, created)),
                     None => Err(StoreError::Unavailable(
@@ -760,6 +860,7 @@ mod tests {
             endpoints,
             connect_timeout: Duration::from_secs(1),
             op_timeout: Duration::from_secs(3),
+            page_size: PAGE_SIZE,
         }
     }
 
@@ -772,10 +873,103 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn conformance() {
         let etcd = EtcdProcess::spawn().await;
+        // Pages of three keys, so that every range read of the suite pages.
+        let store = EtcdStore::connect(EtcdOptions {
+            page_size: 3,
+            ..opts(vec![etcd.endpoint()])
+        })
+        .await
+        .unwrap();
+        crate::store::conformance::run_all(Arc::new(store), "/conformance/").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paged_read_is_one_revision_while_writes_go_on() {
+        let etcd = EtcdProcess::spawn().await;
+        let store = EtcdStore::connect(EtcdOptions {
+            page_size: 2,
+            ..opts(vec![etcd.endpoint()])
+        })
+        .await
+        .unwrap();
+        let mut created = Vec::new();
+        for i in 0..20 {
+            let key = format!("/paged/k{i:03}");
+            created.push((key.clone(), store.put(&key, vec![], None).await.unwrap()));
+        }
+        // A writer adds keys between the pages (they sort among the ones
+        // already there), and rewrites old ones.
+        let stop = CancellationToken::new();
+        let writer = tokio::spawn({
+            let (store, stop) = (store.clone(), stop.clone());
+            async move {
+                let mut written = Vec::new();
+                for i in 0..10_000 {
+                    if stop.is_cancelled() {
+                        break;
+                    }
+                    let key = format!("/paged/k{:03}-new", i % 20);
+                    let rev = store.put(&key, vec![], None).await.unwrap();
+                    written.push((key, rev));
+                    store.put("/paged/k000", vec![1], None).await.unwrap();
+                }
+                written
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut seen = Vec::new();
+        let mut pages = 0;
+        let revision = store
+            .range_pages("/paged/", &mut |page| {
+                pages += 1;
+                seen.extend(page);
+            })
+            .await
+            .unwrap();
+        stop.cancel();
+        let written = writer.await.unwrap();
+        assert!(pages >= 10, "{pages} pages of at most 2 keys");
+        assert!(
+            written.iter().any(|(_, rev)| *rev > revision),
+            "the writer did not write during the read"
+        );
+        assert!(seen.iter().all(|kv| kv.mod_revision <= revision));
+        let mut expected: Vec<String> = created
+            .into_iter()
+            .chain(written.into_iter().filter(|(_, rev)| *rev <= revision))
+            .map(|(key, _)| key)
+            .collect();
+        expected.sort();
+        expected.dedup();
+        let keys: Vec<String> = seen.into_iter().map(|kv| kv.key).collect();
+        assert_eq!(keys, expected, "the read at {revision}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_page_at_a_compacted_revision_says_compacted() {
+        let etcd = EtcdProcess::spawn().await;
         let store = EtcdStore::connect(opts(vec![etcd.endpoint()]))
             .await
             .unwrap();
-        crate::store::conformance::run_all(Arc::new(store), "/conformance/").await;
+        let old = store.put("/c/k", vec![1], None).await.unwrap();
+        let new = store.put("/c/k", vec![2], None).await.unwrap();
+        store.compact(new).await.unwrap();
+        let err = store
+            .page(b"/c/", &prefix_end(b"/c/"), old, 10)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::Compacted { requested, .. } if requested == old),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn prefix_end_is_the_next_key_after_the_prefix() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), [0]);
+        assert_eq!(prefix_end(b""), [0]);
     }
 
     #[tokio::test]

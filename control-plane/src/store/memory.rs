@@ -24,8 +24,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    KeyValue, Leadership, LeaseId, RangeResult, Revision, Store, StoreError, WatchBatch,
-    WatchEvent, WatchStream, lease_seconds,
+    KeyValue, Leadership, LeaseId, Revision, Store, StoreError, WatchBatch, WatchEvent,
+    WatchStream, lease_seconds,
 };
 
 /// How many events the store keeps for watches that start in the past.
@@ -466,11 +466,17 @@ impl Store for MemoryStore {
         Ok(self.shared.with_state(|s| s.kvs.get(key).cloned()))
     }
 
-    async fn range(&self, prefix: &str) -> Result<RangeResult, StoreError> {
-        Ok(self.shared.with_state(|s| RangeResult {
-            kvs: s.range(prefix),
-            revision: s.revision,
-        }))
+    /// One page: the whole prefix, copied under the state's lock, is
+    /// already one consistent read, and there is no message size to keep
+    /// under.
+    async fn range_pages(
+        &self,
+        prefix: &str,
+        each: &mut (dyn FnMut(Vec<KeyValue>) + Send),
+    ) -> Result<Revision, StoreError> {
+        let (kvs, revision) = self.shared.with_state(|s| (s.range(prefix), s.revision));
+        each(kvs);
+        Ok(revision)
     }
 
     async fn put(

@@ -100,6 +100,9 @@ pub enum StoreError {
         /// The oldest revision still available.
         compact_revision: Revision,
     },
+    /// An answer was larger than the client takes.
+    #[error("the store's answer was too large: {0}")]
+    TooLarge(String),
     /// Anything else the store reported.
     #[error("store error: {0}")]
     Other(String),
@@ -152,7 +155,27 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
 
     /// Reads every key under `prefix`, with the revision of the read.
-    async fn range(&self, prefix: &str) -> Result<RangeResult, StoreError>;
+    /// Collects [`Store::range_pages`]; for large prefixes, use that.
+    async fn range(&self, prefix: &str) -> Result<RangeResult, StoreError> {
+        let mut kvs = Vec::new();
+        let revision = self
+            .range_pages(prefix, &mut |page| kvs.extend(page))
+            .await?;
+        Ok(RangeResult { kvs, revision })
+    }
+
+    /// Reads every key under `prefix` as one consistent read at one
+    /// revision, handing the keys to `each` a page at a time in key order,
+    /// so that no single answer (etcd's are limited to a few MiB) and no
+    /// single buffer holds the whole prefix. Returns the revision. A read
+    /// whose revision is compacted before its last page gives
+    /// [`StoreError::Compacted`]; `each` has then seen part of the keys,
+    /// and the caller starts again.
+    async fn range_pages(
+        &self,
+        prefix: &str,
+        each: &mut (dyn FnMut(Vec<KeyValue>) + Send),
+    ) -> Result<Revision, StoreError>;
 
     /// Writes `key`, under `lease` if given. Returns the new revision.
     /// A lease that does not exist gives [`StoreError::LeaseNotFound`].
