@@ -59,6 +59,12 @@ pub struct ServerArgs {
     #[arg(long, default_value = "/signpost/")]
     pub prefix: String,
 
+    /// etcd history to keep: one elected control plane compacts older
+    /// revisions (at least 1m; 0 turns it off, for an etcd that compacts
+    /// itself with --auto-compaction-retention).
+    #[arg(long, default_value = "1h", value_parser = compaction_retention)]
+    pub etcd_compaction: Duration,
+
     #[command(flatten)]
     pub dns: crate::dns::DnsArgs,
 }
@@ -128,6 +134,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             auth,
             candidate,
             ca: ca.clone(),
+            compaction: (!args.etcd_compaction.is_zero()).then_some(args.etcd_compaction),
         },
         registry,
         Some(catalog),
@@ -176,6 +183,19 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         Ok(result) => result.context("DNS server failed"),
         Err(err) => Err(anyhow::anyhow!("DNS server task failed: {err}")),
     }
+}
+
+/// Parses `--etcd-compaction`: 0, or at least a minute (a shorter history
+/// would have every watcher that lags a moment read the catalog again).
+fn compaction_retention(raw: &str) -> Result<Duration, String> {
+    let retention = humantime::parse_duration(raw.trim())
+        .map_err(|e| format!("{raw:?} is not a duration (write it like \"1h\" or \"30m\"): {e}"))?;
+    if !retention.is_zero() && retention < Duration::from_secs(60) {
+        return Err(format!(
+            "{raw}: keep at least 1m of etcd history (0 turns compaction off)"
+        ));
+    }
+    Ok(retention)
 }
 
 /// Loads the CA from --ca-dir, or makes a temporary one in --dev. The

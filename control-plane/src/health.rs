@@ -162,30 +162,16 @@ impl HealthChecker {
     /// Campaigns and checks while leading, until `cancel` fires.
     pub async fn run(self, cancel: CancellationToken) {
         let election = self.catalog.keys().election(ELECTION);
-        loop {
-            let leadership = tokio::select! {
-                _ = cancel.cancelled() => return,
-                l = self.store.campaign(&election, &self.candidate, LEADER_TTL) => l,
-            };
-            match leadership {
-                Ok(leadership) => {
-                    tracing::info!(candidate = %self.candidate, "health checker elected");
-                    let lost = leadership.lost.clone();
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = lost.cancelled() => tracing::warn!("health checker lost leadership"),
-                        _ = self.check_while_leading() => {}
-                    }
-                }
-                Err(err) => {
-                    tracing::warn!(%err, "health checker campaign failed; retrying");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                }
-            }
-        }
+        crate::store::while_leading(
+            &*self.store,
+            &election,
+            &self.candidate,
+            LEADER_TTL,
+            "health checker",
+            &cancel,
+            || self.check_while_leading(),
+        )
+        .await;
     }
 
     async fn check_while_leading(&self) {

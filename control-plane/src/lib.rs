@@ -4,7 +4,8 @@
 //! instances and their health ([`model`]), the store that keeps them (etcd in
 //! production, in memory for `--dev`; [`store`]), the immutable snapshots that
 //! every reader uses ([`catalog`]), the HTTP API ([`api`]), the active health
-//! checker ([`health`]) and access tokens ([`tokens`]). It does not serve DNS
+//! checker ([`health`]), etcd history compaction ([`compactor`]) and access
+//! tokens ([`tokens`]). It does not serve DNS
 //! and does not proxy traffic: `signpost-dns` and `signpost-sidecar` read the
 //! catalog this crate builds.
 #![forbid(unsafe_code)]
@@ -13,6 +14,7 @@
 pub mod api;
 pub mod catalog;
 pub mod client;
+pub mod compactor;
 pub mod health;
 pub mod model;
 pub mod server;

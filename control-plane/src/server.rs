@@ -13,6 +13,7 @@ use crate::api::auth::AuthConfig;
 use crate::api::certs::CertAuthority;
 use crate::api::{self, ApiMetrics, ApiState};
 use crate::catalog::Catalog;
+use crate::compactor::Compactor;
 use crate::health::HealthChecker;
 use crate::store::{Keys, Store};
 
@@ -43,6 +44,9 @@ pub struct ControlPlaneOptions {
     pub candidate: String,
     /// The mesh CA, if this control plane issues certificates.
     pub ca: Option<Arc<CertAuthority>>,
+    /// History the store keeps: one elected control plane compacts older
+    /// revisions away (see [`crate::compactor`]). `None`: no compaction.
+    pub compaction: Option<std::time::Duration>,
 }
 
 /// A running control plane.
@@ -80,6 +84,15 @@ impl ControlPlane {
         tasks.push(tokio::spawn(
             catalog.clone().run(opts.store.clone(), cancel.clone()),
         ));
+        if let Some(retention) = opts.compaction {
+            let compactor = Compactor::new(
+                opts.store.clone(),
+                opts.keys.clone(),
+                opts.candidate.clone(),
+                retention,
+            );
+            tasks.push(tokio::spawn(compactor.run(cancel.clone())));
+        }
         let checker = HealthChecker::new(opts.store.clone(), catalog.clone(), opts.candidate);
         tasks.push(tokio::spawn(checker.run(cancel.clone())));
         let state = ApiState {

@@ -58,6 +58,7 @@ async fn start_with_ca(
             auth,
             candidate: "test".into(),
             ca,
+            compaction: None,
         },
         Registry::default(),
         None,

@@ -42,6 +42,7 @@ async fn control_plane(cancel: &CancellationToken) -> String {
                 dev: true,
             },
             candidate: "test".into(),
+            compaction: None,
             ca: Some(Arc::new(CertAuthority {
                 ca,
                 zone: ZONE.into(),

@@ -231,6 +231,46 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<Revision, StoreError>;
 }
 
+/// Campaigns in election `name` as `candidate` and runs `work` while
+/// elected, until `cancel` fires: when leadership is lost, `work` is
+/// dropped and the campaign starts again. `role` names the job in logs.
+pub async fn while_leading<F, Fut>(
+    store: &dyn Store,
+    name: &str,
+    candidate: &str,
+    ttl: Duration,
+    role: &'static str,
+    cancel: &CancellationToken,
+    mut work: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        let leadership = tokio::select! {
+            _ = cancel.cancelled() => return,
+            l = store.campaign(name, candidate, ttl) => l,
+        };
+        match leadership {
+            Ok(leadership) => {
+                tracing::info!(%candidate, "{role} elected");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = leadership.lost.cancelled() => tracing::warn!("{role} lost leadership"),
+                    _ = work() => {}
+                }
+            }
+            Err(err) => {
+                tracing::warn!(%err, "{role} campaign failed; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}
+
 /// Rounds a TTL up to whole seconds, at least one (etcd leases count seconds).
 pub fn lease_seconds(ttl: Duration) -> i64 {
     let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
