@@ -88,8 +88,14 @@ pub struct Snapshot {
     pub built: SystemTime,
     /// Services by name. A service with no instances and no config is
     /// absent. A service that did not change between two snapshots is the
-    /// same `Arc` in both.
-    pub services: BTreeMap<ServiceName, Arc<ServiceEntry>>,
+    /// same `Arc` in both, and the map shares its structure with the last
+    /// snapshot's: publishing a change costs what it changed, and
+    /// [`imbl::OrdMap::diff`] between two snapshots visits only what
+    /// differs.
+    pub services: imbl::OrdMap<ServiceName, Arc<ServiceEntry>>,
+    /// Services that existed and are gone, with the revision that removed
+    /// them (the blocking-query index of a deleted service).
+    pub deleted: imbl::OrdMap<ServiceName, Revision>,
 }
 
 impl Default for Snapshot {
@@ -97,7 +103,8 @@ impl Default for Snapshot {
         Self {
             revision: 0,
             built: SystemTime::UNIX_EPOCH,
-            services: BTreeMap::new(),
+            services: imbl::OrdMap::new(),
+            deleted: imbl::OrdMap::new(),
         }
     }
 }
@@ -128,7 +135,9 @@ pub struct CatalogState {
     /// gone so a blocking query on it sees the deletion.
     index: BTreeMap<ServiceName, Revision>,
     /// The services as last built.
-    built: BTreeMap<ServiceName, Arc<ServiceEntry>>,
+    built: imbl::OrdMap<ServiceName, Arc<ServiceEntry>>,
+    /// The services that are gone, with their last index.
+    deleted: imbl::OrdMap<ServiceName, Revision>,
     /// Services changed since they were last built.
     dirty: BTreeSet<ServiceName>,
     revision: Revision,
@@ -157,7 +166,10 @@ impl CatalogState {
         // Services that vanished while we were not watching still need their
         // waiters woken: stamp them with the read's revision.
         for name in old_index.into_keys() {
-            self.index.entry(name).or_insert(revision);
+            if !self.index.contains_key(&name) {
+                self.index.insert(name.clone(), revision);
+                self.dirty.insert(name);
+            }
         }
         self.revision = revision;
     }
@@ -274,10 +286,14 @@ impl CatalogState {
         for svc in std::mem::take(&mut self.dirty) {
             match self.build_service(&svc) {
                 Some(entry) => {
+                    self.deleted.remove(&svc);
                     self.built.insert(svc, Arc::new(entry));
                 }
                 None => {
                     self.built.remove(&svc);
+                    if let Some(index) = self.index.get(&svc) {
+                        self.deleted.insert(svc, *index);
+                    }
                 }
             }
         }
@@ -285,6 +301,7 @@ impl CatalogState {
             revision: self.revision,
             built: SystemTime::now(),
             services: self.built.clone(),
+            deleted: self.deleted.clone(),
         }
     }
 
@@ -318,7 +335,6 @@ pub struct Catalog {
     synced: AtomicBool,
     /// Full reads of the catalog so far (the first, and every resync).
     loads: AtomicU64,
-    tombstones: ArcSwap<BTreeMap<ServiceName, Revision>>,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -346,7 +362,6 @@ impl Catalog {
             tx,
             synced: AtomicBool::new(false),
             loads: AtomicU64::new(0),
-            tombstones: ArcSwap::default(),
         })
     }
 
@@ -382,25 +397,13 @@ impl Catalog {
         let snap = self.snapshot();
         match snap.service(svc) {
             Some(entry) => entry.index.max(1),
-            None => self
-                .tombstones
-                .load()
-                .get(svc)
-                .copied()
-                .unwrap_or(snap.revision),
+            None => snap.deleted.get(svc).copied().unwrap_or(snap.revision),
         }
     }
 
     /// Publishes a snapshot built from `state`.
     pub fn publish(&self, state: &mut CatalogState) {
         let snap = Arc::new(state.snapshot());
-        let tombstones: BTreeMap<ServiceName, Revision> = state
-            .index
-            .iter()
-            .filter(|(name, _)| !snap.services.contains_key(*name))
-            .map(|(n, r)| (n.clone(), *r))
-            .collect();
-        self.tombstones.store(Arc::new(tombstones));
         self.current.store(snap.clone());
         self.tx.send_replace(snap);
     }
@@ -709,5 +712,145 @@ mod tests {
         assert!(all, "the catalog did not catch up after compaction");
         assert!(catalog.loads() >= 2, "no resync: {} loads", catalog.loads());
         cancel.cancel();
+    }
+
+    mod incremental {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One change to a small catalog of 3 services × 4 instances.
+        #[derive(Debug, Clone)]
+        enum Op {
+            Register(usize, usize, u8),
+            Deregister(usize, usize),
+            Health(usize, usize, bool),
+            Config(usize, bool),
+            Snapshot,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                (0..3usize, 0..4usize, any::<u8>()).prop_map(|(s, i, a)| Op::Register(s, i, a)),
+                (0..3usize, 0..4usize).prop_map(|(s, i)| Op::Deregister(s, i)),
+                (0..3usize, 0..4usize, any::<bool>()).prop_map(|(s, i, p)| Op::Health(s, i, p)),
+                (0..3usize, any::<bool>()).prop_map(|(s, set)| Op::Config(s, set)),
+                Just(Op::Snapshot),
+            ]
+        }
+
+        fn svc(s: usize) -> ServiceName {
+            ServiceName::new(["user", "order", "pay"][s]).unwrap()
+        }
+
+        fn id(i: usize) -> InstanceId {
+            InstanceId::new(&format!("i{i}")).unwrap()
+        }
+
+        /// The snapshot `incremental` published equals one built afresh
+        /// from what the store holds (`store`).
+        fn same_as_rebuilt(
+            incremental: &Snapshot,
+            store: &BTreeMap<String, KeyValue>,
+            revision: Revision,
+        ) -> Result<(), TestCaseError> {
+            let keys = Keys::default();
+            let mut full = CatalogState::new();
+            full.reset(
+                &keys,
+                &store.values().cloned().collect::<Vec<_>>(),
+                revision,
+            );
+            let rebuilt = full.snapshot();
+            let names = |snap: &Snapshot| snap.services.keys().cloned().collect::<Vec<_>>();
+            prop_assert_eq!(names(incremental), names(&rebuilt));
+            for (name, entry) in &incremental.services {
+                let other = &rebuilt.services[name];
+                prop_assert_eq!(&entry.instances, &other.instances, "{}", name);
+                prop_assert_eq!(&entry.config, &other.config, "{}", name);
+                // A deletion moves the index past every remaining key's
+                // revision, which a fresh read cannot see.
+                prop_assert!(entry.index >= other.index, "{}", name);
+            }
+            for (name, index) in &incremental.deleted {
+                prop_assert!(!incremental.services.contains_key(name));
+                prop_assert!(*index <= incremental.revision);
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+
+            #[test]
+            fn incremental_snapshots_equal_a_full_rebuild(ops in proptest::collection::vec(op(), 1..80)) {
+                let keys = Keys::default();
+                let mut state = CatalogState::new();
+                let mut store: BTreeMap<String, KeyValue> = BTreeMap::new();
+                let mut rev: Revision = 1;
+                let mut published = Vec::new();
+                for op in ops {
+                    rev += 1;
+                    match op {
+                        Op::Register(s, i, a) => {
+                            let inst = instance(svc(s).as_str(), id(i).as_str(), &format!("10.0.0.{a}"));
+                            let kv = kv(keys.instance(&svc(s), &id(i)), serde_json::to_vec(&inst).unwrap(), rev);
+                            state.put(&keys, &kv);
+                            store.insert(kv.key.clone(), kv);
+                        }
+                        Op::Deregister(s, i) => {
+                            // The API deletes an instance with its health.
+                            for key in [keys.instance(&svc(s), &id(i)), keys.health(&svc(s), &id(i))] {
+                                if store.remove(&key).is_some() {
+                                    state.delete(&keys, &key, rev);
+                                }
+                            }
+                        }
+                        Op::Health(s, i, passing) => {
+                            // Written only while the instance is there.
+                            if !store.contains_key(&keys.instance(&svc(s), &id(i))) {
+                                continue;
+                            }
+                            let health = Health {
+                                status: if passing { HealthStatus::Passing } else { HealthStatus::Critical },
+                                output: String::new(),
+                                since: SystemTime::UNIX_EPOCH,
+                            };
+                            let kv = kv(keys.health(&svc(s), &id(i)), serde_json::to_vec(&health).unwrap(), rev);
+                            state.put(&keys, &kv);
+                            store.insert(kv.key.clone(), kv);
+                        }
+                        Op::Config(s, true) => {
+                            let config = ServiceConfig { allow: vec![svc((s + 1) % 3)], ..Default::default() };
+                            let kv = kv(keys.config(&svc(s)), serde_json::to_vec(&config).unwrap(), rev);
+                            state.put(&keys, &kv);
+                            store.insert(kv.key.clone(), kv);
+                        }
+                        Op::Config(s, false) => {
+                            let key = keys.config(&svc(s));
+                            if store.remove(&key).is_some() {
+                                state.delete(&keys, &key, rev);
+                            }
+                        }
+                        Op::Snapshot => {
+                            let snap = state.snapshot();
+                            same_as_rebuilt(&snap, &store, rev)?;
+                            published.push(snap);
+                        }
+                    }
+                }
+                let last = state.snapshot();
+                same_as_rebuilt(&last, &store, rev)?;
+                // Unchanged services are shared with the previous snapshot.
+                if let Some(previous) = published.last() {
+                    for (name, entry) in &last.services {
+                        if let Some(old) = previous.services.get(name)
+                            && old.index == entry.index
+                        {
+                            prop_assert!(Arc::ptr_eq(old, entry), "{} rebuilt without a change", name);
+                        }
+                    }
+                }
+            }
+        }
     }
 }
