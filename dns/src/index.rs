@@ -37,7 +37,10 @@ use std::time::{Duration, SystemTime};
 use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
+use imbl::ordmap::DiffItem;
+use imbl::shared_ptr::DefaultSharedPtr;
 use signpost_control_plane::catalog::{InstanceEntry, ServiceEntry, Snapshot};
+use signpost_control_plane::model::ServiceName;
 use signpost_control_plane::store::Revision;
 
 use crate::name::{KeyMap, NameKey, is_at_or_below, key_of};
@@ -154,19 +157,50 @@ pub(crate) struct Index {
     /// The names of the zone that belong to no service: the apex, `ns.Z`
     /// and the DNS-SD names.
     zone_nodes: KeyMap<Node>,
-    /// Every service's names, by the service's label.
-    pub(crate) services: KeyMap<Arc<ServicePart>>,
-    /// Every service's part, in name order: what the enumeration and the
-    /// reverse names are built from.
-    ordered: Vec<Arc<ServicePart>>,
+    /// Every service's names, by the service's label. Shared in structure
+    /// with the previous index, like the maps below: a new index copies
+    /// nothing of the services that did not change.
+    pub(crate) services: Services,
+    /// Every service's part, in name order: what the enumeration is built
+    /// from.
+    ordered: imbl::OrdMap<Box<[u8]>, Arc<ServicePart>>,
+    /// The catalog's services this index was built from, to tell what the
+    /// next snapshot changed ([`imbl::OrdMap::diff`] skips what is shared).
+    from: imbl::OrdMap<ServiceName, Arc<ServiceEntry>>,
     /// The key of `_services._dns-sd._udp.Z`.
     browse_key: Option<NameKey>,
-    /// Its PTR records, one per service. Built on first use (or by
-    /// [`Index::warm`] right after the index is published), so that a
-    /// registration shows in DNS before these zone-wide names are redone.
+    /// Its PTR records, one per service. Built on first use: a name whose
+    /// answer holds every service, and which browsers ask for seldom, is
+    /// not rebuilt on every registration.
     browse: OnceLock<Node>,
-    /// Reverse names of instance addresses; built like `browse`.
-    reverse: OnceLock<KeyMap<Node>>,
+    /// Reverse names of instance addresses, kept up to date service by
+    /// service.
+    reverse: imbl::GenericHashMap<NameKey, Arc<Reverse>, KeyHasherBuilder, DefaultSharedPtr>,
+}
+
+type KeyHasherBuilder = std::hash::BuildHasherDefault<crate::name::KeyHasher>;
+
+/// The services of an index by label.
+pub(crate) type Services =
+    imbl::GenericHashMap<Box<[u8]>, Arc<ServicePart>, KeyHasherBuilder, DefaultSharedPtr>;
+
+/// One reverse name: the PTR records each service has there (an address
+/// may be shared), and the node that answers them, in service order.
+#[derive(Debug, Clone, Default)]
+struct Reverse {
+    by_service: std::collections::BTreeMap<Box<[u8]>, Vec<Item>>,
+    node: Node,
+}
+
+impl Reverse {
+    /// Rebuilds the node from `by_service`.
+    fn rebuild(&mut self) {
+        let mut node = Node::default();
+        for item in self.by_service.values().flatten() {
+            push_item(&mut node, RecordType::PTR, item.clone());
+        }
+        self.node = node;
+    }
 }
 
 /// The names at and below `<svc>.Z` of one service, kept from one index to
@@ -175,14 +209,51 @@ pub(crate) struct Index {
 /// milliseconds; registration must show in DNS well within 50 ms).
 #[derive(Debug)]
 pub(crate) struct ServicePart {
-    /// What it was built from.
-    entry: Arc<ServiceEntry>,
     /// Its names.
     nodes: KeyMap<Node>,
     /// Its record in the DNS-SD enumeration.
     browse: Option<Item>,
     /// The PTR records of its instances' reverse names.
     reverse: Vec<(NameKey, Item)>,
+}
+
+/// Moves service `label`'s reverse names from `old` (its part in the last
+/// index) to `new` (its part now): only the reverse names of its own
+/// addresses are touched.
+fn update_reverse(
+    reverse: &mut imbl::GenericHashMap<NameKey, Arc<Reverse>, KeyHasherBuilder, DefaultSharedPtr>,
+    label: &[u8],
+    old: Option<&ServicePart>,
+    new: Option<&ServicePart>,
+) {
+    let mut now: std::collections::BTreeMap<&NameKey, Vec<Item>> = Default::default();
+    for (key, item) in new.map_or(&[][..], |p| &p.reverse[..]) {
+        now.entry(key).or_default().push(item.clone());
+    }
+    let gone = old
+        .map_or(&[][..], |p| &p.reverse[..])
+        .iter()
+        .map(|(key, _)| key)
+        .filter(|key| !now.contains_key(key))
+        .collect::<std::collections::BTreeSet<_>>();
+    for key in gone {
+        if let Some(current) = reverse.get(key) {
+            let mut r = (**current).clone();
+            r.by_service.remove(label);
+            if r.by_service.is_empty() {
+                reverse.remove(key);
+            } else {
+                r.rebuild();
+                reverse.insert(key.clone(), Arc::new(r));
+            }
+        }
+    }
+    for (key, items) in now {
+        let mut r = reverse.get(key).map(|r| (**r).clone()).unwrap_or_default();
+        r.by_service.insert(label.into(), items);
+        r.rebuild();
+        reverse.insert(key.clone(), Arc::new(r));
+    }
 }
 
 /// Appends a record of `rtype` to the node of `name`, creating both as
@@ -449,7 +520,6 @@ fn build_service(
     }
 
     Some(ServicePart {
-        entry: entry.clone(),
         nodes: b.nodes,
         browse,
         reverse: b.outside,
@@ -512,8 +582,10 @@ impl Index {
         Self::build_from(snapshot, zone, None)
     }
 
-    /// Builds the index of `snapshot` for `zone`, taking from `previous`
-    /// (an index of the same zone) every service that has not changed.
+    /// Builds the index of `snapshot` for `zone` from `previous` (an index
+    /// of the same zone): only the services the catalog changed since are
+    /// built, and the maps are shared in structure with `previous`'s, so
+    /// the work is that of the change, not of the zone.
     pub(crate) fn build_from(
         snapshot: &Snapshot,
         zone: &ZoneConfig,
@@ -523,23 +595,38 @@ impl Index {
         let origin_key = key_of(origin);
         let ttl = secs(zone.ttl);
 
-        let mut services =
-            KeyMap::with_capacity_and_hasher(snapshot.services.len(), Default::default());
-        let mut ordered = Vec::with_capacity(snapshot.services.len());
-        for (svc, entry) in &snapshot.services {
-            let label: Box<[u8]> = svc.as_str().as_bytes().into();
-            let part = match previous.and_then(|p| p.services.get(&label)) {
-                // Same `Arc`: the catalog did not touch it.
-                Some(part) if Arc::ptr_eq(&part.entry, entry) || part.entry == *entry => {
-                    part.clone()
-                }
-                _ => match build_service(zone, &origin_key, svc.as_str(), entry) {
-                    Some(part) => Arc::new(part),
-                    None => continue,
-                },
+        let (mut services, mut ordered, mut reverse, from) = match previous {
+            Some(p) => (
+                p.services.clone(),
+                p.ordered.clone(),
+                p.reverse.clone(),
+                p.from.clone(),
+            ),
+            None => Default::default(),
+        };
+        for change in from.diff(&snapshot.services) {
+            let (svc, entry) = match change {
+                DiffItem::Add(svc, entry)
+                | DiffItem::Update {
+                    new: (svc, entry), ..
+                } => (svc, Some(entry)),
+                DiffItem::Remove(svc, _) => (svc, None),
             };
-            ordered.push(part.clone());
-            services.insert(label, part);
+            let label: Box<[u8]> = svc.as_str().as_bytes().into();
+            let part = entry
+                .and_then(|entry| build_service(zone, &origin_key, svc.as_str(), entry))
+                .map(Arc::new);
+            let old = match &part {
+                Some(part) => {
+                    ordered.insert(label.clone(), part.clone());
+                    services.insert(label.clone(), part.clone())
+                }
+                None => {
+                    ordered.remove(&label);
+                    services.remove(&label)
+                }
+            };
+            update_reverse(&mut reverse, &label, old.as_deref(), part.as_deref());
         }
 
         let mut b = Builder {
@@ -606,17 +693,11 @@ impl Index {
             zone_nodes: b.nodes,
             services,
             ordered,
+            from: snapshot.services.clone(),
             browse_key: browse_name.as_ref().map(key_of),
             browse: OnceLock::new(),
-            reverse: OnceLock::new(),
+            reverse,
         }
-    }
-
-    /// Builds the zone-wide names that are otherwise built on first use,
-    /// so that no query waits for them.
-    pub(crate) fn warm(&self) {
-        self.browse();
-        self.reverse();
     }
 
     /// `_services._dns-sd._udp.Z`: a PTR to every service.
@@ -626,25 +707,10 @@ impl Index {
                 sets: Vec::new(),
                 in_zone: true,
             };
-            for item in self.ordered.iter().filter_map(|part| part.browse.clone()) {
+            for item in self.ordered.values().filter_map(|part| part.browse.clone()) {
                 push_item(&mut node, RecordType::PTR, item);
             }
             node
-        })
-    }
-
-    /// Reverse names, in service order: an address shared by services
-    /// answers with each instance's name.
-    fn reverse(&self) -> &KeyMap<Node> {
-        self.reverse.get_or_init(|| {
-            let mut reverse: KeyMap<Node> = KeyMap::default();
-            for part in &self.ordered {
-                for (key, item) in &part.reverse {
-                    let node = reverse.entry(key.clone()).or_default();
-                    push_item(node, RecordType::PTR, item.clone());
-                }
-            }
-            reverse
         })
     }
 
@@ -653,9 +719,9 @@ impl Index {
         let nodes = match service_label(key, &self.origin_key) {
             Place::Outside => {
                 return self
-                    .reverse()
+                    .reverse
                     .get(key)
-                    .map_or(Lookup::Outside, Lookup::Node);
+                    .map_or(Lookup::Outside, |r| Lookup::Node(&r.node));
             }
             Place::Apex => &self.zone_nodes,
             Place::Below(label) => match self.services.get(label) {

@@ -253,8 +253,8 @@ async fn watch_catalog(catalog: Arc<Catalog>, shared: Arc<Shared>, cancel: Cance
         if last.as_ref().is_none_or(|l| !Arc::ptr_eq(l, &snapshot)) {
             let zone = shared.zone.clone();
             let snap = snapshot.clone();
-            // Building walks every instance: keep it off the receive loops'
-            // worker threads.
+            // Building walks the instances of every changed service (all of
+            // them the first time): keep it off the receive loops' workers.
             let previous = shared.index.load_full();
             let started = std::time::Instant::now();
             // Unchanged services are taken from the previous index.
@@ -269,13 +269,10 @@ async fn watch_catalog(catalog: Arc<Catalog>, shared: Arc<Shared>, cancel: Cance
                         "DNS index rebuilt"
                     );
                     shared.metrics.snapshot(index.revision, index.built);
-                    let index = Arc::new(index);
-                    shared.index.store(index.clone());
-                    // Now the zone-wide names (enumeration, reverse), off
-                    // the path from registration to answer.
-                    if let Err(err) = tokio::task::spawn_blocking(move || index.warm()).await {
-                        tracing::warn!(%err, "building the reverse names failed; queries build them");
-                    }
+                    // The DNS-SD enumeration, which names every service,
+                    // is built by the first query that asks for it: not
+                    // on every change.
+                    shared.index.store(Arc::new(index));
                 }
                 Err(err) => {
                     tracing::error!(%err, "building the DNS index failed; keeping the previous one")

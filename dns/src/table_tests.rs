@@ -79,6 +79,16 @@ impl Catalog {
         self
     }
 
+    pub(crate) fn remove(&mut self, svc: &str, id: &str) -> &mut Self {
+        let rev = self.next_rev();
+        let key = self.keys.instance(
+            &ServiceName::new(svc).unwrap(),
+            &InstanceId::new(id).unwrap(),
+        );
+        self.state.delete(&self.keys, &key, rev);
+        self
+    }
+
     pub(crate) fn snapshot(&mut self) -> Snapshot {
         self.state.snapshot()
     }
@@ -667,6 +677,21 @@ fn cut_answers_follow_the_weights() {
     );
 }
 
+/// An answer as comparable text: its rcode and its records, sorted.
+fn answer_text(a: Option<Answer>) -> Option<(hickory_proto::op::ResponseCode, Vec<String>)> {
+    a.map(|a| {
+        let mut v: Vec<String> = a
+            .answers
+            .iter()
+            .chain(&a.authorities)
+            .chain(&a.additionals)
+            .map(|r| r.to_string())
+            .collect();
+        v.sort();
+        (a.rcode, v)
+    })
+}
+
 #[test]
 fn incremental_builds_answer_like_full_builds() {
     let mut c = Catalog::new();
@@ -698,19 +723,7 @@ fn incremental_builds_answer_like_full_builds() {
         ("nobody.xingren.host.", RecordType::A),
         ("u1.user.xingren.host.", RecordType::ANY),
     ];
-    let text = |a: Option<Answer>| {
-        a.map(|a| {
-            let mut v: Vec<String> = a
-                .answers
-                .iter()
-                .chain(&a.authorities)
-                .chain(&a.additionals)
-                .map(|r| r.to_string())
-                .collect();
-            v.sort();
-            (a.rcode, v)
-        })
-    };
+    let text = answer_text;
     for (name, qtype) in queries {
         assert_eq!(
             text(ask(&incremental, name, qtype)),
@@ -728,6 +741,109 @@ fn incremental_builds_answer_like_full_builds() {
     // The PTR of the shared address names both instances.
     let ptr = answer(&incremental, "1.1.0.10.in-addr.arpa.", RecordType::PTR);
     assert_eq!(ptr.answers.len(), 2);
+}
+
+mod incremental {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SERVICES: [&str; 3] = ["user", "order", "ns"];
+    const ADDRESSES: [&str; 3] = ["10.0.0.1", "10.0.0.2", "fd00::1"];
+
+    /// One change to a catalog of 3 services (one named `ns`, which takes
+    /// `ns.Z` from the server) × 3 instances over 3 addresses, shared
+    /// between services so that reverse names hold several.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Put(usize, usize, usize, bool),
+        Remove(usize, usize),
+        Critical(usize, usize),
+        Index,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..3usize, 0..3usize, 0..3usize, any::<bool>())
+                .prop_map(|(s, i, a, tag)| Op::Put(s, i, a, tag)),
+            (0..3usize, 0..3usize).prop_map(|(s, i)| Op::Remove(s, i)),
+            (0..3usize, 0..3usize).prop_map(|(s, i)| Op::Critical(s, i)),
+            Just(Op::Index),
+        ]
+    }
+
+    /// Every question whose answer could differ.
+    fn questions() -> Vec<(String, RecordType)> {
+        let mut q = vec![
+            (ZONE.to_string(), RecordType::SOA),
+            (ZONE.to_string(), RecordType::NS),
+            (format!("ns.{ZONE}"), RecordType::A),
+            (format!("_services._dns-sd._udp.{ZONE}"), RecordType::PTR),
+            (format!("nobody.{ZONE}"), RecordType::A),
+            ("1.0.0.10.in-addr.arpa.".into(), RecordType::PTR),
+            ("2.0.0.10.in-addr.arpa.".into(), RecordType::PTR),
+            (
+                "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.".into(),
+                RecordType::PTR,
+            ),
+        ];
+        for svc in SERVICES {
+            for qtype in [
+                RecordType::A,
+                RecordType::AAAA,
+                RecordType::SRV,
+                RecordType::ANY,
+            ] {
+                q.push((format!("{svc}.{ZONE}"), qtype));
+                q.push((format!("blue.tag.{svc}.{ZONE}"), qtype));
+            }
+            for i in 0..3 {
+                q.push((format!("i{i}.{svc}.{ZONE}"), RecordType::ANY));
+            }
+        }
+        q
+    }
+
+    use super::answer_text as text;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(150))]
+
+        #[test]
+        fn incremental_indexes_answer_like_full_builds(ops in proptest::collection::vec(op(), 1..40)) {
+            let zone = zone(Some("192.0.2.53"));
+            let mut c = Catalog::new();
+            let mut index = Index::build(&c.snapshot(), &zone);
+            for op in ops.into_iter().chain([Op::Index]) {
+                match op {
+                    Op::Put(s, i, a, tag) => {
+                        let mut inst = instance(SERVICES[s], &format!("i{i}"), ADDRESSES[a], 8080);
+                        if tag {
+                            inst.tags = vec!["blue".into()];
+                        }
+                        c.put(&inst);
+                    }
+                    Op::Remove(s, i) => {
+                        c.remove(SERVICES[s], &format!("i{i}"));
+                    }
+                    Op::Critical(s, i) => {
+                        c.critical(SERVICES[s], &format!("i{i}"));
+                    }
+                    Op::Index => {
+                        let snapshot = c.snapshot();
+                        index = Index::build_from(&snapshot, &zone, Some(&index));
+                        let full = Index::build(&snapshot, &zone);
+                        for (name, qtype) in questions() {
+                            prop_assert_eq!(
+                                text(ask(&index, &name, qtype)),
+                                text(ask(&full, &name, qtype)),
+                                "{} {}", name, qtype
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// How long building the index of a 1000-service catalog takes (run with
