@@ -10,8 +10,8 @@
 //! keep the last snapshot.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -283,7 +283,13 @@ impl CatalogState {
     /// An immutable snapshot of the current state. Only the services
     /// changed since the last call are built again.
     pub fn snapshot(&mut self) -> Snapshot {
-        for svc in std::mem::take(&mut self.dirty) {
+        self.snapshot_and_changes().0
+    }
+
+    /// [`CatalogState::snapshot`], and the services it changed.
+    pub fn snapshot_and_changes(&mut self) -> (Snapshot, BTreeSet<ServiceName>) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for svc in dirty.iter().cloned() {
             match self.build_service(&svc) {
                 Some(entry) => {
                     self.deleted.remove(&svc);
@@ -297,12 +303,13 @@ impl CatalogState {
                 }
             }
         }
-        Snapshot {
+        let snapshot = Snapshot {
             revision: self.revision,
             built: SystemTime::now(),
             services: self.built.clone(),
             deleted: self.deleted.clone(),
-        }
+        };
+        (snapshot, dirty)
     }
 
     /// The blocking-query index of a service that is absent from snapshots
@@ -335,6 +342,10 @@ pub struct Catalog {
     synced: AtomicBool,
     /// Full reads of the catalog so far (the first, and every resync).
     loads: AtomicU64,
+    /// Wake-ups of the tasks waiting on one service ([`Catalog::wait_service`]),
+    /// sent when a snapshot changes that service: a change wakes the
+    /// waiters of what it changed, not every waiter.
+    waiters: std::sync::Mutex<std::collections::HashMap<ServiceName, watch::Sender<()>>>,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -362,6 +373,7 @@ impl Catalog {
             tx,
             synced: AtomicBool::new(false),
             loads: AtomicU64::new(0),
+            waiters: Default::default(),
         })
     }
 
@@ -403,9 +415,55 @@ impl Catalog {
 
     /// Publishes a snapshot built from `state`.
     pub fn publish(&self, state: &mut CatalogState) {
-        let snap = Arc::new(state.snapshot());
+        let (snap, changed) = state.snapshot_and_changes();
+        let snap = Arc::new(snap);
         self.current.store(snap.clone());
         self.tx.send_replace(snap);
+        let waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
+        if waiters.is_empty() {
+            return;
+        }
+        for svc in &changed {
+            if let Some(tx) = waiters.get(svc) {
+                tx.send_replace(());
+            }
+        }
+    }
+
+    /// Waits until a snapshot satisfies `done`, or the timeout passes,
+    /// woken only by snapshots that change `svc` (and by resyncs, which
+    /// change every service): for conditions on that one service, such as
+    /// a blocking query's index or a write to it becoming visible. Returns
+    /// whether it was satisfied.
+    pub async fn wait_service(
+        &self,
+        svc: &ServiceName,
+        timeout: Duration,
+        done: impl Fn(&Snapshot) -> bool,
+    ) -> bool {
+        let mut rx = {
+            let mut waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
+            waiters
+                .entry(svc.clone())
+                .or_insert_with(|| watch::channel(()).0)
+                .subscribe()
+        };
+        // Subscribed before the first look: a change published in between
+        // is seen by `changed`.
+        let wait = async {
+            while !done(&self.snapshot()) {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let satisfied = tokio::time::timeout(timeout, wait).await.is_ok() && done(&self.snapshot());
+        drop(rx);
+        let mut waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
+        if waiters.get(svc).is_some_and(|tx| tx.receiver_count() == 0) {
+            waiters.remove(svc);
+        }
+        satisfied
     }
 
     /// Waits until the first snapshot has been read from the store, or the
@@ -712,6 +770,47 @@ mod tests {
         assert!(all, "the catalog did not catch up after compaction");
         assert!(catalog.loads() >= 2, "no resync: {} loads", catalog.loads());
         cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_wait_on_one_service_is_woken_by_its_changes_only() {
+        let keys = Keys::default();
+        let catalog = Catalog::new(keys.clone());
+        let mut state = CatalogState::new();
+        let put = |state: &mut CatalogState, svc: &str, id: &str, rev| {
+            let inst = instance(svc, id, "10.0.0.1");
+            let key = keys.instance(&inst.service, &inst.id);
+            state.put(&keys, &kv(key, serde_json::to_vec(&inst).unwrap(), rev));
+        };
+        put(&mut state, "user", "u0", 1);
+        catalog.publish(&mut state);
+        let looks = std::sync::atomic::AtomicUsize::new(0);
+        let user = ServiceName::new("user").unwrap();
+        let wait = catalog.wait_service(&user, Duration::from_secs(5), |snap| {
+            looks.fetch_add(1, Ordering::Relaxed);
+            snap.service(&user).is_some_and(|s| s.instances.len() == 2)
+        });
+        let changes = async {
+            tokio::task::yield_now().await;
+            for rev in 2..22 {
+                put(&mut state, "order", &format!("o{rev}"), rev);
+                catalog.publish(&mut state);
+                tokio::task::yield_now().await;
+            }
+            put(&mut state, "user", "u1", 22);
+            catalog.publish(&mut state);
+        };
+        let (satisfied, ()) = tokio::join!(wait, changes);
+        assert!(satisfied);
+        let looks = looks.load(Ordering::Relaxed);
+        assert!(
+            looks <= 3,
+            "20 changes to order woke the wait on user: {looks} looks"
+        );
+        assert!(
+            catalog.waiters.lock().unwrap().is_empty(),
+            "the waiter's entry stays"
+        );
     }
 
     mod incremental {

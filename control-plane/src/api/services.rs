@@ -124,8 +124,12 @@ const READ_YOUR_WRITES: Duration = Duration::from_secs(1);
 /// Read-your-writes: a write answers once the catalog (and so the API's
 /// reads and DNS in this process) shows it, or after [`READ_YOUR_WRITES`]
 /// when the watch lags; the write itself has succeeded either way.
-async fn visible(state: &ApiState, done: impl Fn(&Snapshot) -> bool) {
-    if !state.catalog.wait_until(READ_YOUR_WRITES, done).await {
+async fn visible(state: &ApiState, svc: &ServiceName, done: impl Fn(&Snapshot) -> bool) {
+    if !state
+        .catalog
+        .wait_service(svc, READ_YOUR_WRITES, done)
+        .await
+    {
         tracing::debug!("the catalog watch did not show a write within {READ_YOUR_WRITES:?}");
     }
 }
@@ -168,7 +172,7 @@ pub async fn register(
         tracing::warn!(%err, lease = old, "could not revoke the previous registration's lease");
     }
     tracing::info!(service = %svc, id = %id, address = %instance.address, port = instance.port, ttl = ?instance.ttl, "registered");
-    visible(&state, |snap| snap.revision >= revision).await;
+    visible(&state, &svc, |snap| snap.revision >= revision).await;
     Ok(with_index(revision, Json(instance)))
 }
 
@@ -236,7 +240,7 @@ pub async fn deregister(
         )));
     }
     tracing::info!(service = %svc, id = %id, "deregistered");
-    visible(&state, |snap| {
+    visible(&state, &svc, |snap| {
         snap.service(&svc)
             .is_none_or(|s| !s.instances.contains_key(&id))
     })
@@ -313,16 +317,10 @@ pub async fn get_service(
                 .min(MAX_WAIT),
             None => DEFAULT_WAIT,
         };
-        let mut rx = state.catalog.subscribe();
-        let catalog = state.catalog.clone();
-        let until_changed = async {
-            while catalog.service_index(&svc) <= index {
-                if rx.changed().await.is_err() {
-                    break;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(wait, until_changed).await;
+        let catalog = &state.catalog;
+        catalog
+            .wait_service(&svc, wait, |_| catalog.service_index(&svc) > index)
+            .await;
     }
     let snap = state.catalog.snapshot();
     let index = state.catalog.service_index(&svc);
@@ -387,7 +385,7 @@ pub async fn put_config(
         .put(&state.keys.config(&svc), value, None)
         .await?;
     tracing::info!(service = %svc, allow = ?config.allow, mtls = ?config.mtls, "service config written");
-    visible(&state, |snap| snap.revision >= revision).await;
+    visible(&state, &svc, |snap| snap.revision >= revision).await;
     Ok(with_index(revision, Json(config)))
 }
 
