@@ -96,6 +96,10 @@ pub struct Snapshot {
     /// Services that existed and are gone, with the revision that removed
     /// them (the blocking-query index of a deleted service).
     pub deleted: imbl::OrdMap<ServiceName, Revision>,
+    /// Instances in all services (kept as services change, for metrics).
+    pub instances: usize,
+    /// Healthy instances in all services.
+    pub healthy: usize,
 }
 
 impl Default for Snapshot {
@@ -105,6 +109,8 @@ impl Default for Snapshot {
             built: SystemTime::UNIX_EPOCH,
             services: imbl::OrdMap::new(),
             deleted: imbl::OrdMap::new(),
+            instances: 0,
+            healthy: 0,
         }
     }
 }
@@ -138,6 +144,8 @@ pub struct CatalogState {
     built: imbl::OrdMap<ServiceName, Arc<ServiceEntry>>,
     /// The services that are gone, with their last index.
     deleted: imbl::OrdMap<ServiceName, Revision>,
+    /// Instances and healthy instances in `built`.
+    totals: (usize, usize),
     /// Services changed since they were last built.
     dirty: BTreeSet<ServiceName>,
     revision: Revision,
@@ -289,9 +297,18 @@ impl CatalogState {
     /// [`CatalogState::snapshot`], and the services it changed.
     pub fn snapshot_and_changes(&mut self) -> (Snapshot, BTreeSet<ServiceName>) {
         let dirty = std::mem::take(&mut self.dirty);
+        let counts = |e: &ServiceEntry| (e.instances.len(), e.healthy_count());
         for svc in dirty.iter().cloned() {
+            if let Some(old) = self.built.get(&svc) {
+                let (instances, healthy) = counts(old);
+                self.totals.0 -= instances;
+                self.totals.1 -= healthy;
+            }
             match self.build_service(&svc) {
                 Some(entry) => {
+                    let (instances, healthy) = counts(&entry);
+                    self.totals.0 += instances;
+                    self.totals.1 += healthy;
                     self.deleted.remove(&svc);
                     self.built.insert(svc, Arc::new(entry));
                 }
@@ -308,6 +325,8 @@ impl CatalogState {
             built: SystemTime::now(),
             services: self.built.clone(),
             deleted: self.deleted.clone(),
+            instances: self.totals.0,
+            healthy: self.totals.1,
         };
         (snapshot, dirty)
     }
@@ -870,6 +889,8 @@ mod tests {
                 // revision, which a fresh read cannot see.
                 prop_assert!(entry.index >= other.index, "{}", name);
             }
+            prop_assert_eq!(incremental.instances, rebuilt.instances);
+            prop_assert_eq!(incremental.healthy, rebuilt.healthy);
             for (name, index) in &incremental.deleted {
                 prop_assert!(!incremental.services.contains_key(name));
                 prop_assert!(*index <= incremental.revision);

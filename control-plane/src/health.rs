@@ -7,16 +7,17 @@
 //! checker runs at a time across control-plane replicas: each replica
 //! campaigns in the store's election and checks only while it leads.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use imbl::ordmap::DiffItem;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, ServiceEntry};
 use crate::model::{Check, CheckTarget, Health, HealthStatus, InstanceId, ServiceName};
 use crate::store::{Keys, Store, StoreError};
 
@@ -176,6 +177,12 @@ impl HealthChecker {
 
     async fn check_while_leading(&self) {
         let mut states: HashMap<(ServiceName, InstanceId), CheckState> = HashMap::new();
+        // Probes by when they are due: a tick starts the ones due, without
+        // walking every checked instance.
+        let mut due: BTreeSet<(Instant, (ServiceName, InstanceId))> = BTreeSet::new();
+        // The services as of the last tick: a tick looks at what changed
+        // since (`diff` skips what the snapshots share).
+        let mut seen: imbl::OrdMap<ServiceName, Arc<ServiceEntry>> = imbl::OrdMap::new();
         let mut probes: JoinSet<((ServiceName, InstanceId), ProbeResult)> = JoinSet::new();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -184,44 +191,86 @@ impl HealthChecker {
                 _ = tick.tick() => {}
                 Some(done) = probes.join_next() => {
                     if let Ok((key, result)) = done {
+                        if let Some(st) = states.get_mut(&key) {
+                            st.in_flight = false;
+                            due.insert((st.next_due, key.clone()));
+                        }
                         self.record(&mut states, key, result).await;
                     }
                     continue;
                 }
             }
             let snap = self.catalog.snapshot();
-            // Forget instances that are gone or whose check changed.
-            states.retain(|(svc, id), st| {
-                snap.service(svc)
-                    .and_then(|s| s.instances.get(id))
-                    .and_then(|e| e.instance.check.as_ref())
-                    .is_some_and(|c| *c == st.check)
-            });
             let now = Instant::now();
-            for (svc, entry) in &snap.services {
-                for (id, inst) in &entry.instances {
-                    let Some(check) = &inst.instance.check else {
+            for change in seen.diff(&snap.services) {
+                let (svc, old, new) = match change {
+                    DiffItem::Add(svc, new) => (svc, None, Some(new)),
+                    DiffItem::Update {
+                        old: (svc, old),
+                        new: (_, new),
+                    } => (svc, Some(old), Some(new)),
+                    DiffItem::Remove(svc, old) => (svc, Some(old), None),
+                };
+                let check_of = |entry: Option<&Arc<ServiceEntry>>, id: &InstanceId| {
+                    entry
+                        .and_then(|e| e.instances.get(id))
+                        .and_then(|e| e.instance.check.clone())
+                };
+                // Forget instances that are gone or whose check changed.
+                for id in old.into_iter().flat_map(|e| e.instances.keys()) {
+                    let key = (svc.clone(), id.clone());
+                    if states
+                        .get(&key)
+                        .is_some_and(|st| check_of(new, id).as_ref() != Some(&st.check))
+                    {
+                        states.remove(&key);
+                    }
+                }
+                // Check new ones (and changed checks) at once.
+                for (id, entry) in new.into_iter().flat_map(|e| e.instances.iter()) {
+                    let Some(check) = &entry.instance.check else {
                         continue;
                     };
                     let key = (svc.clone(), id.clone());
-                    let st = states.entry(key.clone()).or_insert_with(|| CheckState {
-                        check: check.clone(),
-                        next_due: now,
-                        failures: 0,
-                        in_flight: false,
-                    });
-                    if st.in_flight || st.next_due > now {
+                    if states.contains_key(&key) {
                         continue;
                     }
-                    st.in_flight = true;
-                    st.next_due = now + st.check.interval;
-                    let check = st.check.clone();
-                    let http = self.http.clone();
-                    probes.spawn(async move {
-                        let result = probe(&check, &http).await;
-                        (key, result)
-                    });
+                    states.insert(
+                        key.clone(),
+                        CheckState {
+                            check: check.clone(),
+                            next_due: now,
+                            failures: 0,
+                            in_flight: false,
+                        },
+                    );
+                    due.insert((now, key));
                 }
+            }
+            seen = snap.services.clone();
+            while let Some((at, _)) = due.first() {
+                if *at > now {
+                    break;
+                }
+                let Some((at, key)) = due.pop_first() else {
+                    break;
+                };
+                // A state that is gone, or was rescheduled, left this entry
+                // behind.
+                let Some(st) = states.get_mut(&key) else {
+                    continue;
+                };
+                if st.in_flight || st.next_due != at {
+                    continue;
+                }
+                st.in_flight = true;
+                st.next_due = now + st.check.interval;
+                let check = st.check.clone();
+                let http = self.http.clone();
+                probes.spawn(async move {
+                    let result = probe(&check, &http).await;
+                    (key, result)
+                });
             }
         }
     }
@@ -235,7 +284,6 @@ impl HealthChecker {
         let Some(st) = states.get_mut(&key) else {
             return;
         };
-        st.in_flight = false;
         st.failures = if result.ok { 0 } else { st.failures + 1 };
         let snap = self.catalog.snapshot();
         let (svc, id) = &key;

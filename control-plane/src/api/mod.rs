@@ -144,11 +144,10 @@ impl ApiMetrics {
         self.revision.set(snap.revision);
         self.services
             .set(i64::try_from(snap.services.len()).unwrap_or(i64::MAX));
-        let (total, healthy) = snap.services.values().fold((0usize, 0usize), |(t, h), s| {
-            (t + s.instances.len(), h + s.healthy_count())
-        });
-        self.instances.set(i64::try_from(total).unwrap_or(i64::MAX));
-        self.healthy.set(i64::try_from(healthy).unwrap_or(i64::MAX));
+        self.instances
+            .set(i64::try_from(snap.instances).unwrap_or(i64::MAX));
+        self.healthy
+            .set(i64::try_from(snap.healthy).unwrap_or(i64::MAX));
         self.synced.set(i64::from(catalog.is_synced()));
     }
 }
