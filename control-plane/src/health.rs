@@ -28,6 +28,12 @@ pub const FAILURES_TO_CRITICAL: u32 = 2;
 /// so 100 ms keeps probes within 10 % of their schedule.
 const TICK: Duration = Duration::from_millis(100);
 
+/// Probes in flight at most: the rest wait in the due queue for the next
+/// tick, so that a burst of new instances (or a new leader taking over
+/// thousands) does not open thousands of connections at once. With 100 ms
+/// ticks this still starts up to 5,000 probes a second.
+const MAX_PROBES_IN_FLIGHT: usize = 500;
+
 /// Lease of the checker's leadership: a crashed leader is replaced within
 /// this long.
 const LEADER_TTL: Duration = Duration::from_secs(10);
@@ -249,7 +255,7 @@ impl HealthChecker {
             }
             seen = snap.services.clone();
             while let Some((at, _)) = due.first() {
-                if *at > now {
+                if *at > now || probes.len() >= MAX_PROBES_IN_FLIGHT {
                     break;
                 }
                 let Some((at, key)) = due.pop_first() else {
@@ -324,5 +330,93 @@ impl HealthChecker {
             tracing::warn!(service = %svc, id = %id, %err, "could not write health");
             // Try again at the next interval.
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::model::Registration;
+    use crate::store::MemoryStore;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn probes_in_flight_are_bounded_and_all_run() {
+        // An app that holds every probe for 1.5 s and counts them.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (now, most, served) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        tokio::spawn({
+            let (now, most, served) = (now.clone(), most.clone(), served.clone());
+            async move {
+                while let Ok((mut conn, _)) = listener.accept().await {
+                    let (now, most, served) = (now.clone(), most.clone(), served.clone());
+                    tokio::spawn(async move {
+                        let current = now.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(current, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                        now.fetch_sub(1, Ordering::SeqCst);
+                        served.fetch_add(1, Ordering::SeqCst);
+                        let _ = conn
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                            .await;
+                    });
+                }
+            }
+        });
+        let store = Arc::new(MemoryStore::new());
+        let keys = Keys::default();
+        let svc = ServiceName::new("user").unwrap();
+        let n = MAX_PROBES_IN_FLIGHT + 100;
+        for i in 0..n {
+            let id = InstanceId::new(&format!("u{i}")).unwrap();
+            let inst = Registration {
+                address: "127.0.0.1".into(),
+                port: i64::from(port),
+                check: Some(crate::model::CheckSpec {
+                    http: Some(format!("http://127.0.0.1:{port}/health")),
+                    interval: Some("30s".into()),
+                    timeout: Some("3s".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+            .validate(&svc, &id)
+            .unwrap();
+            let json = serde_json::to_vec(&inst).unwrap();
+            store
+                .put(&keys.instance(&svc, &id), json, None)
+                .await
+                .unwrap();
+        }
+        let catalog = Catalog::new(keys);
+        let cancel = CancellationToken::new();
+        tokio::spawn(catalog.clone().run(store.clone(), cancel.clone()));
+        assert!(catalog.wait_synced(Duration::from_secs(5)).await);
+        let checker = HealthChecker::new(store, catalog, "test".into());
+        tokio::spawn(checker.run(cancel.clone()));
+        let all =
+            crate::testing::eventually(Duration::from_secs(15), Duration::from_millis(100), || {
+                let served = served.clone();
+                async move { served.load(Ordering::SeqCst) >= n }
+            })
+            .await;
+        cancel.cancel();
+        let most = most.load(Ordering::SeqCst);
+        assert!(all, "{} of {n} probes ran", served.load(Ordering::SeqCst));
+        assert!(
+            most <= MAX_PROBES_IN_FLIGHT,
+            "{most} probes in flight at once"
+        );
+        assert!(
+            most >= MAX_PROBES_IN_FLIGHT / 2,
+            "only {most} at once: the bound was not reached"
+        );
     }
 }
