@@ -3,7 +3,7 @@
 //! write ever made and never reaches its quota (after which etcd refuses
 //! writes).
 //!
-//! The leader samples the store's revision every [`Compactor::period`] and
+//! The leader samples the store's revision every tenth of the retention and
 //! compacts to the newest sample at least `retention` old — what the
 //! Kubernetes API server does every five minutes and etcd's own
 //! `--auto-compaction-mode=periodic` does, here done by Signpost so that a
@@ -56,11 +56,6 @@ impl Compactor {
     pub fn with_period(mut self, period: Duration) -> Self {
         self.period = period;
         self
-    }
-
-    /// How often the revision is sampled.
-    pub fn period(&self) -> Duration {
-        self.period
     }
 
     /// Campaigns, and compacts while leading, until `cancel` fires.

@@ -205,8 +205,8 @@ impl Reverse {
 
 /// The names at and below `<svc>.Z` of one service, kept from one index to
 /// the next while the service does not change: a registration rebuilds its
-/// own service, not the zone (a full build of 1000 services takes tens of
-/// milliseconds; registration must show in DNS well within 50 ms).
+/// own service, not the zone, so that the time from registration to answer
+/// does not grow with the number of services.
 #[derive(Debug)]
 pub(crate) struct ServicePart {
     /// Its names.
