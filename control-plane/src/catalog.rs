@@ -500,21 +500,6 @@ impl Catalog {
         self.is_synced()
     }
 
-    /// Waits until a snapshot satisfies `done`, or the timeout passes.
-    /// Returns whether it did. The API uses it so that a write is visible
-    /// to reads (and DNS) by the time the writer gets its answer.
-    pub async fn wait_until(&self, timeout: Duration, done: impl Fn(&Snapshot) -> bool) -> bool {
-        let mut rx = self.subscribe();
-        let wait = async {
-            while !done(&self.snapshot()) {
-                if rx.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
-        tokio::time::timeout(timeout, wait).await.is_ok() && done(&self.snapshot())
-    }
-
     /// Keeps the catalog current from `store` until `cancel` fires: a range
     /// read, then a watch from the next revision; on any loss, again.
     pub async fn run(self: Arc<Self>, store: Arc<dyn Store>, cancel: CancellationToken) {
@@ -782,7 +767,7 @@ mod tests {
         fill(&*store, "user", 40, 0).await;
         let user = ServiceName::new("user").unwrap();
         let all = catalog
-            .wait_until(Duration::from_secs(10), |snap| {
+            .wait_service(&user, Duration::from_secs(10), |snap| {
                 snap.service(&user).is_some_and(|s| s.instances.len() == 40)
             })
             .await;
