@@ -424,9 +424,17 @@ mod tests {
     }
 
     /// A free port with nothing listening on it.
-    async fn dead_port() -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        listener.local_addr().expect("addr")
+    /// A loopback address that refuses connections for as long as the
+    /// returned socket lives: bound, so no other test can take the port,
+    /// but not listening. (A listener bound and dropped frees the port for
+    /// whichever parallel test binds next.)
+    fn dead_port() -> (tokio::net::TcpSocket, SocketAddr) {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("address"))
+            .expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        (socket, addr)
     }
 
     async fn get(addr: SocketAddr, path: &str) -> (StatusCode, Value) {
@@ -474,7 +482,7 @@ mod tests {
 
     #[tokio::test]
     async fn user_down_is_a_502_with_a_json_error() {
-        let user = dead_port().await;
+        let (_held, user) = dead_port();
         let (order, _stop) = start(order_service(format!("http://{user}"), None)).await;
 
         let (status, body) = get(order, "/orders/3").await;
@@ -589,7 +597,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_sidecar_itself_down_names_the_proxy() {
-        let proxy = dead_port().await;
+        let (_held, proxy) = dead_port();
         let (order, _stop) = order_via(proxy).await;
 
         let (status, body) = get(order, "/orders/1").await;
@@ -604,14 +612,14 @@ mod tests {
 
     #[tokio::test]
     async fn health_does_not_depend_on_user() {
-        let user = dead_port().await;
+        let (_held, user) = dead_port();
         let (order, _stop) = start(order_service(format!("http://{user}"), None)).await;
         assert_eq!(get(order, "/health").await, (StatusCode::OK, json!("ok")));
     }
 
     #[tokio::test]
     async fn bad_ids_and_paths_are_json_errors() {
-        let user = dead_port().await;
+        let (_held, user) = dead_port();
         let (order, _stop) = start(order_service(format!("http://{user}"), None)).await;
         let (status, body) = get(order, "/orders/abc").await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
