@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 pub mod mesh;
 pub mod netns;
+pub mod probe;
 
 pub use signpost_control_plane::testing::EtcdProcess;
 

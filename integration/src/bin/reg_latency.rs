@@ -3,42 +3,22 @@
 //! is in the answer. Prints the median, p99 and max.
 //!
 //! ```text
-//! reg_latency <api-url> <dns-addr> [count] [token]
+//! reg_latency <api-url> <dns-addr> [count] [token] [prefix]
 //! ```
+//!
+//! Each registration is a new service `<prefix><i>` (default prefix `lat`)
+//! with one instance at an address of 10.250.0.0/16.
 #![forbid(unsafe_code)]
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+
+use signpost_integration::probe::resolves_to;
 use std::time::{Duration, Instant};
-
-/// A DNS query for `name` type A, with id `id`.
-fn query(id: u16, name: &str) -> Vec<u8> {
-    let mut q = Vec::with_capacity(64);
-    q.extend_from_slice(&id.to_be_bytes());
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.trim_end_matches('.').split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
-}
-
-/// Whether the A answer in `resp` holds `addr` (a plain byte search for the
-/// 4-byte RDATA after an A record header is enough for this tool).
-fn answer_has(resp: &[u8], addr: Ipv4Addr) -> bool {
-    let ancount = resp
-        .get(6..8)
-        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
-    ancount > 0
-        && resp
-            .windows(6)
-            .any(|w| w[..2] == [0, 4] && w[2..] == addr.octets())
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
-        eprintln!("usage: reg_latency <api-url> <dns-addr> [count] [token]");
+        eprintln!("usage: reg_latency <api-url> <dns-addr> [count] [token] [prefix]");
         std::process::exit(2);
     }
     let api = args[1].trim_end_matches('/').to_string();
@@ -50,23 +30,21 @@ fn main() {
         }
     };
     let count: u32 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(200);
-    let token = args.get(4).cloned();
+    let token = args.get(4).cloned().filter(|t| !t.is_empty());
+    let prefix = args.get(5).map_or("lat", String::as_str);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let http = reqwest::Client::new();
     let sock = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-    sock.set_read_timeout(Some(Duration::from_millis(200)))
-        .expect("timeout");
     let mut latencies = Vec::with_capacity(count as usize);
     let mut writes = Vec::with_capacity(count as usize);
-    let mut buf = [0u8; 4096];
     for i in 0..count {
         let addr = Ipv4Addr::new(10, 250, (i / 250) as u8, (i % 250) as u8 + 1);
         let body = serde_json::json!({"address": addr.to_string(), "port": 80});
         let mut req = http
-            .put(format!("{api}/v1/services/lat{i}/instances/l1"))
+            .put(format!("{api}/v1/services/{prefix}{i}/instances/l1"))
             .json(&body);
         if let Some(t) = &token {
             req = req.bearer_auth(t);
@@ -80,12 +58,15 @@ fn main() {
         }
         writes.push(started.elapsed());
         let deadline = started + Duration::from_secs(5);
+        let name = format!("{prefix}{i}.xingren.host");
         loop {
-            let q = query(i as u16, &format!("lat{i}.xingren.host"));
-            sock.send_to(&q, dns).expect("send");
-            if let Ok(n) = sock.recv(&mut buf)
-                && answer_has(&buf[..n], addr)
-            {
+            if resolves_to(
+                &sock,
+                dns,
+                (i as u16, &name),
+                addr,
+                Duration::from_millis(200),
+            ) {
                 latencies.push(started.elapsed());
                 break;
             }
