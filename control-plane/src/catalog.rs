@@ -19,14 +19,17 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use litemap::LiteMap;
+
 use crate::model::{Health, HealthStatus, Instance, InstanceId, ServiceConfig, ServiceName};
 use crate::store::{KeyKind, KeyValue, Keys, LeaseId, Revision, Store, StoreError, WatchEvent};
 
 /// One instance with its health, as of a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceEntry {
-    /// The instance record.
-    pub instance: Instance,
+    /// The instance record, shared with the catalog's state and every
+    /// snapshot that holds it unchanged.
+    pub instance: Arc<Instance>,
     /// The latest check result, if the instance has a check that has run.
     pub health: Option<Health>,
     /// Revision of the instance record's last write.
@@ -58,8 +61,9 @@ impl InstanceEntry {
 /// One service as of a snapshot.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceEntry {
-    /// Instances by id.
-    pub instances: BTreeMap<InstanceId, InstanceEntry>,
+    /// Instances by id: a sorted vector, as most services have a few
+    /// instances, which a tree would hold in a node sized for eleven.
+    pub instances: LiteMap<InstanceId, InstanceEntry>,
     /// Settings, if any were written.
     pub config: Option<ServiceConfig>,
     /// The last revision that changed anything of this service (the blocking
@@ -123,7 +127,7 @@ impl Snapshot {
 }
 
 /// An instance record as read: the instance, its revision and its lease.
-type Record = (Instance, Revision, Option<LeaseId>);
+type Record = (Arc<Instance>, Revision, Option<LeaseId>);
 
 /// The mutable state the watch task folds events into. Public so that tests
 /// (and the DNS crate's tests) can build snapshots without a store.
@@ -134,8 +138,8 @@ type Record = (Instance, Revision, Option<LeaseId>);
 /// the next, so consumers (the DNS index) can skip them by pointer.
 #[derive(Debug, Clone, Default)]
 pub struct CatalogState {
-    instances: BTreeMap<ServiceName, BTreeMap<InstanceId, Record>>,
-    health: BTreeMap<ServiceName, BTreeMap<InstanceId, Health>>,
+    instances: BTreeMap<ServiceName, LiteMap<InstanceId, Record>>,
+    health: BTreeMap<ServiceName, LiteMap<InstanceId, Health>>,
     configs: BTreeMap<ServiceName, ServiceConfig>,
     /// Last revision that touched each service, kept after the service is
     /// gone so a blocking query on it sees the deletion.
@@ -186,12 +190,24 @@ impl CatalogState {
     pub fn put(&mut self, keys: &Keys, kv: &KeyValue) {
         match keys.parse(&kv.key) {
             KeyKind::Instance(svc, id) => match serde_json::from_slice::<Instance>(&kv.value) {
-                Ok(inst) => {
+                Ok(mut inst) => {
+                    // Hold the names once: the record's own copies give way
+                    // to the key's, which every map here shares.
+                    let svc = self
+                        .instances
+                        .get_key_value(&svc)
+                        .map_or(svc, |(known, _)| known.clone());
+                    if inst.service == svc {
+                        inst.service = svc.clone();
+                    }
+                    if inst.id == id {
+                        inst.id = id.clone();
+                    }
                     self.touch(&svc, kv.mod_revision);
                     self.instances
                         .entry(svc)
                         .or_default()
-                        .insert(id, (inst, kv.mod_revision, kv.lease));
+                        .insert(id, (Arc::new(inst), kv.mod_revision, kv.lease));
                 }
                 Err(err) => {
                     tracing::warn!(key = %kv.key, %err, "ignoring unreadable instance record")
@@ -264,14 +280,14 @@ impl CatalogState {
     fn build_service(&self, svc: &ServiceName) -> Option<ServiceEntry> {
         let config = self.configs.get(svc).cloned();
         let records = self.instances.get(svc);
-        if config.is_none() && records.is_none_or(BTreeMap::is_empty) {
+        if config.is_none() && records.is_none_or(LiteMap::is_empty) {
             return None;
         }
         let health = self.health.get(svc);
-        let instances = records
-            .into_iter()
-            .flatten()
-            .map(|(id, (inst, rev, lease))| {
+        // In id order already, so the map is its vector, at its exact size.
+        let mut instances = Vec::with_capacity(records.map_or(0, LiteMap::len));
+        instances.extend(records.into_iter().flat_map(LiteMap::iter).map(
+            |(id, (inst, rev, lease))| {
                 let entry = InstanceEntry {
                     instance: inst.clone(),
                     health: health.and_then(|h| h.get(id)).cloned(),
@@ -279,10 +295,10 @@ impl CatalogState {
                     lease: *lease,
                 };
                 (id.clone(), entry)
-            })
-            .collect();
+            },
+        ));
         Some(ServiceEntry {
-            instances,
+            instances: LiteMap::from_sorted_store_unchecked(instances),
             config,
             index: self.index.get(svc).copied().unwrap_or(self.revision),
         })
@@ -340,7 +356,7 @@ impl CatalogState {
 
 /// Removes `outer[svc][id]`, and `outer[svc]` once empty.
 fn remove_nested<V>(
-    outer: &mut BTreeMap<ServiceName, BTreeMap<InstanceId, V>>,
+    outer: &mut BTreeMap<ServiceName, LiteMap<InstanceId, V>>,
     svc: &ServiceName,
     id: &InstanceId,
 ) {

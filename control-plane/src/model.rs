@@ -6,6 +6,8 @@
 //! [`Instance`] (what is stored) through [`Registration::validate`].
 
 use std::collections::BTreeMap;
+
+use litemap::LiteMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -150,12 +152,12 @@ macro_rules! label_type {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
-        pub struct $ty(String);
+        pub struct $ty(std::sync::Arc<str>);
 
         impl $ty {
             /// Validates and lower-cases `raw`.
             pub fn new(raw: &str) -> Result<Self, NameError> {
-                validate_label($kind, raw).map(Self)
+                validate_label($kind, raw).map(|s| Self(s.into()))
             }
 
             /// The name, lower-case.
@@ -180,7 +182,7 @@ macro_rules! label_type {
 
         impl From<$ty> for String {
             fn from(n: $ty) -> String {
-                n.0
+                n.0.to_string()
             }
         }
 
@@ -196,8 +198,10 @@ macro_rules! label_type {
             }
         }
 
-        // Hash and Eq are the inner `String`'s, so maps keyed by the name can
-        // be searched with a `&str`.
+        // Hash and Eq are the inner `str`'s, so maps keyed by the name can
+        // be searched with a `&str`. The name is shared, not copied, by its
+        // clones: the catalog holds each service's and instance's name once
+        // however many maps are keyed by it.
         impl std::borrow::Borrow<str> for $ty {
             fn borrow(&self) -> &str {
                 &self.0
@@ -480,7 +484,7 @@ pub struct Instance {
     pub tags: Vec<String>,
     /// Metadata.
     #[serde(default)]
-    pub meta: BTreeMap<String, String>,
+    pub meta: LiteMap<String, String>,
     /// Weight, 1 to 65535.
     pub weight: u16,
     /// Lease TTL, if the instance must heartbeat.
@@ -576,7 +580,11 @@ impl Registration {
             port: main_port,
             ports,
             tags,
-            meta: self.meta.clone(),
+            meta: self
+                .meta
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             weight,
             ttl,
             check,

@@ -40,7 +40,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 port: 8080,
                 ports: BTreeMap::from([("http".to_string(), 8081)]),
                 tags: vec!["v1".into()],
-                meta: BTreeMap::new(),
+                meta: Default::default(),
                 weight: 100,
                 ttl: None,
                 check: None,

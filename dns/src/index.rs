@@ -30,7 +30,7 @@
 //! them, and any other reverse name, is left to forwarding.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -42,6 +42,7 @@ use imbl::shared_ptr::DefaultSharedPtr;
 use signpost_control_plane::catalog::{InstanceEntry, ServiceEntry, Snapshot};
 use signpost_control_plane::model::ServiceName;
 use signpost_control_plane::store::Revision;
+use smallvec::{SmallVec, smallvec};
 
 use crate::name::{KeyMap, NameKey, is_at_or_below, key_of};
 use crate::wire::{self, Chunk, Owner, WireRecord};
@@ -70,22 +71,204 @@ pub(crate) struct ZoneConfig {
 }
 
 /// One record of a set, with what travels with it.
+///
+/// Instance records are kept as their data only (an address, an SRV's port
+/// and target, TXT bytes): the owner is the question's name and the TTL the
+/// zone's, so both paths write them from this at answer time. That keeps
+/// an instance at a few dozen bytes per name it appears at, instead of a
+/// hickory [`Record`] and its pre-encoded bytes per name.
 #[derive(Debug, Clone)]
 pub(crate) struct Item {
+    /// Its weight in the weighted shuffle (instance weight, summed for an
+    /// address several instances share; 1 for records that are not
+    /// instances).
+    pub(crate) weight: u32,
+    /// The record.
+    pub(crate) data: Data,
+}
+
+/// The data of one record.
+#[derive(Debug, Clone)]
+pub(crate) enum Data {
+    /// An A record.
+    A(Ipv4Addr),
+    /// An AAAA record.
+    Aaaa(Ipv6Addr),
+    /// An SRV record (priority [`SRV_PRIORITY`]); its glue is the
+    /// target's address.
+    Srv {
+        /// SRV weight.
+        weight: u16,
+        /// Port.
+        port: u16,
+        /// Target, shared by every record that names the instance.
+        target: Arc<Target>,
+    },
+    /// A TXT record: its RDATA, the character-strings as on the wire.
+    Txt(Box<[u8]>),
+    /// A PTR record, no glue.
+    Ptr(Arc<Target>),
+    /// A record of the zone's own (SOA, NS and its glue), kept whole.
+    Whole(Arc<Whole>),
+}
+
+/// A name records point at: an instance (SRV and reverse PTR targets) or a
+/// service (the DNS-SD enumeration).
+#[derive(Debug)]
+pub(crate) struct Target {
+    /// The name, lower-case wire form.
+    pub(crate) name: NameKey,
+    /// Where the zone's labels start in `name`, if it is in the zone: a
+    /// PTR target is compressed to the zone there.
+    pub(crate) zone_at: Option<u8>,
+    /// Its address, the glue of an SRV that targets it.
+    pub(crate) address: IpAddr,
+}
+
+impl Target {
+    fn new(name: &Name, origin_key: &[u8], address: IpAddr) -> Self {
+        let name = key_of(name);
+        let zone_at = name
+            .len()
+            .checked_sub(origin_key.len())
+            .filter(|&at| name[at..] == *origin_key && crate::wire::on_label_boundary(&name, at))
+            .and_then(|at| u8::try_from(at).ok());
+        Self {
+            name,
+            zone_at,
+            address,
+        }
+    }
+
+    /// The name as hickory's.
+    fn to_name(&self) -> Name {
+        name_of_key(&self.name)
+    }
+}
+
+/// The hickory name of a key.
+fn name_of_key(key: &[u8]) -> Name {
+    let mut labels = Vec::new();
+    let mut at = 0;
+    while let Some(&len) = key.get(at)
+        && len > 0
+    {
+        let end = (at + 1 + usize::from(len)).min(key.len());
+        labels.push(&key[at + 1..end]);
+        at = end;
+    }
+    // Keys are built from valid names, so this cannot fail; the root is a
+    // harmless stand-in.
+    Name::from_labels(labels).unwrap_or_else(|_| Name::root())
+}
+
+/// A record kept whole, with its glue and pre-encoded form.
+#[derive(Debug)]
+pub(crate) struct Whole {
     /// The record, owner name lower-case.
     pub(crate) record: Record,
-    /// Its weight in the weighted shuffle (instance weight; 1 for records
-    /// that are not instances).
-    pub(crate) weight: u32,
-    /// Records for the additional section when this one is answered: the
-    /// address of an SRV target, the glue of an NS.
+    /// Records for the additional section (the glue of an NS).
     pub(crate) glue: Vec<Record>,
-    /// Upper bound of the encoded size of the record plus its glue (names
-    /// uncompressed), so most answers can skip the exact fit check.
+    /// Upper bound of the encoded size of the record plus its glue.
     pub(crate) wire_len: usize,
     /// The record and its glue pre-encoded for the UDP fast path; `None`
     /// if they could not be, and then the hickory path answers.
     pub(crate) wire: Option<WireRecord>,
+}
+
+impl Data {
+    /// Its record type.
+    pub(crate) fn record_type(&self) -> RecordType {
+        match self {
+            Data::A(_) => RecordType::A,
+            Data::Aaaa(_) => RecordType::AAAA,
+            Data::Srv { .. } => RecordType::SRV,
+            Data::Txt(_) => RecordType::TXT,
+            Data::Ptr(_) => RecordType::PTR,
+            Data::Whole(w) => w.record.record_type(),
+        }
+    }
+
+    /// The record owned by `owner`, for the hickory path.
+    pub(crate) fn record(&self, owner: &Name, ttl: u32) -> Record {
+        let data = match self {
+            Data::A(ip) => RData::A(A(*ip)),
+            Data::Aaaa(ip) => RData::AAAA(AAAA(*ip)),
+            Data::Srv {
+                weight,
+                port,
+                target,
+            } => RData::SRV(SRV::new(SRV_PRIORITY, *weight, *port, target.to_name())),
+            Data::Txt(rdata) => RData::TXT(TXT::from_bytes(character_strings(rdata).collect())),
+            Data::Ptr(target) => RData::PTR(PTR(target.to_name())),
+            Data::Whole(w) => {
+                let mut record = w.record.clone();
+                record.name = owner.clone();
+                return record;
+            }
+        };
+        Record::from_rdata(owner.clone(), ttl, data)
+    }
+
+    /// Its glue, for the hickory path.
+    pub(crate) fn glue(&self, ttl: u32) -> Vec<Record> {
+        match self {
+            Data::Srv { target, .. } => vec![Record::from_rdata(
+                target.to_name(),
+                ttl,
+                address_rdata(target.address),
+            )],
+            Data::Whole(w) => w.glue.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Upper bound of the encoded size of the record and its glue, names
+    /// uncompressed, when its owner takes `owner_len` bytes.
+    pub(crate) fn wire_len(&self, owner_len: usize) -> usize {
+        let address_len = |ip: IpAddr| if ip.is_ipv4() { 4 } else { 16 };
+        owner_len
+            + 10
+            + match self {
+                Data::A(_) => 4,
+                Data::Aaaa(_) => 16,
+                Data::Srv { target, .. } => {
+                    6 + target.name.len() + target.name.len() + 10 + address_len(target.address)
+                }
+                Data::Txt(rdata) => rdata.len(),
+                Data::Ptr(target) => target.name.len(),
+                Data::Whole(w) => return w.wire_len,
+            }
+    }
+}
+
+/// The character-strings of TXT RDATA.
+fn character_strings(rdata: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let len = usize::from(*rdata.get(at)?);
+        let s = rdata.get(at + 1..at + 1 + len)?;
+        at += 1 + len;
+        Some(s)
+    })
+}
+
+/// TXT RDATA for an instance's metadata, one `key=value` string per entry
+/// (RFC 6763 §6). A pair longer than a character-string (255 bytes) is
+/// left out: DNS cannot carry it in one string, and split it would read as
+/// two pairs; the API still has it.
+fn meta_txt<'m>(meta: impl Iterator<Item = (&'m String, &'m String)>) -> Option<Box<[u8]>> {
+    let mut rdata = Vec::new();
+    for (k, v) in meta {
+        let Ok(len) = u8::try_from(k.len() + 1 + v.len()) else {
+            continue;
+        };
+        rdata.push(len);
+        rdata.extend_from_slice(k.as_bytes());
+        rdata.push(b'=');
+        rdata.extend_from_slice(v.as_bytes());
+    }
+    (!rdata.is_empty()).then(|| rdata.into())
 }
 
 /// The records of one type at one name.
@@ -93,15 +276,16 @@ pub(crate) struct Item {
 pub(crate) struct RecordSet {
     /// Their type.
     pub(crate) rtype: RecordType,
-    /// The records.
-    pub(crate) items: Vec<Item>,
+    /// The records: one, held inline, at most names.
+    pub(crate) items: SmallVec<[Item; 1]>,
 }
 
 /// One name of the index.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Node {
-    /// Its record sets, one per type; empty for an empty non-terminal.
-    pub(crate) sets: Vec<RecordSet>,
+    /// Its record sets, one per type; empty for an empty non-terminal. An
+    /// instance's name has two (address and TXT), held inline.
+    pub(crate) sets: SmallVec<[RecordSet; 2]>,
     /// False for reverse names: they are not in the zone, and only their
     /// PTR set is answered here.
     pub(crate) in_zone: bool,
@@ -150,13 +334,15 @@ pub(crate) struct Index {
     pub(crate) built: SystemTime,
     /// SOA record, for the authority section of negative answers.
     pub(crate) soa: Record,
+    /// TTL of every record but the SOA.
+    pub(crate) ttl: u32,
     /// Upper bound of the SOA record's encoded size.
     pub(crate) soa_len: usize,
     /// The SOA pre-encoded for the authority section of negative answers.
     pub(crate) soa_wire: Option<Chunk>,
     /// The names of the zone that belong to no service: the apex, `ns.Z`
     /// and the DNS-SD names.
-    zone_nodes: KeyMap<Node>,
+    zone_nodes: Names,
     /// Every service's names, by the service's label. Shared in structure
     /// with the previous index, like the maps below: a new index copies
     /// nothing of the services that did not change.
@@ -175,8 +361,12 @@ pub(crate) struct Index {
     browse: OnceLock<Node>,
     /// Reverse names of instance addresses, kept up to date service by
     /// service.
-    reverse: imbl::GenericHashMap<NameKey, Arc<Reverse>, KeyHasherBuilder, DefaultSharedPtr>,
+    reverse: Reverse,
 }
+
+/// Reverse names of instance addresses: each a node with one PTR set (an
+/// address may be shared by instances of several services).
+type Reverse = imbl::GenericHashMap<NameKey, Arc<Node>, KeyHasherBuilder, DefaultSharedPtr>;
 
 type KeyHasherBuilder = std::hash::BuildHasherDefault<crate::name::KeyHasher>;
 
@@ -184,22 +374,18 @@ type KeyHasherBuilder = std::hash::BuildHasherDefault<crate::name::KeyHasher>;
 pub(crate) type Services =
     imbl::GenericHashMap<Box<[u8]>, Arc<ServicePart>, KeyHasherBuilder, DefaultSharedPtr>;
 
-/// One reverse name: the PTR records each service has there (an address
-/// may be shared), and the node that answers them, in service order.
-#[derive(Debug, Clone, Default)]
-struct Reverse {
-    by_service: std::collections::BTreeMap<Box<[u8]>, Vec<Item>>,
-    node: Node,
-}
+/// The names of one service (or of the zone's own), sorted by key: a
+/// service's few names take their exact size, where a hash table would
+/// round up to a power of two and keep an eighth free.
+#[derive(Debug, Default)]
+pub(crate) struct Names(Box<[(NameKey, Node)]>);
 
-impl Reverse {
-    /// Rebuilds the node from `by_service`.
-    fn rebuild(&mut self) {
-        let mut node = Node::default();
-        for item in self.by_service.values().flatten() {
-            push_item(&mut node, RecordType::PTR, item.clone());
-        }
-        self.node = node;
+impl Names {
+    fn get(&self, key: &[u8]) -> Option<&Node> {
+        self.0
+            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|i| &self.0[i].1)
     }
 }
 
@@ -210,49 +396,81 @@ impl Reverse {
 #[derive(Debug)]
 pub(crate) struct ServicePart {
     /// Its names.
-    nodes: KeyMap<Node>,
+    nodes: Names,
     /// Its record in the DNS-SD enumeration.
     browse: Option<Item>,
-    /// The PTR records of its instances' reverse names.
-    reverse: Vec<(NameKey, Item)>,
+    /// The PTR records of its instances' reverse names, by address.
+    reverse: Vec<(IpAddr, Item)>,
+}
+
+/// The service a reverse name's PTR record belongs to: the second label of
+/// its target, `<id>.<svc>.Z`.
+fn ptr_service(item: &Item) -> &[u8] {
+    match &item.data {
+        Data::Ptr(target) => {
+            let name = &target.name[..];
+            let first = usize::from(name.first().copied().unwrap_or(0));
+            let second = name.get(1 + first).map_or(0, |&l| usize::from(l));
+            name.get(2 + first..2 + first + second).unwrap_or(&[])
+        }
+        _ => &[],
+    }
+}
+
+/// The PTR set of a reverse name, in target order whatever order the
+/// services came in.
+fn reverse_node(mut items: Vec<Item>) -> Node {
+    items.sort_by(|a, b| match (&a.data, &b.data) {
+        (Data::Ptr(a), Data::Ptr(b)) => a.name.cmp(&b.name),
+        _ => std::cmp::Ordering::Equal,
+    });
+    Node {
+        sets: smallvec![RecordSet {
+            rtype: RecordType::PTR,
+            items: items.into(),
+        }],
+        in_zone: false,
+    }
 }
 
 /// Moves service `label`'s reverse names from `old` (its part in the last
 /// index) to `new` (its part now): only the reverse names of its own
 /// addresses are touched.
 fn update_reverse(
-    reverse: &mut imbl::GenericHashMap<NameKey, Arc<Reverse>, KeyHasherBuilder, DefaultSharedPtr>,
+    reverse: &mut Reverse,
     label: &[u8],
     old: Option<&ServicePart>,
     new: Option<&ServicePart>,
 ) {
-    let mut now: std::collections::BTreeMap<&NameKey, Vec<Item>> = Default::default();
-    for (key, item) in new.map_or(&[][..], |p| &p.reverse[..]) {
-        now.entry(key).or_default().push(item.clone());
+    let key = |ip: &IpAddr| key_of(&Name::from(*ip));
+    let mut now: std::collections::BTreeMap<NameKey, Vec<Item>> = Default::default();
+    for (ip, item) in new.map_or(&[][..], |p| &p.reverse[..]) {
+        now.entry(key(ip)).or_default().push(item.clone());
     }
     let gone = old
         .map_or(&[][..], |p| &p.reverse[..])
         .iter()
-        .map(|(key, _)| key)
+        .map(|(ip, _)| key(ip))
         .filter(|key| !now.contains_key(key))
         .collect::<std::collections::BTreeSet<_>>();
+    let others = |node: Option<&Arc<Node>>| -> Vec<Item> {
+        node.iter()
+            .flat_map(|n| n.sets.iter().flat_map(|s| &s.items))
+            .filter(|item| ptr_service(item) != label)
+            .cloned()
+            .collect()
+    };
     for key in gone {
-        if let Some(current) = reverse.get(key) {
-            let mut r = (**current).clone();
-            r.by_service.remove(label);
-            if r.by_service.is_empty() {
-                reverse.remove(key);
-            } else {
-                r.rebuild();
-                reverse.insert(key.clone(), Arc::new(r));
-            }
+        let rest = others(reverse.get(&key));
+        if rest.is_empty() {
+            reverse.remove(&key);
+        } else {
+            reverse.insert(key, Arc::new(reverse_node(rest)));
         }
     }
-    for (key, items) in now {
-        let mut r = reverse.get(key).map(|r| (**r).clone()).unwrap_or_default();
-        r.by_service.insert(label.into(), items);
-        r.rebuild();
-        reverse.insert(key.clone(), Arc::new(r));
+    for (key, mut items) in now {
+        items.extend(others(reverse.get(&key)));
+        reverse.insert(key, Arc::new(reverse_node(items)));
     }
 }
 
@@ -262,12 +480,22 @@ struct Builder<'z> {
     zone: &'z ZoneConfig,
     origin_key: NameKey,
     nodes: KeyMap<Node>,
-    /// Records at names outside the zone (reverse names).
-    outside: Vec<(NameKey, Item)>,
+    /// PTR records of reverse names (outside the zone), by address.
+    reverse: Vec<(IpAddr, Item)>,
     ttl: u32,
 }
 
 impl Builder<'_> {
+    fn new<'z>(zone: &'z ZoneConfig, origin_key: &NameKey) -> Builder<'z> {
+        Builder {
+            zone,
+            origin_key: origin_key.clone(),
+            nodes: KeyMap::default(),
+            reverse: Vec::new(),
+            ttl: secs(zone.ttl),
+        }
+    }
+
     fn node(&mut self, name: &Name) -> &mut Node {
         let key = key_of(name);
         let in_zone = is_at_or_below(&key, &self.origin_key);
@@ -276,41 +504,46 @@ impl Builder<'_> {
             let mut parent = name.base_name();
             while parent.num_labels() > self.zone.origin.num_labels() {
                 self.nodes.entry(key_of(&parent)).or_insert_with(|| Node {
-                    sets: Vec::new(),
+                    sets: SmallVec::new(),
                     in_zone: true,
                 });
                 parent = parent.base_name();
             }
         }
         self.nodes.entry(key).or_insert_with(|| Node {
-            sets: Vec::new(),
+            sets: SmallVec::new(),
             in_zone,
         })
     }
 
-    fn add(&mut self, name: &Name, data: RData, weight: u32, glue: Vec<Record>) {
-        let item = self.item(name, data, weight, glue);
-        let key = key_of(name);
-        if !is_at_or_below(&key, &self.origin_key) {
-            self.outside.push((key, item));
-            return;
-        }
-        let rtype = item.record.record_type();
+    /// Adds `data` at `name`, a name in the zone.
+    fn add(&mut self, name: &Name, weight: u32, data: Data) {
+        let rtype = data.record_type();
         let node = self.node(name);
-        push_item(node, rtype, item);
+        push_item(node, rtype, Item { weight, data });
     }
 
-    fn item(&self, name: &Name, data: RData, weight: u32, glue: Vec<Record>) -> Item {
+    /// A record of the zone's own, kept whole.
+    fn whole(&self, name: &Name, data: RData, glue: Vec<Record>) -> Item {
         let record = Record::from_rdata(name.clone(), self.ttl, data);
         let wire_len = encoded_len(&record) + glue.iter().map(encoded_len).sum::<usize>();
         let wire = self.wire(&record, &glue);
         Item {
-            record,
-            weight,
-            glue,
-            wire_len,
-            wire,
+            weight: 1,
+            data: Data::Whole(Arc::new(Whole {
+                record,
+                glue,
+                wire_len,
+                wire,
+            })),
         }
+    }
+
+    /// Adds a record of the zone's own at `name`.
+    fn add_whole(&mut self, name: &Name, data: RData, glue: Vec<Record>) {
+        let item = self.whole(name, data, glue);
+        let rtype = item.data.record_type();
+        push_item(self.node(name), rtype, item);
     }
 
     /// `record` and its glue as the fast path writes them.
@@ -327,6 +560,21 @@ impl Builder<'_> {
     fn touch(&mut self, name: &Name) {
         self.node(name);
     }
+
+    /// The names built, their vectors trimmed: an index holds many small
+    /// services for a long time.
+    fn finish(mut self) -> (Names, Vec<(IpAddr, Item)>) {
+        let mut nodes: Vec<(NameKey, Node)> = self.nodes.into_iter().collect();
+        for (_, node) in &mut nodes {
+            for set in &mut node.sets {
+                set.items.shrink_to_fit();
+            }
+            node.sets.shrink_to_fit();
+        }
+        nodes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        self.reverse.shrink_to_fit();
+        (Names(nodes.into_boxed_slice()), self.reverse)
+    }
 }
 
 /// Adds `item` to the set of `rtype` at `node`.
@@ -335,7 +583,7 @@ fn push_item(node: &mut Node, rtype: RecordType, item: Item) {
         Some(set) => set.items.push(item),
         None => node.sets.push(RecordSet {
             rtype,
-            items: vec![item],
+            items: smallvec![item],
         }),
     }
 }
@@ -361,6 +609,13 @@ fn child(parent: &Name, label: &str) -> Option<Name> {
 
 fn secs(d: Duration) -> u32 {
     u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}
+
+fn address_data(ip: IpAddr) -> Data {
+    match ip {
+        IpAddr::V4(v4) => Data::A(v4),
+        IpAddr::V6(v6) => Data::Aaaa(v6),
+    }
 }
 
 fn address_rdata(ip: IpAddr) -> RData {
@@ -389,7 +644,7 @@ fn add_addresses<'e>(
         }
     }
     for (ip, w) in seen {
-        b.add(name, address_rdata(ip), w, Vec::new());
+        b.add(name, w, address_data(ip));
     }
 }
 
@@ -402,60 +657,53 @@ fn build_service(
     entry: &Arc<ServiceEntry>,
 ) -> Option<ServicePart> {
     let origin = &zone.origin;
-    let ttl = secs(zone.ttl);
     let svc_name = child(origin, svc)?;
-    let mut b = Builder {
-        zone,
-        origin_key: origin_key.clone(),
-        nodes: KeyMap::with_capacity_and_hasher(8 + entry.instances.len() * 2, Default::default()),
-        outside: Vec::new(),
-        ttl,
-    };
+    let mut b = Builder::new(zone, origin_key);
     b.touch(&svc_name);
-    let browse = browse_name(origin)
-        .map(|browse| b.item(&browse, RData::PTR(PTR(svc_name.clone())), 1, Vec::new()));
+    let browse = browse_name(origin).map(|_| Item {
+        weight: 1,
+        data: Data::Ptr(Arc::new(Target::new(
+            &svc_name,
+            origin_key,
+            IpAddr::from([0, 0, 0, 0]),
+        ))),
+    });
 
-    // Each instance's own name, address record (also the glue of
-    // every SRV that targets it) and reverse name.
-    let mut addr_of: HashMap<&str, (Name, Record)> = HashMap::new();
+    // Each instance's own name, address record, metadata and reverse name;
+    // its target is shared by every SRV record that names it.
+    let mut target_of: HashMap<&str, Arc<Target>> = HashMap::new();
     for (id, e) in &entry.instances {
         let Some(inst_name) = child(&svc_name, id.as_str()) else {
             continue;
         };
-        let addr = Record::from_rdata(inst_name.clone(), ttl, address_rdata(e.instance.address));
+        let address = e.instance.address;
         b.add(
             &inst_name,
-            addr.data.clone(),
             u32::from(e.instance.weight),
-            Vec::new(),
+            address_data(address),
         );
-        if !e.instance.meta.is_empty() {
-            let strings = e
-                .instance
-                .meta
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            b.add(&inst_name, RData::TXT(TXT::new(strings)), 1, Vec::new());
+        if let Some(txt) = meta_txt(e.instance.meta.iter()) {
+            b.add(&inst_name, 1, Data::Txt(txt));
         }
-        b.add(
-            &Name::from(e.instance.address),
-            RData::PTR(PTR(inst_name.clone())),
-            1,
-            Vec::new(),
-        );
-        addr_of.insert(id.as_str(), (inst_name, addr));
+        let target = Arc::new(Target::new(&inst_name, origin_key, address));
+        b.reverse.push((
+            address,
+            Item {
+                weight: 1,
+                data: Data::Ptr(target.clone()),
+            },
+        ));
+        target_of.insert(id.as_str(), target);
     }
 
     let srv = |b: &mut Builder<'_>, at: &Name, e: &InstanceEntry, port: u16| {
-        if let Some((target, addr)) = addr_of.get(e.instance.id.as_str()) {
-            let data = RData::SRV(SRV::new(
-                SRV_PRIORITY,
-                e.instance.weight,
+        if let Some(target) = target_of.get(e.instance.id.as_str()) {
+            let data = Data::Srv {
+                weight: e.instance.weight,
                 port,
-                target.clone(),
-            ));
-            b.add(at, data, u32::from(e.instance.weight), vec![addr.clone()]);
+                target: target.clone(),
+            };
+            b.add(at, u32::from(e.instance.weight), data);
         }
     };
 
@@ -519,10 +767,11 @@ fn build_service(
         }
     }
 
+    let (nodes, reverse) = b.finish();
     Some(ServicePart {
-        nodes: b.nodes,
+        nodes,
         browse,
-        reverse: b.outside,
+        reverse,
     })
 }
 
@@ -629,13 +878,7 @@ impl Index {
             update_reverse(&mut reverse, &label, old.as_deref(), part.as_deref());
         }
 
-        let mut b = Builder {
-            zone,
-            origin_key: origin_key.clone(),
-            nodes: KeyMap::default(),
-            outside: Vec::new(),
-            ttl,
-        };
+        let mut b = Builder::new(zone, &origin_key);
         let fallback = || origin.clone();
         let ns_name = child(origin, "ns").unwrap_or_else(fallback);
         let hostmaster = child(origin, "hostmaster").unwrap_or_else(fallback);
@@ -656,7 +899,7 @@ impl Index {
                 secs(zone.negative_ttl),
             )),
         );
-        b.add(origin, soa.data.clone(), 1, Vec::new());
+        b.add_whole(origin, soa.data.clone(), Vec::new());
 
         // `ns.Z` is the server itself, unless a service took that name: the
         // service's records win (its users asked for them), and the NS then
@@ -665,7 +908,7 @@ impl Index {
         let ns_glue = match zone.ns_address {
             Some(ip) if !ns_is_service => {
                 let glue = Record::from_rdata(ns_name.clone(), ttl, address_rdata(ip));
-                b.add(&ns_name, glue.data.clone(), 1, Vec::new());
+                b.add(&ns_name, 1, address_data(ip));
                 vec![glue]
             }
             Some(_) => {
@@ -674,7 +917,7 @@ impl Index {
             }
             None => Vec::new(),
         };
-        b.add(origin, RData::NS(NS(ns_name)), 1, ns_glue);
+        b.add_whole(origin, RData::NS(NS(ns_name)), ns_glue);
 
         // DNS-SD service enumeration (RFC 6763 §9): the name exists now,
         // its records come with `browse()`.
@@ -690,7 +933,8 @@ impl Index {
             built: snapshot.built,
             soa_len: encoded_len(&soa),
             soa,
-            zone_nodes: b.nodes,
+            zone_nodes: b.finish().0,
+            ttl,
             services,
             ordered,
             from: snapshot.services.clone(),
@@ -704,7 +948,7 @@ impl Index {
     fn browse(&self) -> &Node {
         self.browse.get_or_init(|| {
             let mut node = Node {
-                sets: Vec::new(),
+                sets: SmallVec::new(),
                 in_zone: true,
             };
             for item in self.ordered.values().filter_map(|part| part.browse.clone()) {
@@ -721,7 +965,7 @@ impl Index {
                 return self
                     .reverse
                     .get(key)
-                    .map_or(Lookup::Outside, |r| Lookup::Node(&r.node));
+                    .map_or(Lookup::Outside, |r| Lookup::Node(r));
             }
             Place::Apex => &self.zone_nodes,
             Place::Below(label) => match self.services.get(label) {

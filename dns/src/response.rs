@@ -74,21 +74,20 @@ impl Answer {
         };
         let mut weights = Vec::new();
         let mut order = Vec::new();
+        let owner_len = qname.iter().map(|l| l.len() + 1).sum::<usize>() + 1;
         for set in sets {
             weights.clear();
             weights.extend(set.items.iter().map(|i| i.weight));
             weighted_order(&weights, rng, &mut order);
             for &i in &order {
-                let item = &set.items[i];
-                let mut record = item.record.clone();
-                record.name = qname.clone();
+                let data = &set.items[i].data;
                 let owner = answer.answers.len();
-                answer.answers.push(record);
-                for glue in &item.glue {
-                    answer.additionals.push(glue.clone());
+                answer.answers.push(data.record(qname, index.ttl));
+                for glue in data.glue(index.ttl) {
+                    answer.additionals.push(glue);
                     answer.glue_owner.push(owner);
                 }
-                answer.records_len += item.wire_len;
+                answer.records_len += data.wire_len(owner_len);
             }
         }
         Some(answer)

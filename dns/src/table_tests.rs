@@ -102,7 +102,7 @@ pub(crate) fn instance(svc: &str, id: &str, addr: &str, port: u16) -> Instance {
         port,
         ports: BTreeMap::new(),
         tags: Vec::new(),
-        meta: BTreeMap::new(),
+        meta: Default::default(),
         weight: 100,
         ttl: None,
         check: None,

@@ -20,9 +20,10 @@
 //!   beyond what a pointer can reach.
 
 use hickory_proto::rr::rdata::{NS, PTR};
-use hickory_proto::rr::{Name, RData, Record};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
 
+use crate::index::{Data, SRV_PRIORITY, Target};
 use crate::name::key_of;
 
 /// The 2-byte compression pointer to the question's name.
@@ -239,7 +240,7 @@ fn compress_names(
 }
 
 /// Whether a label starts at `at` in the wire-form `key`.
-fn on_label_boundary(key: &[u8], at: usize) -> bool {
+pub(crate) fn on_label_boundary(key: &[u8], at: usize) -> bool {
     let mut i = 0;
     while i < at {
         i += 1 + usize::from(key[i]);
@@ -277,4 +278,146 @@ pub(crate) fn encode_glue(record: &Record, answer: &Record) -> Option<Glue> {
         owner: key_of(&record.name),
         at,
     })
+}
+
+/// TYPE, CLASS (IN), TTL and RDLENGTH.
+fn fixed(out: &mut Vec<u8>, rtype: RecordType, ttl: u32, rdlen: usize) {
+    out.extend_from_slice(&u16::from(rtype).to_be_bytes());
+    out.extend_from_slice(&1u16.to_be_bytes());
+    out.extend_from_slice(&ttl.to_be_bytes());
+    // RDATA of the index's records is far below 64 KiB (an instance is at
+    // most 16 KiB); saturate rather than wrap all the same.
+    out.extend_from_slice(&u16::try_from(rdlen).unwrap_or(u16::MAX).to_be_bytes());
+}
+
+/// A PTR target as written: compressed to the zone in the question when
+/// the question holds it (`zone_at`) and the target ends in it.
+fn ptr_target(target: &Target, zone_at: Option<u16>) -> (&[u8], Option<u16>) {
+    match (zone_at, target.zone_at) {
+        (Some(pointer), Some(prefix)) => (&target.name[..usize::from(prefix)], Some(pointer)),
+        _ => (&target.name, None),
+    }
+}
+
+impl Data {
+    /// Length of the answer record, its owner a pointer to the question;
+    /// `None` when the fast path cannot write it.
+    pub(crate) fn answer_len(&self, zone_at: Option<u16>) -> Option<usize> {
+        let rdlen = match self {
+            Data::A(_) => 4,
+            Data::Aaaa(_) => 16,
+            Data::Srv { target, .. } => 6 + target.name.len(),
+            Data::Txt(rdata) => rdata.len(),
+            Data::Ptr(target) => match ptr_target(target, zone_at) {
+                (name, Some(_)) => name.len() + 2,
+                (name, None) => name.len(),
+            },
+            Data::Whole(w) => return w.wire.as_ref().map(|w| w.chunk.len(zone_at)),
+        };
+        Some(QUESTION_POINTER.len() + 10 + rdlen)
+    }
+
+    /// Appends the answer record, its owner a pointer to the question.
+    /// Call only when [`Data::answer_len`] is `Some`.
+    pub(crate) fn write_answer(&self, out: &mut Vec<u8>, zone_at: Option<u16>, ttl: u32) {
+        let rtype = self.record_type();
+        match self {
+            Data::Whole(w) => {
+                if let Some(w) = &w.wire {
+                    w.chunk.write(out, zone_at);
+                }
+                return;
+            }
+            _ => out.extend_from_slice(&QUESTION_POINTER),
+        }
+        match self {
+            Data::A(ip) => {
+                fixed(out, rtype, ttl, 4);
+                out.extend_from_slice(&ip.octets());
+            }
+            Data::Aaaa(ip) => {
+                fixed(out, rtype, ttl, 16);
+                out.extend_from_slice(&ip.octets());
+            }
+            Data::Srv {
+                weight,
+                port,
+                target,
+            } => {
+                fixed(out, rtype, ttl, 6 + target.name.len());
+                out.extend_from_slice(&SRV_PRIORITY.to_be_bytes());
+                out.extend_from_slice(&weight.to_be_bytes());
+                out.extend_from_slice(&port.to_be_bytes());
+                // SRV targets are never compressed (RFC 2782).
+                out.extend_from_slice(&target.name);
+            }
+            Data::Txt(rdata) => {
+                fixed(out, rtype, ttl, rdata.len());
+                out.extend_from_slice(rdata);
+            }
+            Data::Ptr(target) => {
+                let (name, pointer) = ptr_target(target, zone_at);
+                fixed(out, rtype, ttl, name.len() + pointer.map_or(0, |_| 2));
+                out.extend_from_slice(name);
+                if let Some(at) = pointer {
+                    out.extend_from_slice(&(0xC000 | at).to_be_bytes());
+                }
+            }
+            Data::Whole(_) => {}
+        }
+    }
+
+    /// Appends the glue of the answer record written at `answer_at`, as
+    /// much as fits within `limit`; returns how many records were written
+    /// and whether that was all of them, or `None` when the fast path
+    /// cannot write them.
+    pub(crate) fn write_glue(
+        &self,
+        out: &mut Vec<u8>,
+        answer_at: usize,
+        ttl: u32,
+        limit: usize,
+    ) -> Option<(u16, bool)> {
+        match self {
+            Data::Srv { target, .. } => {
+                // The owner is the target inside the SRV record: after its
+                // owner pointer (2), TYPE..RDLENGTH (10) and priority,
+                // weight and port (6).
+                let owner_at = answer_at + QUESTION_POINTER.len() + 10 + 6;
+                let owner_len = if owner_at <= MAX_POINTER {
+                    2
+                } else {
+                    target.name.len()
+                };
+                let (rtype, address): (RecordType, &[u8]) = match &target.address {
+                    std::net::IpAddr::V4(ip) => (RecordType::A, &ip.octets()[..]),
+                    std::net::IpAddr::V6(ip) => (RecordType::AAAA, &ip.octets()[..]),
+                };
+                if out.len() + owner_len + 10 + address.len() > limit {
+                    return Some((0, false));
+                }
+                if owner_at <= MAX_POINTER {
+                    out.extend_from_slice(&(0xC000 | owner_at as u16).to_be_bytes());
+                } else {
+                    out.extend_from_slice(&target.name);
+                }
+                fixed(out, rtype, ttl, address.len());
+                out.extend_from_slice(address);
+                Some((1, true))
+            }
+            Data::Whole(w) => {
+                let glue = &w.wire.as_ref()?.glue;
+                let mut written = 0;
+                for g in glue.iter() {
+                    if out.len() + g.len(answer_at) > limit {
+                        return Some((written, false));
+                    }
+                    g.write(out, answer_at);
+                    written += 1;
+                }
+                Some((written, true))
+            }
+            _ => Some((0, true)),
+        }
+    }
 }

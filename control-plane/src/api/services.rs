@@ -68,7 +68,7 @@ pub struct HealthView {
 impl From<&InstanceEntry> for InstanceView {
     fn from(e: &InstanceEntry) -> Self {
         Self {
-            instance: e.instance.clone(),
+            instance: Instance::clone(&e.instance),
             health: HealthView {
                 status: e.status(),
                 output: e

@@ -71,7 +71,7 @@ pub(crate) fn respond<R: Rng + ?Sized>(
     let mut truncated = false;
     match set {
         Some(set) => {
-            let (answers, glue) = write_set(set, q.zone_at, limit, rng, scratch, out)?;
+            let (answers, glue) = write_set(set, (q.zone_at, index.ttl), limit, rng, scratch, out)?;
             an = answers;
             ar = glue;
             truncated = answers == 0;
@@ -114,7 +114,7 @@ pub(crate) fn respond<R: Rng + ?Sized>(
 /// not one record fits, nothing is written (the caller sets TC).
 fn write_set<R: Rng + ?Sized>(
     set: &RecordSet,
-    zone_at: Option<u16>,
+    (zone_at, ttl): (Option<u16>, u32),
     limit: usize,
     rng: &mut R,
     scratch: &mut Scratch,
@@ -124,24 +124,25 @@ fn write_set<R: Rng + ?Sized>(
     weighted_order_with(set.items.iter().map(|i| i.weight), rng, keyed, order);
     at.clear();
     for &i in order.iter() {
-        let wire = set.items.get(i)?.wire.as_ref()?;
-        if out.len() + wire.chunk.len(zone_at) > limit {
+        let data = &set.items.get(i)?.data;
+        if out.len() + data.answer_len(zone_at)? > limit {
             break;
         }
         at.push(out.len());
-        wire.chunk.write(out, zone_at);
+        data.write_answer(out, zone_at, ttl);
     }
     // Glue in answer order; stop at the first that does not fit, as the
     // hickory path keeps a prefix of it too.
     let mut glue = 0u16;
-    'glue: for (&i, &answer_at) in order.iter().zip(at.iter()) {
-        let wire = set.items.get(i)?.wire.as_ref()?;
-        for g in &wire.glue {
-            if out.len() + g.len(answer_at) > limit {
-                break 'glue;
-            }
-            g.write(out, answer_at);
-            glue += 1;
+    for (&i, &answer_at) in order.iter().zip(at.iter()) {
+        let (written, all) = set
+            .items
+            .get(i)?
+            .data
+            .write_glue(out, answer_at, ttl, limit)?;
+        glue += written;
+        if !all {
+            break;
         }
     }
     Some((at.len() as u16, glue))
