@@ -98,11 +98,16 @@ impl Handler {
             edns.set_max_payload(shared.max_udp_payload.max(512));
             edns
         });
+        let opt = if edns.is_some() { OPT_LEN } else { 0 };
         if request.protocol() == Protocol::Udp {
             let client_max = request.max_payload();
             let limit = usize::from(client_max.min(shared.max_udp_payload).max(512));
-            let opt = if edns.is_some() { OPT_LEN } else { 0 };
             answer.fit(&request.queries, limit - opt);
+        } else {
+            // One message over TCP holds at most 64 KiB (RFC 1035 §4.2.2):
+            // a service of thousands of instances answers as many as fit,
+            // in weighted order like a cut UDP answer.
+            answer.fit(&request.queries, usize::from(u16::MAX) - opt);
         }
 
         let mut metadata = Metadata::response_from_request(&request.metadata);

@@ -275,6 +275,82 @@ async fn udp_answers_fit_the_client_size_and_tcp_gets_all() {
 }
 
 #[tokio::test]
+async fn a_service_of_ten_thousand_answers_tcp_with_what_fits_by_weight() {
+    let mut fill = Fill::default();
+    for i in 0..10_000u32 {
+        let mut inst = instance(
+            "huge",
+            &format!("i{i}"),
+            &format!("10.{}.{}.{}", 100 + i / 62_500, i / 250 % 250, i % 250 + 1),
+            80,
+        );
+        // Half the instances weigh 1, half 1000.
+        inst.weight = if i % 2 == 0 { 1 } else { 1000 };
+        fill.put(&inst);
+    }
+    let server = start(test_config(), &fill).await;
+
+    // 10,000 A records do not fit in one 64 KiB message: as many as fit
+    // (about 2,000 as hickory's encoder, which TCP answers go through,
+    // writes them), no TC, and the heavy half is most of them.
+    let a = tcp_exchange(
+        server.addr,
+        &query_message("huge.xingren.host.", RecordType::A, None, false),
+    )
+    .await;
+    assert!(!a.metadata.truncation);
+    let n = a.answers.len();
+    assert!(n > 1_500 && n < 10_000, "{n} answers");
+    assert!(a.to_vec().unwrap().len() <= usize::from(u16::MAX));
+    let heavy = a
+        .answers
+        .iter()
+        .filter(|r| match &r.data {
+            RData::A(ip) => ip.octets()[3] % 2 == 0,
+            _ => false,
+        })
+        .count();
+    // Odd i (weight 1000) have even last octets (i % 250 + 1).
+    assert!(heavy * 10 > n * 9, "{heavy} of {n} heavy");
+
+    // SRV: answers first (they fill the message), then the addresses of
+    // answered targets only, in the answers' order, as far as room is left.
+    let srv = tcp_exchange(
+        server.addr,
+        &query_message("huge.xingren.host.", RecordType::SRV, None, false),
+    )
+    .await;
+    assert!(!srv.metadata.truncation);
+    assert!(srv.answers.len() > 1_000, "{}", srv.answers.len());
+    let targets: Vec<Name> = srv
+        .answers
+        .iter()
+        .map(|r| match &r.data {
+            RData::SRV(s) => s.target.clone(),
+            other => panic!("not SRV: {other:?}"),
+        })
+        .collect();
+    let glue: Vec<&Record> = srv
+        .additionals
+        .iter()
+        .filter(|r| r.record_type() != RecordType::OPT)
+        .collect();
+    assert!(glue.len() <= targets.len());
+    for (g, target) in glue.iter().zip(&targets) {
+        assert_eq!(&g.name, target);
+    }
+
+    // UDP still fits 512 bytes.
+    let (_, len) = udp_exchange(
+        server.addr,
+        &query_message("huge.xingren.host.", RecordType::A, None, false),
+    )
+    .await;
+    assert!(len <= 512, "{len}");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn answers_are_shuffled_per_response() {
     let mut fill = Fill::default();
     for i in 1..=8u8 {
