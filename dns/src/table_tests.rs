@@ -889,3 +889,18 @@ fn index_build_time() {
     println!("catalog snapshot in {:?}", start.elapsed());
     drop(snap);
 }
+
+#[test]
+fn a_meta_pair_longer_than_a_character_string_is_left_out_of_txt() {
+    let mut c = Catalog::new();
+    let mut inst = instance("user", "u1", "10.0.0.1", 80);
+    inst.meta.insert("version".into(), "1.2.3".into());
+    inst.meta.insert("notes".into(), "x".repeat(300));
+    c.put(&inst);
+    let index = Index::build(&c.snapshot(), &zone(None));
+    let a = answer(&index, "u1.user.xingren.host.", RecordType::TXT);
+    let txt: Vec<String> = a.answers.iter().map(|r| r.data.to_string()).collect();
+    assert_eq!(txt.len(), 1, "{txt:?}");
+    assert!(txt[0].contains("version=1.2.3"), "{txt:?}");
+    assert!(!txt[0].contains("notes"), "{txt:?}");
+}
