@@ -85,7 +85,8 @@ for N in "${SIZES[@]}"; do
     prev=$N
     "$LOAD" wait $REP $((N - 1)) 60 >/dev/null
     sleep 2
-    vis=$("$TARGET/release/reg_latency" $API $REP 200 "$TOKEN" "v$N-" | head -1)
+    vis=$("$TARGET/release/reg_latency" $API $REP 200 "$TOKEN" "v$N-")
+    vis=${vis%%$'\n'*}
     extra=$((extra + 200))
     vp50=$(echo "$vis" | sed -E 's/.*median ([0-9.]+) ms.*/\1/')
     vp99=$(echo "$vis" | sed -E 's/.*p99 ([0-9.]+) ms.*/\1/')
