@@ -39,6 +39,14 @@ pub struct DnsArgs {
     /// UDP sockets sharing the port (SO_REUSEPORT); 0 = one per core.
     #[arg(long, default_value_t = 0)]
     pub udp_sockets: usize,
+
+    /// Over UDP, answer at most N records of a set, picked by weight, and
+    /// never set TC: a different subset per answer spreads load (Consul's
+    /// `a_record_limit`). Default: by the DNS rules, a set that does not
+    /// fit is not sent and TC sends the client to TCP, which gets every
+    /// record that fits in 64 KiB.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub udp_answer_limit: Option<u16>,
 }
 
 impl DnsArgs {
@@ -83,6 +91,7 @@ impl DnsArgs {
             upstreams,
             allow_recursion,
             udp_sockets: self.udp_sockets,
+            udp_answer_limit: self.udp_answer_limit,
             ns_address: (!self.listen.ip().is_unspecified()).then_some(self.listen.ip()),
             ..DnsConfig::default()
         })

@@ -61,6 +61,12 @@ pub struct DnsConfig {
     pub forward_timeout: Duration,
     /// Idle timeout of TCP connections.
     pub tcp_idle_timeout: Duration,
+    /// Answer at most this many records of a set over UDP, picked by
+    /// weight, never with TC (Consul's `a_record_limit`: load spread over a
+    /// subset per answer). `None`, the default, answers by the DNS rules: a
+    /// set that does not fit is not sent, and TC makes the client ask again
+    /// over TCP (RFC 2181 §9).
+    pub udp_answer_limit: Option<u16>,
 }
 
 impl Default for DnsConfig {
@@ -77,6 +83,7 @@ impl Default for DnsConfig {
             max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
             forward_timeout: DEFAULT_FORWARD_TIMEOUT,
             tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
+            udp_answer_limit: None,
         }
     }
 }

@@ -24,7 +24,7 @@ use crate::forward::Forwarder;
 use crate::index::{Index, ZoneConfig};
 use crate::metrics::Metrics;
 use crate::name::KeyBuf;
-use crate::response::{Answer, OPT_LEN};
+use crate::response::{Answer, Fit, OPT_LEN};
 use crate::select::with_rng;
 
 /// State shared by every receive loop and the snapshot watcher.
@@ -42,6 +42,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     /// Cap of UDP answers.
     pub(crate) max_udp_payload: u16,
+    /// Records per set over UDP under `--udp-answer-limit`.
+    pub(crate) udp_answer_limit: Option<u16>,
 }
 
 impl Shared {
@@ -102,12 +104,22 @@ impl Handler {
         if request.protocol() == Protocol::Udp {
             let client_max = request.max_payload();
             let limit = usize::from(client_max.min(shared.max_udp_payload).max(512));
-            answer.fit(&request.queries, limit - opt);
+            match shared.udp_answer_limit {
+                Some(n) => {
+                    answer.keep_answers(usize::from(n));
+                    answer.fit(&request.queries, limit - opt, Fit::AsManyAsFit);
+                }
+                None => answer.fit(&request.queries, limit - opt, Fit::Whole),
+            }
         } else {
             // One message over TCP holds at most 64 KiB (RFC 1035 §4.2.2):
             // a service of thousands of instances answers as many as fit,
-            // in weighted order like a cut UDP answer.
-            answer.fit(&request.queries, usize::from(u16::MAX) - opt);
+            // in weighted order.
+            answer.fit(
+                &request.queries,
+                usize::from(u16::MAX) - opt,
+                Fit::AsManyAsFit,
+            );
         }
 
         let mut metadata = Metadata::response_from_request(&request.metadata);

@@ -85,6 +85,7 @@ pub(crate) fn handler() -> Handler {
         forwarder: None,
         metrics: Metrics::default(),
         max_udp_payload: 1232,
+        udp_answer_limit: None,
     }))
 }
 

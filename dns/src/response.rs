@@ -1,11 +1,13 @@
 //! Turning a resolution into the sections of a response, and fitting them
 //! into a UDP payload.
 //!
-//! Fitting follows CONTRACT.md: over UDP as many answer records as fit (in
-//! the weighted order of [`crate::select`], so the ones kept follow the
-//! weights), then as much of their glue as fits; TC is set only when not even
-//! one answer record fits, telling the client to retry over TCP. Over TCP
-//! everything is sent.
+//! Fitting follows CONTRACT.md. Over UDP an answer is whole or not sent:
+//! when its records do not all fit, TC tells the client to ask again over
+//! TCP (RFC 2181 §9), so that no stub or cache takes part of a set for all
+//! of it. Over TCP, and over UDP under `--udp-answer-limit`, as many answer
+//! records as fit, in the weighted order of [`crate::select`] (so the ones
+//! kept follow the weights), without TC. Either way the glue that fits
+//! follows, for kept answers only.
 
 use std::iter;
 
@@ -24,6 +26,15 @@ const HEADER_LEN: usize = 12;
 /// Size of the OPT record this server sends: root name, type, class, TTL
 /// and an empty RDATA (no options).
 pub(crate) const OPT_LEN: usize = 11;
+
+/// How an answer too large for its message is cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fit {
+    /// All the answer records or none, with TC.
+    Whole,
+    /// As many answer records as fit, in order, without TC.
+    AsManyAsFit,
+}
 
 /// The sections of one response, before encoding.
 #[derive(Debug, Clone, Default)]
@@ -128,11 +139,23 @@ impl Answer {
         }
     }
 
+    /// Keeps the first `n` answer records (the heaviest draw: they are in
+    /// weighted order) and their glue.
+    pub(crate) fn keep_answers(&mut self, n: usize) {
+        if n < self.answers.len() {
+            self.answers.truncate(n);
+            let glue = self.glue_owner.partition_point(|&owner| owner < n);
+            self.additionals.truncate(glue);
+            self.glue_owner.truncate(glue);
+        }
+    }
+
     /// Cuts the answer to `limit` bytes (the whole message except the OPT
-    /// record), encoding with `queries` as the question section the way the
-    /// server will. Most answers are far below the limit and skip the trial
-    /// encodes thanks to the precomputed upper bound.
-    pub(crate) fn fit(&mut self, queries: &Queries, limit: usize) {
+    /// record) as `how` says, encoding with `queries` as the question
+    /// section the way the server will. Most answers are far below the
+    /// limit and skip the trial encodes thanks to the precomputed upper
+    /// bound.
+    pub(crate) fn fit(&mut self, queries: &Queries, limit: usize, how: Fit) {
         if HEADER_LEN + queries.as_bytes().len() + self.records_len <= limit {
             return;
         }
@@ -144,9 +167,9 @@ impl Answer {
         }
         let kept_answers = usize::from(first.answers);
         if kept_answers < self.answers.len() {
-            if kept_answers == 0 {
-                // Not even one record fits: say so, and let the client ask
-                // again over TCP (RFC 2181 §9).
+            if kept_answers == 0 || how == Fit::Whole {
+                // Not all records fit: say so, and let the client ask again
+                // over TCP (RFC 2181 §9).
                 self.truncated = true;
                 self.answers.clear();
                 self.authorities.clear();

@@ -90,6 +90,12 @@ impl DnsServer {
                 ),
             });
         }
+        if config.udp_answer_limit == Some(0) {
+            return Err(DnsError::InvalidConfig {
+                setting: "udp_answer_limit",
+                reason: "0 would answer no records; leave it unset for the DNS rules".into(),
+            });
+        }
         let udp_count = match config.udp_sockets {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -136,6 +142,7 @@ impl DnsServer {
             forwarder,
             metrics,
             max_udp_payload: config.max_udp_payload,
+            udp_answer_limit: config.udp_answer_limit,
         });
         tracing::info!(
             addr = %local_addr,

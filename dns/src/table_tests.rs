@@ -20,7 +20,7 @@ use signpost_control_plane::store::{KeyValue, Keys};
 
 use crate::index::{Index, ZoneConfig};
 use crate::name::KeyBuf;
-use crate::response::Answer;
+use crate::response::{Answer, Fit};
 
 const ZONE: &str = "xingren.host.";
 
@@ -555,23 +555,41 @@ fn big_service(n: u16) -> Index {
 }
 
 #[test]
-fn udp_answers_keep_as_many_records_as_fit_without_tc() {
+fn udp_answers_are_whole_or_tc_unless_a_limit_asks_for_a_subset() {
     let index = big_service(100);
     let q = queries("big.xingren.host.", RecordType::A);
+
+    // By the DNS rules: 100 records do not fit in 512 bytes, so none are
+    // sent and TC sends the client to TCP (RFC 2181 §9).
     let mut a = answer(&index, "big.xingren.host.", RecordType::A);
     assert_eq!(a.answers.len(), 100);
-    a.fit(&q, 512);
+    a.fit(&q, 512, Fit::Whole);
     let (len, msg) = encode(&a, &q);
     assert!(len <= 512, "{len}");
-    assert!(!a.truncated && !msg.metadata.truncation);
+    assert!(a.truncated && msg.metadata.truncation);
+    assert!(msg.answers.is_empty());
+    // A size that holds them: whole, no TC.
+    let mut whole = answer(&index, "big.xingren.host.", RecordType::A);
+    whole.fit(&q, 4096, Fit::Whole);
+    assert!(!whole.truncated);
+    assert_eq!(encode(&whole, &q).1.answers.len(), 100);
+
+    // As many as fit (TCP's rule), without TC.
+    let mut cut = answer(&index, "big.xingren.host.", RecordType::A);
+    cut.fit(&q, 512, Fit::AsManyAsFit);
+    let (len, msg) = encode(&cut, &q);
+    assert!(len <= 512, "{len}");
+    assert!(!cut.truncated && !msg.metadata.truncation);
     // One more record (16 bytes compressed) would not have fitted.
     assert!(len + 16 > 512, "{len}: room was left");
-    assert_eq!(msg.answers.len(), a.answers.len());
-    assert!(a.answers.len() > 20, "{}", a.answers.len());
+    assert!(cut.answers.len() > 20, "{}", cut.answers.len());
 
-    // Over TCP (no fit) everything goes.
-    let full = answer(&index, "big.xingren.host.", RecordType::A);
-    assert_eq!(encode(&full, &q).1.answers.len(), 100);
+    // `--udp-answer-limit 3`: three, no TC.
+    let mut three = answer(&index, "big.xingren.host.", RecordType::A);
+    three.keep_answers(3);
+    three.fit(&q, 512, Fit::AsManyAsFit);
+    assert!(!three.truncated);
+    assert_eq!(encode(&three, &q).1.answers.len(), 3);
 }
 
 #[test]
@@ -579,7 +597,7 @@ fn udp_srv_keeps_answers_first_then_the_glue_that_fits() {
     let index = big_service(40);
     let q = queries("big.xingren.host.", RecordType::SRV);
     let mut a = answer(&index, "big.xingren.host.", RecordType::SRV);
-    a.fit(&q, 1232 - crate::response::OPT_LEN);
+    a.fit(&q, 1232 - crate::response::OPT_LEN, Fit::AsManyAsFit);
     let (len, msg) = encode(&a, &q);
     assert!(len <= 1232 - crate::response::OPT_LEN, "{len}");
     assert!(!msg.metadata.truncation);
@@ -597,10 +615,20 @@ fn udp_srv_keeps_answers_first_then_the_glue_that_fits() {
     for (glue, target) in msg.additionals.iter().zip(&targets) {
         assert_eq!(&glue.name, target);
     }
+
+    // By the DNS rules, answers that fit whole with only part of their
+    // glue: every answer, the glue that fits, no TC (glue is optional).
+    let index = big_service(25);
+    let mut a = answer(&index, "big.xingren.host.", RecordType::SRV);
+    a.fit(&q, 1232 - crate::response::OPT_LEN, Fit::Whole);
+    let (_, msg) = encode(&a, &q);
+    assert!(!msg.metadata.truncation);
+    assert_eq!(msg.answers.len(), 25);
+    assert!(msg.additionals.len() < 25, "{}", msg.additionals.len());
 }
 
 #[test]
-fn tc_only_when_not_one_record_fits() {
+fn a_record_too_big_for_udp_is_tc() {
     let mut c = Catalog::new();
     let mut fat = instance("fat", "f1", "10.0.3.1", 80);
     for i in 0..6 {
@@ -610,7 +638,7 @@ fn tc_only_when_not_one_record_fits() {
     let index = Index::build(&c.snapshot(), &zone(None));
     let q = queries("f1.fat.xingren.host.", RecordType::TXT);
     let mut a = answer(&index, "f1.fat.xingren.host.", RecordType::TXT);
-    a.fit(&q, 512);
+    a.fit(&q, 512, Fit::Whole);
     assert!(a.truncated);
     let (len, msg) = encode(&a, &q);
     assert!(len <= 512);
@@ -618,14 +646,15 @@ fn tc_only_when_not_one_record_fits() {
     assert!(msg.answers.is_empty());
     // A 4096-byte client gets it whole.
     let mut whole = answer(&index, "f1.fat.xingren.host.", RecordType::TXT);
-    whole.fit(&q, 4096);
+    whole.fit(&q, 4096, Fit::Whole);
     assert!(!whole.truncated);
     assert_eq!(whole.answers.len(), 1);
 }
 
 #[test]
 fn cut_answers_follow_the_weights() {
-    // 60 addresses, weights 1..=60: a 512-byte answer holds about 30.
+    // 60 addresses, weights 1..=60: a 512-byte answer cut to what fits
+    // (TCP's rule, here in 512 bytes) holds about 30.
     // Over many answers, the heaviest decile must be kept far more often
     // than the lightest (expected ratio near 60/6 for the first place;
     // inclusion saturates, so check a conservative bound).
@@ -642,7 +671,7 @@ fn cut_answers_follow_the_weights() {
         let Some(mut a) = Answer::from_index(&res, &index, &qname, &mut rng) else {
             panic!()
         };
-        a.fit(&q, 512);
+        a.fit(&q, 512, Fit::AsManyAsFit);
         assert!(a.answers.len() < 60);
         *firsts.entry(addrs(&a.answers[..1])[0]).or_default() += 1;
         for ip in addrs(&a.answers) {

@@ -211,8 +211,8 @@ async fn registration_changes_show_on_the_next_query() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn udp_answers_fit_the_client_size_and_tcp_gets_all() {
+/// Service `big`: 200 instances, too many for any UDP answer.
+fn big_fill() -> Fill {
     let mut fill = Fill::default();
     for i in 0..200u16 {
         fill.put(&instance(
@@ -222,41 +222,61 @@ async fn udp_answers_fit_the_client_size_and_tcp_gets_all() {
             80,
         ));
     }
+    fill
+}
+
+#[tokio::test]
+async fn udp_answers_are_whole_or_tc_and_tcp_gets_them() {
+    let mut fill = big_fill();
+    for i in 0..50u16 {
+        fill.put(&instance(
+            "mid",
+            &format!("m{i}"),
+            &format!("10.3.0.{}", i + 1),
+            80,
+        ));
+    }
     let server = start(test_config(), &fill).await;
 
-    // No EDNS: 512 bytes, as many records as fit, no TC.
-    let (plain, len) = udp_exchange(
-        server.addr,
-        &query_message("big.xingren.host.", RecordType::A, None, false),
-    )
-    .await;
-    assert!(len <= 512, "{len}");
-    assert!(!plain.metadata.truncation);
-    assert!(
-        plain.answers.len() > 20 && plain.answers.len() < 200,
-        "{}",
-        plain.answers.len()
-    );
-
-    // EDNS 4096: capped at the server's 1232.
-    let (edns, len) = udp_exchange(
-        server.addr,
-        &query_message("big.xingren.host.", RecordType::A, Some(4096), false),
-    )
-    .await;
-    assert!(len <= 1232 && len > 1100, "{len}");
-    assert!(!edns.metadata.truncation);
-    assert!(edns.answers.len() > plain.answers.len());
-    assert_eq!(edns.edns.as_ref().map(|e| e.max_payload()), Some(1232));
-
-    // SRV with glue in 512 bytes: answers first.
-    let (srv, len) = udp_exchange(
+    // 200 addresses fit in no UDP answer: TC and no partial set, with or
+    // without EDNS (RFC 2181 §9), so the client asks again over TCP.
+    for edns in [None, Some(4096)] {
+        let (reply, len) = udp_exchange(
+            server.addr,
+            &query_message("big.xingren.host.", RecordType::A, edns, false),
+        )
+        .await;
+        assert!(len <= 1232, "{len}");
+        assert!(reply.metadata.truncation, "edns {edns:?}");
+        assert!(
+            reply.answers.is_empty(),
+            "edns {edns:?}: {}",
+            reply.answers.len()
+        );
+    }
+    let (srv, _) = udp_exchange(
         server.addr,
         &query_message("big.xingren.host.", RecordType::SRV, None, false),
     )
     .await;
-    assert!(len <= 512);
-    assert!(!srv.answers.is_empty() && !srv.metadata.truncation);
+    assert!(srv.metadata.truncation && srv.answers.is_empty());
+
+    // 50 addresses: over 512 bytes, under the 1232 of EDNS.
+    let (plain, _) = udp_exchange(
+        server.addr,
+        &query_message("mid.xingren.host.", RecordType::A, None, false),
+    )
+    .await;
+    assert!(plain.metadata.truncation && plain.answers.is_empty());
+    let (edns, len) = udp_exchange(
+        server.addr,
+        &query_message("mid.xingren.host.", RecordType::A, Some(4096), false),
+    )
+    .await;
+    assert!(len <= 1232, "{len}");
+    assert!(!edns.metadata.truncation);
+    assert_eq!(edns.answers.len(), 50);
+    assert_eq!(edns.edns.as_ref().map(|e| e.max_payload()), Some(1232));
 
     let all = tcp_exchange(
         server.addr,
@@ -340,13 +360,14 @@ async fn a_service_of_ten_thousand_answers_tcp_with_what_fits_by_weight() {
         assert_eq!(&g.name, target);
     }
 
-    // UDP still fits 512 bytes.
-    let (_, len) = udp_exchange(
+    // Over UDP: TC, no partial set.
+    let (udp, len) = udp_exchange(
         server.addr,
         &query_message("huge.xingren.host.", RecordType::A, None, false),
     )
     .await;
     assert!(len <= 512, "{len}");
+    assert!(udp.metadata.truncation && udp.answers.is_empty());
     server.stop().await;
 }
 
@@ -568,5 +589,36 @@ async fn a_burst_of_queries_is_answered_query_by_query() {
         assert_eq!(reply.answers.len(), answers, "id {id}");
         assert!(seen.insert(id), "id {id} answered twice");
     }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_udp_answer_limit_answers_a_weighted_subset_without_tc() {
+    let fill = big_fill();
+    let config = signpost_dns::DnsConfig {
+        udp_answer_limit: Some(3),
+        ..test_config()
+    };
+    let server = start(config, &fill).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let (reply, _) = udp_exchange(
+            server.addr,
+            &query_message("big.xingren.host.", RecordType::A, None, false),
+        )
+        .await;
+        assert!(!reply.metadata.truncation);
+        assert_eq!(reply.answers.len(), 3);
+        seen.extend(reply.answers.iter().map(|r| r.data.to_string()));
+    }
+    // A different draw each time: 20 answers of 3 cover far more than 3.
+    assert!(seen.len() > 20, "{} addresses seen", seen.len());
+    // TCP is not limited.
+    let all = tcp_exchange(
+        server.addr,
+        &query_message("big.xingren.host.", RecordType::A, None, false),
+    )
+    .await;
+    assert_eq!(all.answers.len(), 200);
     server.stop().await;
 }

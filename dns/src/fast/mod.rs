@@ -165,6 +165,7 @@ impl UdpLoop {
         let cx = Context {
             max_udp_payload: self.shared.max_udp_payload,
             recursion,
+            answer_limit: self.shared.udp_answer_limit,
         };
         let slot = st.dsts.len();
         let index = self.shared.index.load();

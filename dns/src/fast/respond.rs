@@ -24,6 +24,9 @@ pub(crate) struct Context {
     pub(crate) max_udp_payload: u16,
     /// Whether this client may have names outside the zone forwarded (RA).
     pub(crate) recursion: bool,
+    /// Records per set under `--udp-answer-limit`; `None`: a set that does
+    /// not fit whole is not sent (TC).
+    pub(crate) answer_limit: Option<u16>,
 }
 
 /// Buffers reused from one query to the next.
@@ -71,7 +74,14 @@ pub(crate) fn respond<R: Rng + ?Sized>(
     let mut truncated = false;
     match set {
         Some(set) => {
-            let (answers, glue) = write_set(set, (q.zone_at, index.ttl), limit, rng, scratch, out)?;
+            let (answers, glue) = write_set(
+                set,
+                (q.zone_at, index.ttl),
+                (limit, cx.answer_limit),
+                rng,
+                scratch,
+                out,
+            )?;
             an = answers;
             ar = glue;
             truncated = answers == 0;
@@ -115,7 +125,7 @@ pub(crate) fn respond<R: Rng + ?Sized>(
 fn write_set<R: Rng + ?Sized>(
     set: &RecordSet,
     (zone_at, ttl): (Option<u16>, u32),
-    limit: usize,
+    (limit, answer_limit): (usize, Option<u16>),
     rng: &mut R,
     scratch: &mut Scratch,
     out: &mut Vec<u8>,
@@ -123,9 +133,17 @@ fn write_set<R: Rng + ?Sized>(
     let Scratch { keyed, order, at } = scratch;
     weighted_order_with(set.items.iter().map(|i| i.weight), rng, keyed, order);
     at.clear();
-    for &i in order.iter() {
+    let start = out.len();
+    let most = answer_limit.map_or(usize::MAX, usize::from);
+    for &i in order.iter().take(most) {
         let data = &set.items.get(i)?.data;
         if out.len() + data.answer_len(zone_at)? > limit {
+            if answer_limit.is_none() {
+                // Whole or nothing: the caller sets TC.
+                out.truncate(start);
+                at.clear();
+                return Some((0, 0));
+            }
             break;
         }
         at.push(out.len());
