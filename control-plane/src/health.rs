@@ -3,9 +3,12 @@
 //! Instances registered with a `check` get an HTTP or TCP probe at their
 //! interval; the result is written to their health key. Two consecutive
 //! failures make an instance critical, one success makes it passing again
-//! (flapping one bad probe does not pull an instance out of DNS). Only one
-//! checker runs at a time across control-plane replicas: each replica
-//! campaigns in the store's election and checks only while it leads.
+//! (flapping one bad probe does not pull an instance out of DNS). The
+//! checks are shared among the control-plane replicas by shard
+//! ([`crate::shards`]): each replica checks the shards it holds, so a
+//! replica added is checking capacity added. A shard a replica takes over
+//! keeps its instances' stored health and spreads their first probes over
+//! the interval; an instance never probed yet is probed at once.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -17,8 +20,16 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
 use crate::catalog::{Catalog, ServiceEntry};
 use crate::model::{Check, CheckTarget, Health, HealthStatus, InstanceId, ServiceName};
+use crate::shards::{ShardHolder, instance_hash, shard_of};
 use crate::store::{Keys, Store, StoreError};
 
 /// Consecutive failures that make an instance critical.
@@ -34,12 +45,49 @@ const TICK: Duration = Duration::from_millis(100);
 /// ticks this still starts up to 5,000 probes a second.
 const MAX_PROBES_IN_FLIGHT: usize = 500;
 
-/// Lease of the checker's leadership: a crashed leader is replaced within
-/// this long.
-const LEADER_TTL: Duration = Duration::from_secs(10);
+/// The checker's metrics.
+#[derive(Clone, Default)]
+struct CheckerMetrics {
+    shards: Gauge,
+    checks: Gauge,
+    probes: Family<ProbeLabels, Counter>,
+}
 
-/// Name of the election.
-const ELECTION: &str = "health-checker";
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProbeLabels {
+    result: &'static str,
+}
+
+impl CheckerMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "signpost_health_shards_held",
+            "Health check shards this control plane holds",
+            m.shards.clone(),
+        );
+        registry.register(
+            "signpost_health_checks",
+            "Checked instances this control plane probes",
+            m.checks.clone(),
+        );
+        registry.register(
+            "signpost_health_probes",
+            "Health probes run here, by result (pass or fail)",
+            m.probes.clone(),
+        );
+        m
+    }
+}
+
+/// Where an instance's probes fall in `interval`, the same on every
+/// replica: checks taken over together do not all fire together.
+fn phase(svc: &ServiceName, id: &InstanceId, interval: Duration) -> Duration {
+    let nanos = u64::try_from(interval.as_nanos())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    Duration::from_nanos(instance_hash(svc.as_str(), id.as_str()) % nanos)
+}
 
 /// Writes a health record if the instance still exists, under the
 /// instance's lease so it vanishes with it. `since` is kept when the status
@@ -147,12 +195,19 @@ pub struct HealthChecker {
     catalog: Arc<Catalog>,
     candidate: String,
     http: reqwest::Client,
+    metrics: CheckerMetrics,
 }
 
 impl HealthChecker {
-    /// A checker named `candidate` in the election (host name and API address
-    /// make a good one).
-    pub fn new(store: Arc<dyn Store>, catalog: Arc<Catalog>, candidate: String) -> Self {
+    /// A checker that is member `candidate` among the checkers (unique per
+    /// replica: host name and API address make a good one); its metrics go
+    /// to `registry`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        catalog: Arc<Catalog>,
+        candidate: String,
+        registry: &mut Registry,
+    ) -> Self {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(0)
@@ -163,25 +218,28 @@ impl HealthChecker {
             catalog,
             candidate,
             http,
+            metrics: CheckerMetrics::register(registry),
         }
     }
 
-    /// Campaigns and checks while leading, until `cancel` fires.
+    /// Holds shards and checks them, until `cancel` fires.
     pub async fn run(self, cancel: CancellationToken) {
-        let election = self.catalog.keys().election(ELECTION);
-        crate::store::while_leading(
-            &*self.store,
-            &election,
-            &self.candidate,
-            LEADER_TTL,
-            "health checker",
-            &cancel,
-            || self.check_while_leading(),
-        )
-        .await;
+        let (held_tx, held_rx) = watch::channel(BTreeSet::new());
+        let holder = ShardHolder::new(
+            self.store.clone(),
+            self.catalog.keys().clone(),
+            self.candidate.clone(),
+        );
+        tokio::join!(holder.run(held_tx, cancel.clone()), async {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = self.check(held_rx) => {}
+            }
+        });
     }
 
-    async fn check_while_leading(&self) {
+    async fn check(&self, mut held_rx: watch::Receiver<BTreeSet<u16>>) {
+        let mut held: BTreeSet<u16> = BTreeSet::new();
         let mut states: HashMap<(ServiceName, InstanceId), CheckState> = HashMap::new();
         // Probes by when they are due: a tick starts the ones due, without
         // walking every checked instance.
@@ -201,6 +259,8 @@ impl HealthChecker {
                             st.in_flight = false;
                             due.insert((st.next_due, key.clone()));
                         }
+                        let outcome = if result.ok { "pass" } else { "fail" };
+                        self.metrics.probes.get_or_create(&ProbeLabels { result: outcome }).inc();
                         self.record(&mut states, key, result).await;
                     }
                     continue;
@@ -208,6 +268,34 @@ impl HealthChecker {
             }
             let snap = self.catalog.snapshot();
             let now = Instant::now();
+            let mut gained = BTreeSet::new();
+            if held_rx.has_changed().unwrap_or(false) {
+                let now_held = held_rx.borrow_and_update().clone();
+                gained = now_held.difference(&held).copied().collect();
+                held = now_held;
+                states.retain(|(svc, id), _| held.contains(&shard_of(svc.as_str(), id.as_str())));
+                self.metrics
+                    .shards
+                    .set(i64::try_from(held.len()).unwrap_or(0));
+            }
+            let mine = |svc: &ServiceName, id: &InstanceId| {
+                held.contains(&shard_of(svc.as_str(), id.as_str()))
+            };
+            let mut add = |states: &mut HashMap<_, _>,
+                           key: (ServiceName, InstanceId),
+                           check: &Check,
+                           at: Instant| {
+                states.insert(
+                    key.clone(),
+                    CheckState {
+                        check: check.clone(),
+                        next_due: at,
+                        failures: 0,
+                        in_flight: false,
+                    },
+                );
+                due.insert((at, key));
+            };
             for change in seen.diff(&snap.services) {
                 let (svc, old, new) = match change {
                     DiffItem::Add(svc, new) => (svc, None, Some(new)),
@@ -238,22 +326,39 @@ impl HealthChecker {
                         continue;
                     };
                     let key = (svc.clone(), id.clone());
-                    if states.contains_key(&key) {
+                    if !mine(svc, id) || states.contains_key(&key) {
                         continue;
                     }
-                    states.insert(
-                        key.clone(),
-                        CheckState {
-                            check: check.clone(),
-                            next_due: now,
-                            failures: 0,
-                            in_flight: false,
-                        },
-                    );
-                    due.insert((now, key));
+                    add(&mut states, key, check, now);
+                }
+            }
+            // Shards just taken over: every checked instance in them.
+            if !gained.is_empty() {
+                for (svc, entry) in &snap.services {
+                    for (id, e) in entry.instances.iter() {
+                        let Some(check) = &e.instance.check else {
+                            continue;
+                        };
+                        let key = (svc.clone(), id.clone());
+                        if !gained.contains(&shard_of(svc.as_str(), id.as_str()))
+                            || states.contains_key(&key)
+                        {
+                            continue;
+                        }
+                        // Known health carries over; the probe can wait for
+                        // its place in the interval.
+                        let at = match e.health {
+                            Some(_) => now + phase(svc, id, check.interval),
+                            None => now,
+                        };
+                        add(&mut states, key, check, at);
+                    }
                 }
             }
             seen = snap.services.clone();
+            self.metrics
+                .checks
+                .set(i64::try_from(states.len()).unwrap_or(0));
             while let Some((at, _)) = due.first() {
                 if *at > now || probes.len() >= MAX_PROBES_IN_FLIGHT {
                     break;
@@ -342,6 +447,23 @@ mod tests {
     use crate::store::MemoryStore;
     use tokio::io::AsyncWriteExt;
 
+    #[test]
+    fn phases_spread_checks_over_their_interval() {
+        let svc = ServiceName::new("user").unwrap();
+        let interval = Duration::from_secs(10);
+        let mut per_second = [0usize; 10];
+        for i in 0..1000 {
+            let id = InstanceId::new(&format!("u{i}")).unwrap();
+            let at = phase(&svc, &id, interval);
+            assert!(at < interval);
+            per_second[at.as_secs() as usize] += 1;
+        }
+        assert!(
+            per_second.iter().all(|&n| n > 60 && n < 140),
+            "{per_second:?}"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn probes_in_flight_are_bounded_and_all_run() {
         // An app that holds every probe for 1.5 s and counts them.
@@ -399,7 +521,7 @@ mod tests {
         let cancel = CancellationToken::new();
         tokio::spawn(catalog.clone().run(store.clone(), cancel.clone()));
         assert!(catalog.wait_synced(Duration::from_secs(5)).await);
-        let checker = HealthChecker::new(store, catalog, "test".into());
+        let checker = HealthChecker::new(store, catalog, "test".into(), &mut Registry::default());
         tokio::spawn(checker.run(cancel.clone()));
         let all =
             crate::testing::eventually(Duration::from_secs(15), Duration::from_millis(100), || {

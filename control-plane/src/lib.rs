@@ -18,6 +18,7 @@ pub mod compactor;
 pub mod health;
 pub mod model;
 pub mod server;
+pub mod shards;
 pub mod store;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;

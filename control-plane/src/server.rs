@@ -40,7 +40,8 @@ pub struct ControlPlaneOptions {
     pub keys: Keys,
     /// Token checking.
     pub auth: AuthConfig,
-    /// This replica's name in the health-checker election.
+    /// This replica's name among the health checkers and in elections
+    /// (unique per replica).
     pub candidate: String,
     /// The mesh CA, if this control plane issues certificates.
     pub ca: Option<Arc<CertAuthority>>,
@@ -93,7 +94,12 @@ impl ControlPlane {
             );
             tasks.push(tokio::spawn(compactor.run(cancel.clone())));
         }
-        let checker = HealthChecker::new(opts.store.clone(), catalog.clone(), opts.candidate);
+        let checker = HealthChecker::new(
+            opts.store.clone(),
+            catalog.clone(),
+            opts.candidate,
+            &mut registry,
+        );
         tasks.push(tokio::spawn(checker.run(cancel.clone())));
         let state = ApiState {
             store: opts.store,

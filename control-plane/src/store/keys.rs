@@ -6,7 +6,8 @@
 //! <prefix>services/<service>/config           JSON ServiceConfig
 //! <prefix>tokens/<sha256 hex>                 JSON TokenRecord
 //! <prefix>ca/...                              CA roots, public parts
-//! <prefix>election/<name>                     health-checker election
+//! <prefix>checkers/<candidate>                health checker membership (leased)
+//! <prefix>election/<name>                     elections: health-checker/<shard>, compactor
 //! ```
 
 use crate::model::{InstanceId, ServiceName};
@@ -85,6 +86,12 @@ impl Keys {
     /// The prefix of the CA's public parts.
     pub fn ca(&self) -> String {
         format!("{}ca/", self.prefix)
+    }
+
+    /// The prefix of the health checkers' memberships
+    /// ([`crate::shards`]).
+    pub fn checkers(&self) -> String {
+        format!("{}checkers/", self.prefix)
     }
 
     /// An election's key prefix.

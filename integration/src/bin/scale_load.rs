@@ -1,7 +1,7 @@
 //! The loader of `integration/bench/scale.sh`.
 //!
 //! ```text
-//! scale_load register <api-url> <token> <from> <to> [in-flight]
+//! scale_load register <api-url> <token> <from> <to> [in-flight] [check-port]
 //! scale_load wait <dns-addr> <index> <timeout-seconds>
 //! ```
 //!
@@ -16,7 +16,9 @@
 //!
 //! Instance `i` is `i<i % 2>` of service `s<i / 2>` at an address of
 //! 10.0.0.0/8 that no other instance has, with a tag and two meta keys, as a
-//! small real deployment would register.
+//! small real deployment would register. With `check-port`, every instance
+//! is at 127.0.0.1 on that port with an HTTP check of `/health` every 10 s
+//! (`integration/bench/checks.sh`).
 #![forbid(unsafe_code)]
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
@@ -40,7 +42,7 @@ fn name(i: u32) -> (String, String) {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: scale_load register <api-url> <token> <from> <to> [in-flight]\n       scale_load wait <dns-addr> <index> <timeout-seconds>"
+        "usage: scale_load register <api-url> <token> <from> <to> [in-flight] [check-port]\n       scale_load wait <dns-addr> <index> <timeout-seconds>"
     );
     std::process::exit(2)
 }
@@ -61,13 +63,25 @@ fn main() {
             arg(&args, 4),
             arg(&args, 5),
             if args.len() > 6 { arg(&args, 6) } else { 32 },
+            if args.len() > 7 {
+                Some(arg(&args, 7))
+            } else {
+                None
+            },
         ),
         Some("wait") => wait(arg(&args, 2), arg(&args, 3), arg(&args, 4)),
         _ => usage(),
     }
 }
 
-fn register(api: String, token: String, from: u32, to: u32, in_flight: usize) {
+fn register(
+    api: String,
+    token: String,
+    from: u32,
+    to: u32,
+    in_flight: usize,
+    check_port: Option<u16>,
+) {
     let api = api.trim_end_matches('/').to_string();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -80,12 +94,23 @@ fn register(api: String, token: String, from: u32, to: u32, in_flight: usize) {
         futures::stream::iter(from..to)
             .map(|i| {
                 let (svc, id) = name(i);
-                let body = serde_json::json!({
-                    "address": address(i).to_string(),
-                    "port": 8080,
-                    "tags": ["v1"],
-                    "meta": {"version": "1.4.2", "zone": "a"},
-                });
+                let body = match check_port {
+                    None => serde_json::json!({
+                        "address": address(i).to_string(),
+                        "port": 8080,
+                        "tags": ["v1"],
+                        "meta": {"version": "1.4.2", "zone": "a"},
+                    }),
+                    Some(port) => serde_json::json!({
+                        "address": "127.0.0.1",
+                        "port": port,
+                        "check": {
+                            "http": format!("http://127.0.0.1:{port}/health"),
+                            "interval": "10s",
+                            "timeout": "2s",
+                        },
+                    }),
+                };
                 let req = http
                     .put(format!("{api}/v1/services/{svc}/instances/{id}"))
                     .bearer_auth(&token)
