@@ -126,6 +126,10 @@ impl Snapshot {
     }
 }
 
+/// Services up to this many instances keep their instance map at its exact
+/// size.
+const SMALL_SERVICE: usize = 16;
+
 /// An instance record as read: the instance, its revision and its lease.
 type Record = (Arc<Instance>, Revision, Option<LeaseId>);
 
@@ -204,10 +208,18 @@ impl CatalogState {
                         inst.id = id.clone();
                     }
                     self.touch(&svc, kv.mod_revision);
-                    self.instances
-                        .entry(svc)
-                        .or_default()
-                        .insert(id, (Arc::new(inst), kv.mod_revision, kv.lease));
+                    let records = self.instances.entry(svc).or_default();
+                    let new = records
+                        .insert(id, (Arc::new(inst), kv.mod_revision, kv.lease))
+                        .is_none();
+                    // Most services hold a few instances, in a vector grown
+                    // to 4 on its first push: give small ones their exact
+                    // size (a large one keeps its growth room).
+                    if new && records.len() <= SMALL_SERVICE {
+                        let mut exact = std::mem::take(records).into_tuple_vec();
+                        exact.shrink_to_fit();
+                        *records = LiteMap::from_sorted_store_unchecked(exact);
+                    }
                 }
                 Err(err) => {
                     tracing::warn!(key = %kv.key, %err, "ignoring unreadable instance record")

@@ -92,8 +92,9 @@ pub(crate) struct Item {
 pub(crate) enum Data {
     /// An A record.
     A(Ipv4Addr),
-    /// An AAAA record.
-    Aaaa(Ipv6Addr),
+    /// An AAAA record (boxed: most addresses are IPv4, and this keeps every
+    /// record of every set at 16 bytes).
+    Aaaa(Box<Ipv6Addr>),
     /// An SRV record (priority [`SRV_PRIORITY`]); its glue is the
     /// target's address.
     Srv {
@@ -104,8 +105,8 @@ pub(crate) enum Data {
         /// Target, shared by every record that names the instance.
         target: Arc<Target>,
     },
-    /// A TXT record: its RDATA, the character-strings as on the wire.
-    Txt(Box<[u8]>),
+    /// A TXT record: the instance's metadata ([`Target::txt`]).
+    Txt(Arc<Target>),
     /// A PTR record, no glue.
     Ptr(Arc<Target>),
     /// A record of the zone's own (SOA, NS and its glue), kept whole.
@@ -123,6 +124,9 @@ pub(crate) struct Target {
     pub(crate) zone_at: Option<u8>,
     /// Its address, the glue of an SRV that targets it.
     pub(crate) address: IpAddr,
+    /// An instance's TXT RDATA (its metadata, the character-strings as on
+    /// the wire), kept here with the rest of what the index holds of it.
+    txt: Option<Box<[u8]>>,
 }
 
 impl Target {
@@ -137,7 +141,13 @@ impl Target {
             name,
             zone_at,
             address,
+            txt: None,
         }
+    }
+
+    /// The TXT RDATA, empty if none.
+    pub(crate) fn txt(&self) -> &[u8] {
+        self.txt.as_deref().unwrap_or_default()
     }
 
     /// The name as hickory's.
@@ -193,13 +203,15 @@ impl Data {
     pub(crate) fn record(&self, owner: &Name, ttl: u32) -> Record {
         let data = match self {
             Data::A(ip) => RData::A(A(*ip)),
-            Data::Aaaa(ip) => RData::AAAA(AAAA(*ip)),
+            Data::Aaaa(ip) => RData::AAAA(AAAA(**ip)),
             Data::Srv {
                 weight,
                 port,
                 target,
             } => RData::SRV(SRV::new(SRV_PRIORITY, *weight, *port, target.to_name())),
-            Data::Txt(rdata) => RData::TXT(TXT::from_bytes(character_strings(rdata).collect())),
+            Data::Txt(target) => {
+                RData::TXT(TXT::from_bytes(character_strings(target.txt()).collect()))
+            }
             Data::Ptr(target) => RData::PTR(PTR(target.to_name())),
             Data::Whole(w) => {
                 let mut record = w.record.clone();
@@ -235,7 +247,7 @@ impl Data {
                 Data::Srv { target, .. } => {
                     6 + target.name.len() + target.name.len() + 10 + address_len(target.address)
                 }
-                Data::Txt(rdata) => rdata.len(),
+                Data::Txt(target) => target.txt().len(),
                 Data::Ptr(target) => target.name.len(),
                 Data::Whole(w) => return w.wire_len,
             }
@@ -286,9 +298,6 @@ pub(crate) struct Node {
     /// Its record sets, one per type; empty for an empty non-terminal. An
     /// instance's name has two (address and TXT), held inline.
     pub(crate) sets: SmallVec<[RecordSet; 2]>,
-    /// False for reverse names: they are not in the zone, and only their
-    /// PTR set is answered here.
-    pub(crate) in_zone: bool,
 }
 
 impl Node {
@@ -364,9 +373,9 @@ pub(crate) struct Index {
     reverse: Reverse,
 }
 
-/// Reverse names of instance addresses: each a node with one PTR set (an
-/// address may be shared by instances of several services).
-type Reverse = imbl::GenericHashMap<NameKey, Arc<Node>, KeyHasherBuilder, DefaultSharedPtr>;
+/// Reverse names of instance addresses: each a PTR set (an address may be
+/// shared by instances of several services).
+type Reverse = imbl::GenericHashMap<NameKey, Arc<RecordSet>, KeyHasherBuilder, DefaultSharedPtr>;
 
 type KeyHasherBuilder = std::hash::BuildHasherDefault<crate::name::KeyHasher>;
 
@@ -419,17 +428,14 @@ fn ptr_service(item: &Item) -> &[u8] {
 
 /// The PTR set of a reverse name, in target order whatever order the
 /// services came in.
-fn reverse_node(mut items: Vec<Item>) -> Node {
+fn reverse_set(mut items: Vec<Item>) -> RecordSet {
     items.sort_by(|a, b| match (&a.data, &b.data) {
         (Data::Ptr(a), Data::Ptr(b)) => a.name.cmp(&b.name),
         _ => std::cmp::Ordering::Equal,
     });
-    Node {
-        sets: smallvec![RecordSet {
-            rtype: RecordType::PTR,
-            items: items.into(),
-        }],
-        in_zone: false,
+    RecordSet {
+        rtype: RecordType::PTR,
+        items: items.into(),
     }
 }
 
@@ -453,9 +459,9 @@ fn update_reverse(
         .map(|(ip, _)| key(ip))
         .filter(|key| !now.contains_key(key))
         .collect::<std::collections::BTreeSet<_>>();
-    let others = |node: Option<&Arc<Node>>| -> Vec<Item> {
-        node.iter()
-            .flat_map(|n| n.sets.iter().flat_map(|s| &s.items))
+    let others = |set: Option<&Arc<RecordSet>>| -> Vec<Item> {
+        set.iter()
+            .flat_map(|s| &s.items)
             .filter(|item| ptr_service(item) != label)
             .cloned()
             .collect()
@@ -465,12 +471,12 @@ fn update_reverse(
         if rest.is_empty() {
             reverse.remove(&key);
         } else {
-            reverse.insert(key, Arc::new(reverse_node(rest)));
+            reverse.insert(key, Arc::new(reverse_set(rest)));
         }
     }
     for (key, mut items) in now {
         items.extend(others(reverse.get(&key)));
-        reverse.insert(key, Arc::new(reverse_node(items)));
+        reverse.insert(key, Arc::new(reverse_set(items)));
     }
 }
 
@@ -496,24 +502,17 @@ impl Builder<'_> {
         }
     }
 
+    /// The node of `name`, a name in the zone, and the empty non-terminals
+    /// between it and the apex.
     fn node(&mut self, name: &Name) -> &mut Node {
         let key = key_of(name);
-        let in_zone = is_at_or_below(&key, &self.origin_key);
-        if in_zone {
-            // Empty non-terminals: every ancestor up to the apex exists.
-            let mut parent = name.base_name();
-            while parent.num_labels() > self.zone.origin.num_labels() {
-                self.nodes.entry(key_of(&parent)).or_insert_with(|| Node {
-                    sets: SmallVec::new(),
-                    in_zone: true,
-                });
-                parent = parent.base_name();
-            }
+        debug_assert!(is_at_or_below(&key, &self.origin_key));
+        let mut parent = name.base_name();
+        while parent.num_labels() > self.zone.origin.num_labels() {
+            self.nodes.entry(key_of(&parent)).or_default();
+            parent = parent.base_name();
         }
-        self.nodes.entry(key).or_insert_with(|| Node {
-            sets: SmallVec::new(),
-            in_zone,
-        })
+        self.nodes.entry(key).or_default()
     }
 
     /// Adds `data` at `name`, a name in the zone.
@@ -614,7 +613,7 @@ fn secs(d: Duration) -> u32 {
 fn address_data(ip: IpAddr) -> Data {
     match ip {
         IpAddr::V4(v4) => Data::A(v4),
-        IpAddr::V6(v6) => Data::Aaaa(v6),
+        IpAddr::V6(v6) => Data::Aaaa(Box::new(v6)),
     }
 }
 
@@ -682,10 +681,13 @@ fn build_service(
             u32::from(e.instance.weight),
             address_data(address),
         );
-        if let Some(txt) = meta_txt(e.instance.meta.iter()) {
-            b.add(&inst_name, 1, Data::Txt(txt));
+        let target = Arc::new(Target {
+            txt: meta_txt(e.instance.meta.iter()),
+            ..Target::new(&inst_name, origin_key, address)
+        });
+        if target.txt.is_some() {
+            b.add(&inst_name, 1, Data::Txt(target.clone()));
         }
-        let target = Arc::new(Target::new(&inst_name, origin_key, address));
         b.reverse.push((
             address,
             Item {
@@ -817,8 +819,10 @@ fn service_label<'k>(key: &'k [u8], zone: &[u8]) -> Place<'k> {
 
 /// A name looked up in the index.
 enum Lookup<'a> {
-    /// It exists.
+    /// It exists in the zone.
     Node(&'a Node),
+    /// A reverse name of an instance address: its PTR set.
+    Reverse(&'a RecordSet),
     /// In the zone, but it does not exist.
     NxDomain,
     /// Outside the zone, and not a reverse name we know.
@@ -947,10 +951,7 @@ impl Index {
     /// `_services._dns-sd._udp.Z`: a PTR to every service.
     fn browse(&self) -> &Node {
         self.browse.get_or_init(|| {
-            let mut node = Node {
-                sets: SmallVec::new(),
-                in_zone: true,
-            };
+            let mut node = Node::default();
             for item in self.ordered.values().filter_map(|part| part.browse.clone()) {
                 push_item(&mut node, RecordType::PTR, item);
             }
@@ -965,7 +966,7 @@ impl Index {
                 return self
                     .reverse
                     .get(key)
-                    .map_or(Lookup::Outside, |r| Lookup::Node(r));
+                    .map_or(Lookup::Outside, |set| Lookup::Reverse(set));
             }
             Place::Apex => &self.zone_nodes,
             Place::Below(label) => match self.services.get(label) {
@@ -983,11 +984,11 @@ impl Index {
     /// `key`, without allocating: the fast path's lookup.
     pub(crate) fn resolve_single(&self, key: &[u8], qtype: RecordType) -> Single<'_> {
         match self.lookup(key) {
-            Lookup::Node(node) if node.in_zone => Single::Found(node.set(qtype)),
-            Lookup::Node(node) => match node.set(RecordType::PTR) {
-                Some(set) if qtype == RecordType::PTR => Single::Found(Some(set)),
-                _ => Single::Outside,
-            },
+            Lookup::Node(node) => Single::Found(node.set(qtype)),
+            // A known reverse name answers PTR only; other types are not
+            // ours to deny (we are not the authority for the arpa zones).
+            Lookup::Reverse(set) if qtype == RecordType::PTR => Single::Found(Some(set)),
+            Lookup::Reverse(_) => Single::Outside,
             Lookup::NxDomain => Single::NxDomain,
             Lookup::Outside => Single::Outside,
         }
@@ -1005,17 +1006,10 @@ impl Index {
             };
         }
         match self.lookup(key) {
-            Lookup::Node(node) if node.in_zone => Resolution::Found {
+            Lookup::Node(node) => Resolution::Found {
                 sets: select_sets(node, qtype),
             },
-            // A known reverse name answers PTR only; other types are not
-            // ours to deny (we are not the authority for the arpa zones).
-            Lookup::Node(node) => match node.set(RecordType::PTR) {
-                Some(_) => Resolution::Found {
-                    sets: select_sets(node, RecordType::PTR),
-                },
-                None => Resolution::Outside,
-            },
+            Lookup::Reverse(set) => Resolution::Found { sets: vec![set] },
             Lookup::NxDomain => Resolution::NxDomain,
             Lookup::Outside => Resolution::Outside,
         }

@@ -307,7 +307,7 @@ impl Data {
             Data::A(_) => 4,
             Data::Aaaa(_) => 16,
             Data::Srv { target, .. } => 6 + target.name.len(),
-            Data::Txt(rdata) => rdata.len(),
+            Data::Txt(target) => target.txt().len(),
             Data::Ptr(target) => match ptr_target(target, zone_at) {
                 (name, Some(_)) => name.len() + 2,
                 (name, None) => name.len(),
@@ -351,7 +351,8 @@ impl Data {
                 // SRV targets are never compressed (RFC 2782).
                 out.extend_from_slice(&target.name);
             }
-            Data::Txt(rdata) => {
+            Data::Txt(target) => {
+                let rdata = target.txt();
                 fixed(out, rtype, ttl, rdata.len());
                 out.extend_from_slice(rdata);
             }
