@@ -123,6 +123,12 @@ impl ShardHolder {
                     continue;
                 }
             }
+            // Wins not yet taken in: a finished campaign must not look like
+            // a failed one below and be started again.
+            while let Ok((shard, leadership)) = won_rx.try_recv() {
+                campaigns.remove(&shard);
+                leaders.insert(shard, leadership);
+            }
             leaders.retain(|_, l| !l.lost.is_cancelled());
             let members = match self.membership(&member_key, &mut membership).await {
                 Ok(members) => {

@@ -36,7 +36,9 @@ use std::time::{Duration, SystemTime};
 
 use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use hickory_proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
+use hickory_proto::serialize::binary::{
+    BinDecodable, BinDecoder, BinEncodable, BinEncoder, NameEncoding,
+};
 use imbl::ordmap::DiffItem;
 use imbl::shared_ptr::DefaultSharedPtr;
 use signpost_control_plane::catalog::{InstanceEntry, ServiceEntry, Snapshot};
@@ -156,20 +158,11 @@ impl Target {
     }
 }
 
-/// The hickory name of a key.
+/// The hickory name of a key (a name in uncompressed wire form).
 fn name_of_key(key: &[u8]) -> Name {
-    let mut labels = Vec::new();
-    let mut at = 0;
-    while let Some(&len) = key.get(at)
-        && len > 0
-    {
-        let end = (at + 1 + usize::from(len)).min(key.len());
-        labels.push(&key[at + 1..end]);
-        at = end;
-    }
     // Keys are built from valid names, so this cannot fail; the root is a
     // harmless stand-in.
-    Name::from_labels(labels).unwrap_or_else(|_| Name::root())
+    Name::read(&mut BinDecoder::new(key)).unwrap_or_else(|_| Name::root())
 }
 
 /// A record kept whole, with its glue and pre-encoded form.

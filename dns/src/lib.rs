@@ -25,8 +25,9 @@
 //!   set RD, REFUSED otherwise.
 //! - UDP answers are capped at the client's EDNS size and at
 //!   [`DnsConfig::max_udp_payload`] (1232 by default), 512 without EDNS.
-//!   When records must be left out, the ones kept are drawn by weight; TC
-//!   is set only when not even one record fits.
+//!   A set that does not fit is not sent and TC is set (RFC 2181 §9);
+//!   under [`DnsConfig::udp_answer_limit`] at most that many records, drawn
+//!   by weight, without TC. Over TCP, as many as fit in 64 KiB, by weight.
 //! - Zone transfers and classes other than IN are REFUSED, other opcodes
 //!   NOTIMP, several questions FORMERR, EDNS versions above 0 BADVERS.
 #![forbid(unsafe_code)]

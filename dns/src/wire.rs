@@ -20,7 +20,7 @@
 //!   beyond what a pointer can reach.
 
 use hickory_proto::rr::rdata::{NS, PTR};
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
 
 use crate::index::{Data, SRV_PRIORITY, Target};
@@ -136,11 +136,15 @@ pub(crate) struct WireRecord {
 /// fast path then leaves such answers to hickory).
 pub(crate) fn encode_record(record: &Record, owner: Owner, zone: &[u8]) -> Option<Chunk> {
     let rdata_long = emit_rdata(record)?;
-    let fixed = |out: &mut Vec<u8>, rdlen: usize| -> Option<()> {
-        out.extend_from_slice(&u16::from(record.record_type()).to_be_bytes());
-        out.extend_from_slice(&u16::from(record.dns_class).to_be_bytes());
-        out.extend_from_slice(&record.ttl.to_be_bytes());
-        out.extend_from_slice(&u16::try_from(rdlen).ok()?.to_be_bytes());
+    let header = |out: &mut Vec<u8>, rdlen: usize| -> Option<()> {
+        let rdlen = u16::try_from(rdlen).ok()?;
+        fixed(
+            out,
+            record.record_type(),
+            record.dns_class.into(),
+            record.ttl,
+            rdlen,
+        );
         Some(())
     };
     let mut long = Vec::with_capacity(16 + rdata_long.len());
@@ -148,7 +152,7 @@ pub(crate) fn encode_record(record: &Record, owner: Owner, zone: &[u8]) -> Optio
         Owner::Question => long.extend_from_slice(&QUESTION_POINTER),
         Owner::Zone => long.extend_from_slice(zone),
     }
-    fixed(&mut long, rdata_long.len())?;
+    header(&mut long, rdata_long.len())?;
     long.extend_from_slice(&rdata_long);
 
     // The short form: only for records with zone names to compress.
@@ -193,7 +197,7 @@ pub(crate) fn encode_record(record: &Record, owner: Owner, zone: &[u8]) -> Optio
             long: None,
         }),
         None => {
-            fixed(&mut short, rdata_long.len())?;
+            header(&mut short, rdata_long.len())?;
             short.extend_from_slice(&rdata_long);
             Some(Chunk {
                 short: short.into(),
@@ -202,7 +206,7 @@ pub(crate) fn encode_record(record: &Record, owner: Owner, zone: &[u8]) -> Optio
             })
         }
         Some(rdata_short) => {
-            fixed(&mut short, rdata_short.len())?;
+            header(&mut short, rdata_short.len())?;
             short.extend_from_slice(&rdata_short);
             Some(Chunk {
                 short: short.into(),
@@ -262,10 +266,14 @@ fn emit_rdata(record: &Record) -> Option<Vec<u8>> {
 pub(crate) fn encode_glue(record: &Record, answer: &Record) -> Option<Glue> {
     let rdata = emit_rdata(record)?;
     let mut body = Vec::with_capacity(10 + rdata.len());
-    body.extend_from_slice(&u16::from(record.record_type()).to_be_bytes());
-    body.extend_from_slice(&u16::from(record.dns_class).to_be_bytes());
-    body.extend_from_slice(&record.ttl.to_be_bytes());
-    body.extend_from_slice(&u16::try_from(rdata.len()).ok()?.to_be_bytes());
+    let rdlen = u16::try_from(rdata.len()).ok()?;
+    fixed(
+        &mut body,
+        record.record_type(),
+        record.dns_class.into(),
+        record.ttl,
+        rdlen,
+    );
     body.extend_from_slice(&rdata);
     // Owner pointer (2) + type, class, TTL, RDLENGTH (10), then the RDATA.
     let at = match &answer.data {
@@ -280,14 +288,20 @@ pub(crate) fn encode_glue(record: &Record, answer: &Record) -> Option<Glue> {
     })
 }
 
-/// TYPE, CLASS (IN), TTL and RDLENGTH.
-fn fixed(out: &mut Vec<u8>, rtype: RecordType, ttl: u32, rdlen: usize) {
+/// TYPE, CLASS, TTL and RDLENGTH.
+fn fixed(out: &mut Vec<u8>, rtype: RecordType, class: u16, ttl: u32, rdlen: u16) {
     out.extend_from_slice(&u16::from(rtype).to_be_bytes());
-    out.extend_from_slice(&1u16.to_be_bytes());
+    out.extend_from_slice(&class.to_be_bytes());
     out.extend_from_slice(&ttl.to_be_bytes());
-    // RDATA of the index's records is far below 64 KiB (an instance is at
-    // most 16 KiB); saturate rather than wrap all the same.
-    out.extend_from_slice(&u16::try_from(rdlen).unwrap_or(u16::MAX).to_be_bytes());
+    out.extend_from_slice(&rdlen.to_be_bytes());
+}
+
+/// [`fixed`] for the index's own records, class IN. Their RDATA is far
+/// below 64 KiB (an instance is at most 16 KiB); saturate rather than wrap
+/// all the same.
+fn fixed_in(out: &mut Vec<u8>, rtype: RecordType, ttl: u32, rdlen: usize) {
+    let rdlen = u16::try_from(rdlen).unwrap_or(u16::MAX);
+    fixed(out, rtype, u16::from(DNSClass::IN), ttl, rdlen);
 }
 
 /// A PTR target as written: compressed to the zone in the question when
@@ -332,11 +346,11 @@ impl Data {
         }
         match self {
             Data::A(ip) => {
-                fixed(out, rtype, ttl, 4);
+                fixed_in(out, rtype, ttl, 4);
                 out.extend_from_slice(&ip.octets());
             }
             Data::Aaaa(ip) => {
-                fixed(out, rtype, ttl, 16);
+                fixed_in(out, rtype, ttl, 16);
                 out.extend_from_slice(&ip.octets());
             }
             Data::Srv {
@@ -344,7 +358,7 @@ impl Data {
                 port,
                 target,
             } => {
-                fixed(out, rtype, ttl, 6 + target.name.len());
+                fixed_in(out, rtype, ttl, 6 + target.name.len());
                 out.extend_from_slice(&SRV_PRIORITY.to_be_bytes());
                 out.extend_from_slice(&weight.to_be_bytes());
                 out.extend_from_slice(&port.to_be_bytes());
@@ -353,12 +367,12 @@ impl Data {
             }
             Data::Txt(target) => {
                 let rdata = target.txt();
-                fixed(out, rtype, ttl, rdata.len());
+                fixed_in(out, rtype, ttl, rdata.len());
                 out.extend_from_slice(rdata);
             }
             Data::Ptr(target) => {
                 let (name, pointer) = ptr_target(target, zone_at);
-                fixed(out, rtype, ttl, name.len() + pointer.map_or(0, |_| 2));
+                fixed_in(out, rtype, ttl, name.len() + pointer.map_or(0, |_| 2));
                 out.extend_from_slice(name);
                 if let Some(at) = pointer {
                     out.extend_from_slice(&(0xC000 | at).to_be_bytes());
@@ -402,7 +416,7 @@ impl Data {
                 } else {
                     out.extend_from_slice(&target.name);
                 }
-                fixed(out, rtype, ttl, address.len());
+                fixed_in(out, rtype, ttl, address.len());
                 out.extend_from_slice(address);
                 Some((1, true))
             }

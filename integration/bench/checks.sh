@@ -35,12 +35,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-ETCD=http://127.0.0.1:23479
-etcd --name checks --data-dir "$WORK/etcd" --listen-client-urls $ETCD --advertise-client-urls $ETCD \
-    --listen-peer-urls http://127.0.0.1:23480 --initial-advertise-peer-urls http://127.0.0.1:23480 \
-    --initial-cluster checks=http://127.0.0.1:23480 >"$WORK/etcd.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 100); do curl -fsS $ETCD/health >/dev/null 2>&1 && break; sleep 0.1; done
+. integration/bench/common.sh
+bench_etcd checks 23479
 
 APP_PORT=28880
 cat >"$WORK/nginx.conf" <<NGINX
@@ -59,8 +55,7 @@ NGINX
 nginx -c "$WORK/nginx.conf" -p "$WORK"
 for _ in $(seq 50); do curl -fsS http://127.0.0.1:$APP_PORT/health >/dev/null 2>&1 && break; sleep 0.1; done
 
-head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$WORK/admin.token"
-TOKEN=$(cat "$WORK/admin.token")
+bench_token
 start_server() { # name api-port dns-port
     "$BIN" server --etcd $ETCD --api 127.0.0.1:$2 --dns 127.0.0.1:$3 \
         --admin-token-file "$WORK/admin.token" >"$WORK/$1.log" 2>&1 &

@@ -32,14 +32,9 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-ETCD=http://127.0.0.1:22379
-taskset -c 1 etcd --name bench --data-dir "$WORK/etcd" --listen-client-urls $ETCD --advertise-client-urls $ETCD \
-    --listen-peer-urls http://127.0.0.1:22380 --initial-advertise-peer-urls http://127.0.0.1:22380 \
-    --initial-cluster bench=http://127.0.0.1:22380 >"$WORK/etcd.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 100); do curl -fsS $ETCD/health >/dev/null 2>&1 && break; sleep 0.1; done
-head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$WORK/admin.token"
-TOKEN=$(cat "$WORK/admin.token")
+. integration/bench/common.sh
+BENCH_PIN="taskset -c 1" bench_etcd bench 22379
+bench_token
 API=http://127.0.0.1:28500
 taskset -c 1 "$BIN" server --etcd $ETCD --api 127.0.0.1:28500 --dns 127.0.0.1:28053 \
     --admin-token-file "$WORK/admin.token" >"$WORK/server.log" 2>&1 &

@@ -44,15 +44,9 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-ETCD=http://127.0.0.1:23379
-etcd --name scale --data-dir "$WORK/etcd" --listen-client-urls $ETCD --advertise-client-urls $ETCD \
-    --listen-peer-urls http://127.0.0.1:23380 --initial-advertise-peer-urls http://127.0.0.1:23380 \
-    --initial-cluster scale=http://127.0.0.1:23380 --quota-backend-bytes $((4 * 1024 * 1024 * 1024)) \
-    >"$WORK/etcd.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 100); do curl -fsS $ETCD/health >/dev/null 2>&1 && break; sleep 0.1; done
-head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$WORK/admin.token"
-TOKEN=$(cat "$WORK/admin.token")
+. integration/bench/common.sh
+bench_etcd scale 23379 --quota-backend-bytes $((4 * 1024 * 1024 * 1024))
+bench_token
 API=http://127.0.0.1:28600
 "$BIN" server --etcd $ETCD --api 127.0.0.1:28600 --dns 127.0.0.1:28653 \
     --admin-token-file "$WORK/admin.token" >"$WORK/server.log" 2>&1 &

@@ -1,9 +1,9 @@
 //! Writing the response to a [`Question`] from the index's pre-encoded
 //! records, with the same decisions as the hickory path
 //! ([`crate::handler`] and [`crate::response`]): the same sets, the same
-//! weighted order, the same cut to the UDP size (as many answer records as
-//! fit, then the glue that fits, TC only when not one answer fits), the same
-//! flags and the same OPT record.
+//! weighted order, the same cut to the UDP size (the whole set or none and
+//! TC; under `--udp-answer-limit` that many records or as many as fit, no
+//! TC; then the glue that fits), the same flags and the same OPT record.
 
 use hickory_proto::rr::RecordType;
 use rand::Rng;
@@ -119,9 +119,11 @@ pub(crate) fn respond<R: Rng + ?Sized>(
     Some(rcode)
 }
 
-/// Writes as many records of `set` as fit in `limit`, in a fresh weighted
-/// order, then the glue of those that fit; returns the counts of both. When
-/// not one record fits, nothing is written (the caller sets TC).
+/// Writes the records of `set` in a fresh weighted order — all of them, or
+/// with `answer_limit` at most that many and as many as fit in `limit` —
+/// then the glue that fits; returns the counts of both. When the set does
+/// not fit (or not one record does), nothing is written and the caller sets
+/// TC.
 fn write_set<R: Rng + ?Sized>(
     set: &RecordSet,
     (zone_at, ttl): (Option<u16>, u32),
