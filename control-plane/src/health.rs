@@ -6,9 +6,11 @@
 //! (flapping one bad probe does not pull an instance out of DNS). The
 //! checks are shared among the control-plane replicas by shard
 //! ([`crate::shards`]): each replica checks the shards it holds, so a
-//! replica added is checking capacity added. A shard a replica takes over
-//! keeps its instances' stored health and spreads their first probes over
-//! the interval; an instance never probed yet is probed at once.
+//! replica added is checking capacity added. Each instance is probed at
+//! its own place in its interval ([`until_slot`]), so checks registered or
+//! taken over together are spread over the interval; an instance never
+//! probed yet is probed at once, and a shard taken over keeps its
+//! instances' stored health.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -80,13 +82,33 @@ impl CheckerMetrics {
     }
 }
 
-/// Where an instance's probes fall in `interval`, the same on every
-/// replica: checks taken over together do not all fire together.
-fn phase(svc: &ServiceName, id: &InstanceId, interval: Duration) -> Duration {
-    let nanos = u64::try_from(interval.as_nanos())
+/// How long from now until the instance's place in its interval: a place
+/// fixed by a hash of its name on the wall clock, so that checks registered
+/// or taken over together do not fire together, every interval after, and
+/// every replica agrees on it.
+fn until_slot(svc: &ServiceName, id: &InstanceId, interval: Duration) -> Duration {
+    let i = u64::try_from(interval.as_nanos())
         .unwrap_or(u64::MAX)
         .max(1);
-    Duration::from_nanos(instance_hash(svc.as_str(), id.as_str()) % nanos)
+    let place = instance_hash(svc.as_str(), id.as_str()) % i;
+    let clock = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| {
+            u64::try_from(d.as_nanos() % u128::from(i)).unwrap_or(0)
+        });
+    Duration::from_nanos((place + i - clock) % i)
+}
+
+/// When a probe started now is next due: at the instance's slot, at least
+/// half an interval away (so the first probe of a new instance, made at
+/// once, is followed by one at its slot, and then one every interval).
+fn next_due(svc: &ServiceName, id: &InstanceId, interval: Duration, now: Instant) -> Instant {
+    let wait = until_slot(svc, id, interval);
+    now + if wait < interval / 2 {
+        wait + interval
+    } else {
+        wait
+    }
 }
 
 /// Writes a health record if the instance still exists, under the
@@ -348,7 +370,7 @@ impl HealthChecker {
                         // Known health carries over; the probe can wait for
                         // its place in the interval.
                         let at = match e.health {
-                            Some(_) => now + phase(svc, id, check.interval),
+                            Some(_) => now + until_slot(svc, id, check.interval),
                             None => now,
                         };
                         add(&mut states, key, check, at);
@@ -375,7 +397,7 @@ impl HealthChecker {
                     continue;
                 }
                 st.in_flight = true;
-                st.next_due = now + st.check.interval;
+                st.next_due = next_due(&key.0, &key.1, st.check.interval, now);
                 let check = st.check.clone();
                 let http = self.http.clone();
                 probes.spawn(async move {
@@ -448,15 +470,28 @@ mod tests {
     use tokio::io::AsyncWriteExt;
 
     #[test]
-    fn phases_spread_checks_over_their_interval() {
+    fn probes_are_spread_over_their_interval() {
         let svc = ServiceName::new("user").unwrap();
         let interval = Duration::from_secs(10);
+        let now = Instant::now();
         let mut per_second = [0usize; 10];
         for i in 0..1000 {
             let id = InstanceId::new(&format!("u{i}")).unwrap();
-            let at = phase(&svc, &id, interval);
-            assert!(at < interval);
-            per_second[at.as_secs() as usize] += 1;
+            let wait = until_slot(&svc, &id, interval);
+            assert!(wait < interval);
+            per_second[wait.as_secs() as usize] += 1;
+            // After a probe: the slot, half an interval to 1.5 away.
+            let next = next_due(&svc, &id, interval, now) - now;
+            assert!(
+                next >= interval / 2 && next < interval + interval / 2,
+                "{next:?}"
+            );
+            // The same slot (the clock moved on by microseconds between).
+            let off = |a: Duration, b: Duration| a.abs_diff(b) < Duration::from_millis(5);
+            assert!(
+                off(next, wait) || off(next, wait + interval),
+                "{next:?} vs {wait:?}"
+            );
         }
         assert!(
             per_second.iter().all(|&n| n > 60 && n < 140),
