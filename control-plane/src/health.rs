@@ -7,7 +7,7 @@
 //! checks are shared among the control-plane replicas by shard
 //! ([`crate::shards`]): each replica checks the shards it holds, so a
 //! replica added is checking capacity added. Each instance is probed at
-//! its own place in its interval ([`until_slot`]), so checks registered or
+//! its own place in its interval (`until_slot`), so checks registered or
 //! taken over together are spread over the interval; an instance never
 //! probed yet is probed at once, and a shard taken over keeps its
 //! instances' stored health.
