@@ -261,10 +261,12 @@ run in_pod order-1 "$BIN/grpc-call" --target "$(pod_outbound order-1)" --authori
 say "A call to a service with no instance is a gRPC status, not a broken stream:"
 in_pod order-1 env RUST_BACKTRACE=0 "$BIN/grpc-call" --target "$(pod_outbound order-1)" --authority nosuch.xingren.host unary 2>&1 | head -n 1 | sed "s/^/   /" || true
 say "order's sidecar counts gRPC statuses apart from HTTP ones:"
-in_pod order-1 curl -fsS "http://$(pod_admin order-1)/metrics" | grep -E '^signpost_sidecar_grpc_responses_total\{direction="outbound"' \
+# Read the page once, then look in it: `curl | grep -q` fails the pipeline
+# when grep stops reading before curl is done writing.
+grpc_metrics=$(in_pod order-1 curl -fsS "http://$(pod_admin order-1)/metrics") || fail "no metrics from order's sidecar"
+grep -E '^signpost_sidecar_grpc_responses_total\{direction="outbound"' <<<"$grpc_metrics" \
     || fail "no gRPC metric"
-in_pod order-1 curl -fsS "http://$(pod_admin order-1)/metrics" \
-    | grep -qE '^signpost_sidecar_grpc_responses_total\{direction="outbound",service="echo",grpc_status="0"\} 10$' \
+grep -qE '^signpost_sidecar_grpc_responses_total\{direction="outbound",service="echo",grpc_status="0"\} 10$' <<<"$grpc_metrics" \
     || fail "the 10 gRPC calls were not counted OK"
 pause
 
