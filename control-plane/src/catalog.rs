@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use litemap::LiteMap;
 
-use crate::model::{Health, HealthStatus, Instance, InstanceId, ServiceConfig, ServiceName};
+use crate::model::{
+    Health, HealthStatus, Instance, InstanceId, Interner, ServiceConfig, ServiceName,
+};
 use crate::store::{KeyKind, KeyValue, Keys, LeaseId, Revision, Store, StoreError, WatchEvent};
 
 /// One instance with its health, as of a snapshot.
@@ -30,8 +32,10 @@ pub struct InstanceEntry {
     /// The instance record, shared with the catalog's state and every
     /// snapshot that holds it unchanged.
     pub instance: Arc<Instance>,
-    /// The latest check result, if the instance has a check that has run.
-    pub health: Option<Health>,
+    /// The latest check result, if the instance has a check that has run
+    /// (behind a pointer, shared with the catalog's state: most instances
+    /// have none).
+    pub health: Option<Arc<Health>>,
     /// Revision of the instance record's last write.
     pub mod_revision: Revision,
     /// The lease the record lives under (TTL registrations).
@@ -143,7 +147,7 @@ type Record = (Arc<Instance>, Revision, Option<LeaseId>);
 #[derive(Debug, Clone, Default)]
 pub struct CatalogState {
     instances: BTreeMap<ServiceName, LiteMap<InstanceId, Record>>,
-    health: BTreeMap<ServiceName, LiteMap<InstanceId, Health>>,
+    health: BTreeMap<ServiceName, LiteMap<InstanceId, Arc<Health>>>,
     configs: BTreeMap<ServiceName, ServiceConfig>,
     /// Last revision that touched each service, kept after the service is
     /// gone so a blocking query on it sees the deletion.
@@ -156,6 +160,8 @@ pub struct CatalogState {
     totals: (usize, usize),
     /// Services changed since they were last built.
     dirty: BTreeSet<ServiceName>,
+    /// The tags, metadata and port names of every instance, each held once.
+    strings: Interner,
     revision: Revision,
 }
 
@@ -207,6 +213,7 @@ impl CatalogState {
                     if inst.id == id {
                         inst.id = id.clone();
                     }
+                    self.strings.intern_instance(&mut inst);
                     self.touch(&svc, kv.mod_revision);
                     let records = self.instances.entry(svc).or_default();
                     let new = records
@@ -228,7 +235,7 @@ impl CatalogState {
             KeyKind::Health(svc, id) => match serde_json::from_slice::<Health>(&kv.value) {
                 Ok(h) => {
                     self.touch(&svc, kv.mod_revision);
-                    self.health.entry(svc).or_default().insert(id, h);
+                    self.health.entry(svc).or_default().insert(id, Arc::new(h));
                 }
                 Err(err) => {
                     tracing::warn!(key = %kv.key, %err, "ignoring unreadable health record")

@@ -68,7 +68,8 @@ fn catalog() -> Catalog {
     }
     let mut fat = instance("fat", "f1", "10.0.3.1", 80);
     for i in 0..6 {
-        fat.meta.insert(format!("k{i}"), "x".repeat(200));
+        fat.meta
+            .insert(format!("k{i}").into(), "x".repeat(200).into());
     }
     c.put(&fat);
     c
