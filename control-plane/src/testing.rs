@@ -33,6 +33,91 @@ pub struct EtcdProcess {
     client_port: u16,
     peer_port: u16,
     child: Option<Child>,
+    tls: Option<EtcdTlsFiles>,
+}
+
+/// The certificates of an etcd started by [`EtcdProcess::spawn_tls`], as
+/// PEM files in its directory: a CA, etcd's server certificate (for
+/// 127.0.0.1) and a client certificate the CA signed.
+#[derive(Debug, Clone)]
+pub struct EtcdTlsFiles {
+    /// The CA certificate.
+    pub ca: PathBuf,
+    /// etcd's certificate and key.
+    pub server_cert: PathBuf,
+    /// etcd's key.
+    pub server_key: PathBuf,
+    /// A client certificate signed by the CA.
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
+}
+
+impl EtcdTlsFiles {
+    /// Writes a fresh CA, server and client certificate into `dir`.
+    ///
+    /// # Panics
+    ///
+    /// If a certificate cannot be made or written (test support only).
+    pub fn generate(dir: &Path) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair,
+        };
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "signpost test etcd CA");
+        let ca_key = KeyPair::generate().expect("CA key");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |name: &str, sans: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+            let mut params = CertificateParams::new(sans).expect("leaf params");
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate().expect("leaf key");
+            let cert = params.signed_by(&key, &issuer).expect("leaf certificate");
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(
+            "etcd",
+            vec!["127.0.0.1".into(), "localhost".into()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (client_cert, client_key) =
+            leaf("signpost", vec![], ExtendedKeyUsagePurpose::ClientAuth);
+        let files = Self {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server-key.pem"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client-key.pem"),
+        };
+        for (path, pem) in [
+            (&files.ca, ca_cert.pem()),
+            (&files.server_cert, server_cert),
+            (&files.server_key, server_key),
+            (&files.client_cert, client_cert),
+            (&files.client_key, client_key),
+        ] {
+            std::fs::write(path, pem).expect("write a test certificate");
+        }
+        files
+    }
+
+    /// The store's TLS options for these files (CA and client certificate).
+    ///
+    /// # Panics
+    ///
+    /// If the files cannot be read.
+    pub fn options(&self) -> crate::store::EtcdTls {
+        let read = |p: &Path| std::fs::read(p).expect("read a test certificate");
+        crate::store::EtcdTls {
+            ca_pem: read(&self.ca),
+            client: Some((read(&self.client_cert), read(&self.client_key))),
+        }
+    }
 }
 
 impl EtcdProcess {
@@ -60,14 +145,46 @@ impl EtcdProcess {
             client_port,
             peer_port,
             child: None,
+            tls: None,
         };
         etcd.start().await;
         etcd
     }
 
-    /// The client URL, e.g. `http://127.0.0.1:41234`.
+    /// Like [`EtcdProcess::spawn`], serving clients over TLS and requiring
+    /// a client certificate signed by its CA (`--client-cert-auth`); see
+    /// [`EtcdProcess::tls_files`].
+    ///
+    /// # Panics
+    ///
+    /// As [`EtcdProcess::spawn`].
+    pub async fn spawn_tls() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("signpost-etcd-tls-")
+            .tempdir()
+            .expect("cannot create a temporary directory for etcd");
+        let (client_port, peer_port) = free_ports();
+        let tls = EtcdTlsFiles::generate(dir.path());
+        let mut etcd = Self {
+            dir,
+            client_port,
+            peer_port,
+            child: None,
+            tls: Some(tls),
+        };
+        etcd.start().await;
+        etcd
+    }
+
+    /// The certificates, for an etcd from [`EtcdProcess::spawn_tls`].
+    pub fn tls_files(&self) -> Option<&EtcdTlsFiles> {
+        self.tls.as_ref()
+    }
+
+    /// The client URL, e.g. `http://127.0.0.1:41234` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// The directory holding etcd's data and its log.
@@ -139,8 +256,17 @@ impl EtcdProcess {
             .arg("--log-outputs")
             .arg("stderr")
             .arg("--log-level")
-            .arg("warn")
-            .stdin(Stdio::null())
+            .arg("warn");
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.server_cert)
+                .arg("--key-file")
+                .arg(&tls.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        cmd.stdin(Stdio::null())
             .stdout(
                 log.try_clone()
                     .expect("cannot duplicate the etcd log handle"),
@@ -179,7 +305,7 @@ impl EtcdProcess {
                     self.log_tail()
                 );
             }
-            if probe(&endpoint).await {
+            if probe(&endpoint, self.tls.as_ref()).await {
                 return;
             }
             if Instant::now() >= deadline {
@@ -207,9 +333,20 @@ impl Drop for EtcdProcess {
 
 /// Whether etcd at `endpoint` answers a linearizable read, i.e. has a
 /// leader and serves clients.
-async fn probe(endpoint: &str) -> bool {
+async fn probe(endpoint: &str, tls: Option<&EtcdTlsFiles>) -> bool {
     let attempt = async {
-        let mut client = etcd_client::Client::connect([endpoint], None).await.ok()?;
+        let options = tls.map(|files| {
+            let tls = files.options();
+            let mut config = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(tls.ca_pem));
+            if let Some((cert, key)) = tls.client {
+                config = config.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            etcd_client::ConnectOptions::new().with_tls(config)
+        });
+        let mut client = etcd_client::Client::connect([endpoint], options)
+            .await
+            .ok()?;
         client.get("signpost-probe", None).await.ok()
     };
     matches!(
