@@ -120,6 +120,14 @@ impl Default for Snapshot {
 }
 
 impl Snapshot {
+    /// Whether this snapshot was read from the store (or published by a
+    /// test), as opposed to the empty one a [`Catalog`] starts with: a DNS
+    /// server that has never loaded the catalog must not answer "no such
+    /// name" for the zone.
+    pub fn is_loaded(&self) -> bool {
+        self.built != SystemTime::UNIX_EPOCH
+    }
+
     /// A service by name.
     pub fn service(&self, name: &ServiceName) -> Option<&ServiceEntry> {
         self.services.get(name).map(|entry| &**entry)

@@ -1120,10 +1120,19 @@ async fn keep_lease_alive(
                 tracing::debug!(lease = format_args!("{lease:x}"), error = %e, "cannot renew election lease; retrying");
             }
             Ok(Err(_)) | Err(_) => {
-                tracing::warn!(
-                    lease = format_args!("{lease:x}"),
-                    "election lease not renewed for its TTL; leadership lost"
-                );
+                // With etcd unreachable every election goes at once, and
+                // the store has said so; otherwise this one is news.
+                if store.inner.reachable.load(Ordering::Relaxed) {
+                    tracing::warn!(
+                        lease = format_args!("{lease:x}"),
+                        "election lease not renewed for its TTL; leadership lost"
+                    );
+                } else {
+                    tracing::debug!(
+                        lease = format_args!("{lease:x}"),
+                        "election lease not renewed for its TTL; leadership lost"
+                    );
+                }
                 lost.cancel();
                 return;
             }
@@ -1167,8 +1176,14 @@ impl Drop for Resigner {
             }
             // Revoking deletes the candidate key too, whether or not the
             // resign went through.
-            if let Err(e) = store.revoke_lease(lease).await {
-                tracing::warn!(lease = format_args!("{lease:x}"), error = %e, "cannot revoke election lease; it will expire");
+            match store.revoke_lease(lease).await {
+                Ok(()) => {}
+                Err(e) if e.is_unavailable() => {
+                    tracing::debug!(lease = format_args!("{lease:x}"), error = %e, "cannot revoke election lease; it will expire");
+                }
+                Err(e) => {
+                    tracing::warn!(lease = format_args!("{lease:x}"), error = %e, "cannot revoke election lease; it will expire");
+                }
             }
         });
     }
