@@ -34,6 +34,8 @@ pub struct EtcdProcess {
     peer_port: u16,
     child: Option<Child>,
     tls: Option<EtcdTlsFiles>,
+    /// Member name and `--initial-cluster`, when one of an [`EtcdCluster`].
+    cluster: Option<(String, String)>,
 }
 
 /// The certificates of an etcd started by [`EtcdProcess::spawn_tls`], as
@@ -146,6 +148,7 @@ impl EtcdProcess {
             peer_port,
             child: None,
             tls: None,
+            cluster: None,
         };
         etcd.start().await;
         etcd
@@ -171,6 +174,7 @@ impl EtcdProcess {
             peer_port,
             child: None,
             tls: Some(tls),
+            cluster: None,
         };
         etcd.start().await;
         etcd
@@ -224,13 +228,28 @@ impl EtcdProcess {
         if self.is_running() {
             return;
         }
+        self.launch();
+        self.wait_ready().await;
+    }
+
+    /// The peer URL.
+    fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
+    }
+
+    /// Starts the process without waiting for it.
+    fn launch(&mut self) {
         let log = self.open_log();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let client = self.endpoint();
         let data = self.dir.path().join("data");
+        let (name, initial_cluster) = self
+            .cluster
+            .clone()
+            .unwrap_or_else(|| ("signpost-test".to_string(), format!("signpost-test={peer}")));
         let mut cmd = Command::new(etcd_binary());
         cmd.arg("--name")
-            .arg("signpost-test")
+            .arg(name)
             .arg("--data-dir")
             .arg(&data)
             .arg("--listen-client-urls")
@@ -242,7 +261,7 @@ impl EtcdProcess {
             .arg("--initial-advertise-peer-urls")
             .arg(&peer)
             .arg("--initial-cluster")
-            .arg(format!("signpost-test={peer}"))
+            .arg(initial_cluster)
             // Heartbeat 50 ms / election 500 ms instead of 100 / 1000: the
             // member elects itself faster after a restart, and etcd's
             // minimum lease TTL (1.5 election timeouts) drops from 2 s to
@@ -282,7 +301,6 @@ impl EtcdProcess {
             Err(e) => panic!("cannot start etcd `{}`: {e}", etcd_binary()),
         };
         self.child = Some(child);
-        self.wait_ready().await;
     }
 
     fn open_log(&self) -> File {
@@ -322,6 +340,136 @@ impl EtcdProcess {
         let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+/// A real etcd cluster of several members on loopback, each an
+/// [`EtcdProcess`] that can be killed (SIGKILL) and started again.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    members: Vec<EtcdProcess>,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members and waits (at most 10 s) until each answers.
+    ///
+    /// # Panics
+    ///
+    /// As [`EtcdProcess::spawn`].
+    pub async fn spawn(size: usize) -> Self {
+        let mut members: Vec<EtcdProcess> = (0..size)
+            .map(|_| {
+                let dir = tempfile::Builder::new()
+                    .prefix("signpost-etcd-member-")
+                    .tempdir_in(if Path::new("/dev/shm").is_dir() {
+                        Path::new("/dev/shm")
+                    } else {
+                        Path::new("/tmp")
+                    })
+                    .expect("cannot create a temporary directory for etcd");
+                let (client_port, peer_port) = free_ports();
+                EtcdProcess {
+                    dir,
+                    client_port,
+                    peer_port,
+                    child: None,
+                    tls: None,
+                    cluster: None,
+                }
+            })
+            .collect();
+        let initial: Vec<String> = members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| format!("m{i}={}", m.peer_url()))
+            .collect();
+        let initial = initial.join(",");
+        for (i, member) in members.iter_mut().enumerate() {
+            member.cluster = Some((format!("m{i}"), initial.clone()));
+            member.launch();
+        }
+        for member in &mut members {
+            member.wait_ready().await;
+        }
+        Self { members }
+    }
+
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(EtcdProcess::endpoint).collect()
+    }
+
+    /// Member `i`.
+    pub fn member(&mut self, i: usize) -> &mut EtcdProcess {
+        &mut self.members[i]
+    }
+
+    /// Starts the given members (stopped ones) together and waits until
+    /// each answers: members that lost quorum come back only together.
+    ///
+    /// # Panics
+    ///
+    /// As [`EtcdProcess::spawn`].
+    pub async fn start(&mut self, members: &[usize]) {
+        for &i in members {
+            if !self.members[i].is_running() {
+                self.members[i].launch();
+            }
+        }
+        for &i in members {
+            self.members[i].wait_ready().await;
+        }
+    }
+
+    /// The number of members.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether the cluster has no member.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The index of the current leader, as a running member reports it
+    /// (`None` while there is none).
+    pub async fn leader(&mut self) -> Option<usize> {
+        let endpoints = self.endpoints();
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            if !self.members[i].is_running() {
+                continue;
+            }
+            let status = async {
+                let mut client = etcd_client::Client::connect([endpoint], None).await.ok()?;
+                client.status().await.ok()
+            };
+            let Ok(Some(status)) = tokio::time::timeout(Duration::from_secs(1), status).await
+            else {
+                continue;
+            };
+            let leader = status.leader();
+            if leader == 0 {
+                continue;
+            }
+            // Ask the leader itself for its id, to map it to an index.
+            for (j, other) in endpoints.iter().enumerate() {
+                if !self.members[j].is_running() {
+                    continue;
+                }
+                let id = async {
+                    let mut client = etcd_client::Client::connect([other], None).await.ok()?;
+                    let s = client.status().await.ok()?;
+                    s.header().map(|h| h.member_id())
+                };
+                if let Ok(Some(id)) = tokio::time::timeout(Duration::from_secs(1), id).await
+                    && id == leader
+                {
+                    return Some(j);
+                }
+            }
+            return None;
+        }
+        None
     }
 }
 
