@@ -50,7 +50,12 @@ pub struct DnsArgs {
 
     /// Clients that get DNS answers at all (CIDRs, comma-separated); others
     /// get REFUSED. Default: everyone.
-    #[arg(long, value_delimiter = ',', value_name = "CIDRS")]
+    #[arg(
+        long,
+        env = "SIGNPOST_ALLOW_QUERY",
+        value_delimiter = ',',
+        value_name = "CIDRS"
+    )]
     pub allow_query: Vec<String>,
 }
 

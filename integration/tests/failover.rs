@@ -275,6 +275,17 @@ async fn lost_registrations(servers: &[&Server], writes: &[Write]) -> Vec<String
     lost
 }
 
+/// One case of `failover_figures`: its name, its window, the instant
+/// "writes in" counts from, the election time and the shard takeover.
+type Case = (
+    String,
+    Instant,
+    Instant,
+    Instant,
+    Option<Duration>,
+    Option<Duration>,
+);
+
 struct Setup {
     cluster: EtcdCluster,
     a: Server,
@@ -370,14 +381,7 @@ async fn failover_figures() {
     let servers = [&s.a, &s.b];
     let load = Load::start(&servers);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut rows: Vec<(
-        String,
-        Instant,
-        Instant,
-        Instant,
-        Option<Duration>,
-        Option<Duration>,
-    )> = Vec::new();
+    let mut rows: Vec<Case> = Vec::new();
 
     // A follower.
     let leader = s.cluster.leader().await.expect("a leader");
