@@ -171,6 +171,11 @@ async fn server_and_replica_use_etcd_over_tls_with_client_certificates() {
         anonymous.process.output().contains("does not answer yet")
     })
     .await;
+    for line in anonymous.process.output().lines() {
+        if line.contains("does not answer yet") {
+            println!("without a client certificate: {line}");
+        }
+    }
     assert_eq!(
         status_of(&format!("{}/readyz", anonymous.api)).await,
         Some(503)

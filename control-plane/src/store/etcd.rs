@@ -354,6 +354,23 @@ fn contains_pem_certificate(pem: &[u8]) -> bool {
     String::from_utf8_lossy(pem).contains("-----BEGIN CERTIFICATE-----")
 }
 
+/// A gRPC status's message and the errors under it: a failed connection
+/// is "transport error" at the top, and the cause (refused, a certificate
+/// the server did not accept) is what an operator needs.
+fn status_text(status: &tonic::Status) -> String {
+    let mut text = status.message().to_string();
+    let mut source = std::error::Error::source(status);
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
+
 /// An error with its sources, `a: b: c`: tonic's transport errors say only
 /// "transport error" at the top, and the cause (refused, bad certificate)
 /// is what an operator needs.
@@ -391,7 +408,7 @@ fn map_err(e: etcd_client::Error) -> StoreError {
             // "request timed out". Cancelled and Unknown: a connection torn
             // down mid-request. All mean "try again, maybe elsewhere".
             Code::Unavailable | Code::Cancelled | Code::Unknown => {
-                StoreError::Unavailable(status.message().to_string())
+                StoreError::Unavailable(status_text(&status))
             }
             Code::DeadlineExceeded => {
                 StoreError::Unavailable(format!("etcd deadline exceeded: {}", status.message()))
