@@ -22,7 +22,7 @@ const ADMIN: &str = "integration-admin-token-0123456789";
 const SHARDS: u64 = 32;
 
 struct Server {
-    _process: Process,
+    process: Process,
     api: String,
     dns: SocketAddr,
 }
@@ -48,7 +48,7 @@ fn spawn_server(name: &str, etcd: &str, dir: &Path) -> Server {
     .map(|s| s.to_string())
     .collect();
     Server {
-        _process: Process::spawn(name, &signpost_bin(), &args, dir),
+        process: Process::spawn(name, &signpost_bin(), &args, dir),
         api: format!("http://127.0.0.1:{api_port}"),
         dns: format!("127.0.0.1:{dns_port}").parse().unwrap(),
     }
@@ -481,6 +481,17 @@ async fn failover_figures() {
         writes.iter().filter(|w| w.status == 200).count(),
         lost.len()
     );
+    for (name, server) in [("a", &s.a), ("b", &s.b)] {
+        let log = server.process.output();
+        println!(
+            "server {name}: {} log lines ({} of them the write load's 'registered'), {} bytes over the whole run; 'etcd: unreachable' {} times, 'reachable again' {} times",
+            log.lines().count(),
+            log.lines().filter(|l| l.contains(" registered")).count(),
+            log.len(),
+            log.matches("etcd: unreachable").count(),
+            log.matches("etcd: reachable again").count(),
+        );
+    }
     println!(
         "(writes in: from the new leader, or from quorum restored, to the first successful write; shards in: from the end of the case until all {SHARDS} check shards are held)"
     );
