@@ -186,15 +186,21 @@ pub async fn run_replica(args: DnsReplicaArgs) -> Result<()> {
         addr.port(),
         args.zone
     );
+    // Serving before the first sync is safe: until then names in the zone
+    // are answered SERVFAIL, which no client caches as an answer.
+    let dns = tokio::spawn(server.run(cancel.clone()));
     if !catalog.wait_synced(Duration::from_secs(3)).await {
-        crate::etcd::check_reachable(
+        let checked = crate::etcd::check_reachable(
             &*store,
             &args.etcd,
             "names in the zone are answered SERVFAIL",
         )
-        .await?;
+        .await;
+        if checked.is_err() {
+            cancel.cancel();
+        }
+        checked?;
     }
-    let dns = tokio::spawn(server.run(cancel.clone()));
     crate::server::shutdown_signal().await;
     cancel.cancel();
     let _ = watch.await;

@@ -359,7 +359,7 @@ async fn leader_kill_loses_nothing_and_writes_come_back() {
     );
     assert!(lost.is_empty(), "registrations lost: {lost:?}");
     assert_eq!(f.dns_failures, 0, "{f:?}");
-    assert!(f.dns_queries > 50, "{f:?}");
+    assert!(f.dns_queries > 20, "{f:?}");
     let back = f
         .first_write_after
         .expect("no write succeeded after the election");
