@@ -358,25 +358,18 @@ fn contains_pem_certificate(pem: &[u8]) -> bool {
 /// is "transport error" at the top, and the cause (refused, a certificate
 /// the server did not accept) is what an operator needs.
 fn status_text(status: &tonic::Status) -> String {
-    let mut text = status.message().to_string();
-    let mut source = std::error::Error::source(status);
-    while let Some(s) = source {
-        let more = s.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = s.source();
-    }
-    text
+    with_causes(
+        status.message().to_string(),
+        std::error::Error::source(status),
+    )
 }
 
-/// An error with its sources, `a: b: c`: tonic's transport errors say only
-/// "transport error" at the top, and the cause (refused, bad certificate)
-/// is what an operator needs.
+/// An error with its sources, `a: b: c`, for the same reason.
 fn with_sources(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
+    with_causes(e.to_string(), e.source())
+}
+
+fn with_causes(mut text: String, mut source: Option<&(dyn std::error::Error + 'static)>) -> String {
     while let Some(s) = source {
         let more = s.to_string();
         if !text.contains(&more) {
