@@ -124,6 +124,14 @@ impl Default for Snapshot {
 }
 
 impl Snapshot {
+    /// Whether this snapshot was read from the store (or published by a
+    /// test), as opposed to the empty one a [`Catalog`] starts with: a DNS
+    /// server that has never loaded the catalog must not answer "no such
+    /// name" for the zone.
+    pub fn is_loaded(&self) -> bool {
+        self.built != SystemTime::UNIX_EPOCH
+    }
+
     /// A service by name.
     pub fn service(&self, name: &ServiceName) -> Option<&ServiceEntry> {
         self.services.get(name).map(|entry| &**entry)
@@ -555,12 +563,17 @@ impl Catalog {
                         "watch revision compacted; reading the catalog again"
                     );
                 }
-                Err(err) => tracing::warn!(%err, retry_in = ?backoff, "catalog watch lost"),
+                // Warn when a synced watch is lost; the retries of one
+                // outage are not news (the store logs etcd coming back).
+                Err(err) if backoff == FIRST_RETRY => {
+                    tracing::warn!(%err, "catalog watch lost; retrying with backoff")
+                }
+                Err(err) => tracing::debug!(%err, retry_in = ?backoff, "catalog watch lost"),
                 Ok(()) => tracing::warn!(retry_in = ?backoff, "catalog watch ended"),
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(crate::store::jitter(backoff)) => {}
             }
             backoff = (backoff * 2).min(MAX_RETRY);
         }

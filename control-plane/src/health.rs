@@ -454,7 +454,12 @@ impl HealthChecker {
         )
         .await
         {
-            tracing::warn!(service = %svc, id = %id, %err, "could not write health");
+            // An unreachable store is logged once by the store itself.
+            if err.is_unavailable() {
+                tracing::debug!(service = %svc, id = %id, %err, "could not write health");
+            } else {
+                tracing::warn!(service = %svc, id = %id, %err, "could not write health");
+            }
             // Try again at the next interval.
         }
     }

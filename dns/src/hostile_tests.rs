@@ -87,6 +87,7 @@ pub(crate) fn handler() -> Handler {
         metrics: Metrics::default(),
         max_udp_payload: 1232,
         udp_answer_limit: None,
+        allow_query: None,
     }))
 }
 

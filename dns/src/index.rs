@@ -368,6 +368,9 @@ pub(crate) struct Index {
     pub(crate) revision: Revision,
     /// When the snapshot was built (for the age metric).
     pub(crate) built: SystemTime,
+    /// Whether the snapshot came from the store ([`Snapshot::is_loaded`]);
+    /// until then, names in the zone are answered SERVFAIL.
+    pub(crate) loaded: bool,
     /// SOA record, for the authority section of negative answers.
     pub(crate) soa: Record,
     /// TTL of every record but the SOA.
@@ -1059,6 +1062,7 @@ impl Index {
             origin_key,
             revision: snapshot.revision,
             built: snapshot.built,
+            loaded: snapshot.is_loaded(),
             soa_len: encoded_len(&soa),
             soa,
             zone_nodes,

@@ -92,6 +92,11 @@ impl Catalog {
     pub(crate) fn snapshot(&mut self) -> Snapshot {
         self.state.snapshot()
     }
+
+    /// The state, to publish into a live catalog.
+    pub(crate) fn state_mut(&mut self) -> &mut CatalogState {
+        &mut self.state
+    }
 }
 
 pub(crate) fn instance(svc: &str, id: &str, addr: &str, port: u16) -> Instance {

@@ -91,6 +91,7 @@ fn shared_with(forwarder: Option<Forwarder>, udp_answer_limit: Option<u16>) -> A
         metrics: Metrics::default(),
         max_udp_payload: 1232,
         udp_answer_limit,
+        allow_query: None,
     })
 }
 
