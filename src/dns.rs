@@ -9,7 +9,9 @@ use anyhow::{Context, Result};
 use clap::Args;
 use signpost_control_plane::catalog::Catalog;
 use signpost_control_plane::store::{EtcdOptions, EtcdStore, Keys, Store};
-use signpost_dns::{DnsConfig, DnsServer, default_allow_recursion, default_upstreams};
+use signpost_dns::{
+    DnsConfig, DnsServer, default_allow_recursion, default_nsid, default_upstreams,
+};
 use tokio_util::sync::CancellationToken;
 
 /// DNS flags.
@@ -47,6 +49,17 @@ pub struct DnsArgs {
     /// record that fits in 64 KiB.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub udp_answer_limit: Option<u16>,
+
+    /// This replica's id, sent as NSID (RFC 5001) to queries that ask and
+    /// answered at CHAOS TXT `id.server` and `hostname.bind`, so you can
+    /// tell which replica answered. Default: the host name.
+    #[arg(long)]
+    pub nsid: Option<String>,
+
+    /// Answer CHAOS TXT `version.bind` with this text. Default: REFUSED (a
+    /// version tells attackers which bugs to try).
+    #[arg(long)]
+    pub version_string: Option<String>,
 }
 
 impl DnsArgs {
@@ -92,6 +105,8 @@ impl DnsArgs {
             allow_recursion,
             udp_sockets: self.udp_sockets,
             udp_answer_limit: self.udp_answer_limit,
+            nsid: self.nsid.clone().or_else(default_nsid),
+            version_string: self.version_string.clone(),
             ns_address: (!self.listen.ip().is_unspecified()).then_some(self.listen.ip()),
             ..DnsConfig::default()
         })

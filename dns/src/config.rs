@@ -67,6 +67,14 @@ pub struct DnsConfig {
     /// set that does not fit is not sent, and TC makes the client ask again
     /// over TCP (RFC 2181 §9).
     pub udp_answer_limit: Option<u16>,
+    /// This replica's id, answered as NSID (RFC 5001) and at CHAOS TXT
+    /// `id.server` / `hostname.bind`, so that an operator can tell which
+    /// replica answered; `None` answers neither (the binary defaults it to
+    /// the host name, [`default_nsid`]).
+    pub nsid: Option<String>,
+    /// The answer to CHAOS TXT `version.bind`; `None`, the default,
+    /// refuses it (a version helps attackers more than users).
+    pub version_string: Option<String>,
 }
 
 impl Default for DnsConfig {
@@ -84,8 +92,20 @@ impl Default for DnsConfig {
             forward_timeout: DEFAULT_FORWARD_TIMEOUT,
             tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
             udp_answer_limit: None,
+            nsid: None,
+            version_string: None,
         }
     }
+}
+
+/// The host's name, this replica's default id: what an operator already
+/// calls the machine (or the pod, whose host name is its name).
+pub fn default_nsid() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())?;
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_string())
 }
 
 /// The networks allowed to recurse by default: loopback and the private

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::forward::Forwarder;
+use crate::identity::Identity;
 use crate::index::{Index, ZoneConfig};
 use crate::metrics::Metrics;
 use crate::name::KeyBuf;
@@ -44,6 +45,8 @@ pub(crate) struct Shared {
     pub(crate) max_udp_payload: u16,
     /// Records per set over UDP under `--udp-answer-limit`.
     pub(crate) udp_answer_limit: Option<u16>,
+    /// What this replica tells about itself (NSID, CHAOS names).
+    pub(crate) identity: Identity,
 }
 
 impl Shared {
@@ -51,6 +54,15 @@ impl Shared {
     pub(crate) fn may_recurse(&self, ip: std::net::IpAddr) -> bool {
         self.forwarder.is_some() && self.allow_recursion.iter().any(|n| n.contains(&ip))
     }
+}
+
+/// Clears what an error answer to an unusable request does not claim: AA,
+/// RA and the echoed CD (Knot's NOTIMP and FORMERR carry `qr rd` only).
+pub(crate) fn plain_error(metadata: &mut Metadata) {
+    metadata.authoritative = false;
+    metadata.recursion_available = false;
+    metadata.checking_disabled = false;
+    metadata.authentic_data = false;
 }
 
 /// hickory's view of the server: one handler shared by every socket.
@@ -94,13 +106,16 @@ impl Handler {
         let recursion = shared.may_recurse(src);
         let mut answer = self.answer(request, recursion).await;
 
-        // Answer EDNS with EDNS (RFC 6891 §6.1.1), advertising our cap.
-        let edns = request.edns.as_ref().map(|_| {
+        // Answer EDNS with EDNS (RFC 6891 §6.1.1), advertising our cap and
+        // copying DO back (RFC 3225 §3).
+        let mut opt = 0;
+        let edns = request.edns.as_ref().map(|query| {
             let mut edns = Edns::new();
             edns.set_max_payload(shared.max_udp_payload.max(512));
+            edns.set_dnssec_ok(query.flags().dnssec_ok);
+            opt = OPT_LEN + shared.identity.add_nsid(query, &mut edns);
             edns
         });
-        let opt = if edns.is_some() { OPT_LEN } else { 0 };
         if request.protocol() == Protocol::Udp {
             let client_max = request.max_payload();
             let limit = usize::from(client_max.min(shared.max_udp_payload).max(512));
@@ -127,6 +142,11 @@ impl Handler {
         metadata.authoritative = answer.authoritative;
         metadata.truncation = answer.truncated;
         metadata.recursion_available = recursion;
+        if matches!(answer.rcode, ResponseCode::NotImp | ResponseCode::FormErr) {
+            // As Knot answers a request it cannot take: `qr rd` and the
+            // code, no RA (nothing was looked at) and no CD echoed.
+            plain_error(&mut metadata);
+        }
         tracing::debug!(
             rcode = %answer.rcode,
             answers = answer.answers.len(),
@@ -169,6 +189,9 @@ impl Handler {
         if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
             // The zone is the catalog: read it from the HTTP API.
             return Answer::error(ResponseCode::Refused);
+        }
+        if query.query_class() == DNSClass::CH {
+            return shared.identity.chaos(query.original().name(), qtype);
         }
         if query.query_class() != DNSClass::IN {
             return Answer::error(ResponseCode::Refused);

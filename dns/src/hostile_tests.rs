@@ -86,6 +86,7 @@ pub(crate) fn handler() -> Handler {
         metrics: Metrics::default(),
         max_udp_payload: 1232,
         udp_answer_limit: None,
+        identity: Default::default(),
     }))
 }
 

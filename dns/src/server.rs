@@ -21,6 +21,7 @@ use crate::error::DnsError;
 use crate::fast::UdpLoop;
 use crate::forward::Forwarder;
 use crate::handler::{Handler, Shared};
+use crate::identity::Identity;
 use crate::index::{Index, ZoneConfig};
 use crate::metrics::Metrics;
 
@@ -96,6 +97,11 @@ impl DnsServer {
                 reason: "0 would answer no records; leave it unset for the DNS rules".into(),
             });
         }
+        let identity = Identity::new(config.nsid.clone(), config.version_string.clone())
+            .map_err(|reason| DnsError::InvalidConfig {
+                setting: "nsid",
+                reason,
+            })?;
         let udp_count = match config.udp_sockets {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -143,6 +149,7 @@ impl DnsServer {
             metrics,
             max_udp_payload: config.max_udp_payload,
             udp_answer_limit: config.udp_answer_limit,
+            identity,
         });
         tracing::info!(
             addr = %local_addr,

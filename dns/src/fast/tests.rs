@@ -90,6 +90,7 @@ fn shared_with(forwarder: Option<Forwarder>, udp_answer_limit: Option<u16>) -> A
         metrics: Metrics::default(),
         max_udp_payload: 1232,
         udp_answer_limit,
+        identity: Default::default(),
     })
 }
 
@@ -199,6 +200,16 @@ fn assert_same(what: &str, query: &[u8], fast: &[u8], slow: &[u8]) {
 }
 
 fn query(name: &str, qtype: RecordType, edns: Option<u16>, rd: bool, cd: bool) -> Vec<u8> {
+    query_do(name, qtype, edns, (rd, cd, false))
+}
+
+/// [`query`] with the DO bit too, when there is an OPT record.
+fn query_do(
+    name: &str,
+    qtype: RecordType,
+    edns: Option<u16>,
+    (rd, cd, dnssec_ok): (bool, bool, bool),
+) -> Vec<u8> {
     let mut msg = Message::new(0x4242, MessageType::Query, OpCode::Query);
     msg.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
     msg.metadata.recursion_desired = rd;
@@ -206,6 +217,7 @@ fn query(name: &str, qtype: RecordType, edns: Option<u16>, rd: bool, cd: bool) -
     if let Some(payload) = edns {
         let mut e = Edns::new();
         e.set_max_payload(payload);
+        e.set_dnssec_ok(dnssec_ok);
         msg.edns = Some(e);
     }
     msg.to_vec().unwrap()
@@ -276,11 +288,16 @@ async fn fast_path_answers_every_row_like_the_handler() {
         for &(name, qtype) in ROWS {
             for spelled in spellings(name) {
                 for edns in [None, Some(100), Some(512), Some(1232), Some(4096)] {
-                    for (rd, cd) in [(false, false), (true, false), (false, true)] {
+                    for (rd, cd, dnssec_ok) in [
+                        (false, false, false),
+                        (true, false, true),
+                        (false, true, false),
+                        (false, true, true),
+                    ] {
                         let what = format!(
-                            "{spelled} {qtype} edns {edns:?} rd {rd} cd {cd} limit {limit:?}"
+                            "{spelled} {qtype} edns {edns:?} rd {rd} cd {cd} do {dnssec_ok} limit {limit:?}"
                         );
-                        let packet = query(&spelled, qtype, edns, rd, cd);
+                        let packet = query_do(&spelled, qtype, edns, (rd, cd, dnssec_ok));
                         let f = fast(&shared, &packet, &mut rng)
                             .unwrap_or_else(|| panic!("{what}: not answered by the fast path"));
                         let s = slow(&shared, &packet).await.unwrap();
