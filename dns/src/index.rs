@@ -19,7 +19,10 @@
 //! |---|---|
 //! | `Z` | SOA, NS (`ns.Z`, with glue when the server's address is known) |
 //! | `ns.Z` | A or AAAA of the server, when configured |
-//! | `_services._dns-sd._udp.Z` | PTR to every service |
+//! | `_services._dns-sd._udp.Z` | PTR to every service type `_<svc>._tcp.Z` |
+//! | `b._dns-sd._udp.Z`, `lb._dns-sd._udp.Z` | PTR to `Z` (DNS-SD browsing domains) |
+//! | `_<svc>._tcp.Z` | PTR to `<id>._<svc>._tcp.Z` per healthy instance |
+//! | `<id>._<svc>._tcp.Z` | SRV (to `<id>.<svc>.Z`) and TXT (metadata) of that healthy instance |
 //! | `<svc>.Z` | A, AAAA, SRV of healthy instances |
 //! | `_<port>._<tcp,udp>.<svc>.Z` | SRV of healthy instances with that named port |
 //! | `<id>.<svc>.Z` | A or AAAA, TXT (metadata) of that instance, healthy or not |
@@ -652,14 +655,19 @@ fn build_service(
     let svc_name = child(origin, svc)?;
     let mut b = Builder::new(zone, origin_key);
     b.touch(&svc_name);
-    let browse = browse_name(origin).map(|_| Item {
-        weight: 1,
-        data: Data::Ptr(Arc::new(Target::new(
-            &svc_name,
-            origin_key,
-            IpAddr::from([0, 0, 0, 0]),
-        ))),
-    });
+    // DNS-SD (RFC 6763): the service type `_<svc>._tcp.Z`, which the
+    // enumeration points at.
+    let dnssd_type = dnssd_type_name(origin, svc);
+    let browse = browse_name(origin)
+        .and(dnssd_type.as_ref())
+        .map(|dnssd_type| Item {
+            weight: 1,
+            data: Data::Ptr(Arc::new(Target::new(
+                dnssd_type,
+                origin_key,
+                IpAddr::from([0, 0, 0, 0]),
+            ))),
+        });
 
     // Each instance's own name, address record, metadata and reverse name;
     // its target is shared by every SRV record that names it.
@@ -706,6 +714,26 @@ fn build_service(
     add_addresses(&mut b, &svc_name, entry.healthy());
     for e in entry.healthy() {
         srv(&mut b, &svc_name, e, e.instance.port);
+    }
+
+    // DNS-SD browsing: `_<svc>._tcp.Z` PTR to `<id>._<svc>._tcp.Z` per
+    // healthy instance, each with SRV (to `<id>.<svc>.Z`) and TXT (its
+    // metadata; one empty string when it has none, RFC 6763 §6.1).
+    if let Some(dnssd_type) = &dnssd_type {
+        b.touch(dnssd_type);
+        for e in entry.healthy() {
+            let Some(dnssd_inst) = child(dnssd_type, e.instance.id.as_str()) else {
+                continue;
+            };
+            let txt = meta_txt(e.instance.meta.iter()).unwrap_or_else(|| Box::new([0]));
+            let target = Arc::new(Target {
+                txt: Some(txt),
+                ..Target::new(&dnssd_inst, origin_key, e.instance.address)
+            });
+            b.add(dnssd_type, 1, Data::Ptr(target.clone()));
+            srv(&mut b, &dnssd_inst, e, e.instance.port);
+            b.add(&dnssd_inst, 1, Data::Txt(target));
+        }
     }
 
     // Tags. A tag name exists while any instance carries it, so a
@@ -768,6 +796,44 @@ fn build_service(
         browse,
         reverse,
     })
+}
+
+/// `_<svc>._tcp.Z`, the DNS-SD service type of `svc` (`None` when `_<svc>`
+/// is longer than a label).
+fn dnssd_type_name(origin: &Name, svc: &str) -> Option<Name> {
+    child(&child(origin, "_tcp")?, &format!("_{svc}"))
+}
+
+/// `b._dns-sd._udp.Z` and `lb._dns-sd._udp.Z`: the browsing domains a
+/// DNS-SD client asks for (RFC 6763 §11), both pointing at the zone.
+fn browsing_domain_names(origin: &Name) -> Vec<Name> {
+    let Some(dns_sd) = child(origin, "_udp").and_then(|n| child(&n, "_dns-sd")) else {
+        return Vec::new();
+    };
+    ["b", "lb"]
+        .iter()
+        .filter_map(|l| child(&dns_sd, l))
+        .collect()
+}
+
+/// The service whose DNS-SD names `key` is at or below: the label above
+/// `_tcp.Z` without its `_` (`user` for `u1._user._tcp.Z`).
+fn dnssd_service<'k>(key: &'k [u8], zone: &[u8]) -> Option<&'k [u8]> {
+    let mut labels: SmallVec<[(usize, usize); 8]> = SmallVec::new();
+    let mut at = 0;
+    while at < key.len() {
+        if key[at..] == *zone {
+            let (start, len) = *labels.get(labels.len().checked_sub(2)?)?;
+            return key.get(start..start + len)?.strip_prefix(b"_");
+        }
+        let len = usize::from(key[at]);
+        if len == 0 {
+            return None;
+        }
+        labels.push((at + 1, len));
+        at += 1 + len;
+    }
+    None
 }
 
 /// `_services._dns-sd._udp.Z`.
@@ -922,6 +988,15 @@ impl Index {
         if let Some(browse) = &browse_name {
             b.touch(browse);
         }
+        for domain in browsing_domain_names(origin) {
+            b.add_whole(&domain, RData::PTR(PTR(origin.clone())), Vec::new());
+        }
+        // `_tcp.Z` exists while a service type below it does (RFC 8020).
+        if !services.is_empty()
+            && let Some(tcp) = child(origin, "_tcp")
+        {
+            b.touch(&tcp);
+        }
 
         Index {
             soa_wire: wire::encode_record(&soa, Owner::Zone, &origin_key),
@@ -964,6 +1039,10 @@ impl Index {
             Place::Apex => &self.zone_nodes,
             Place::Below(label) => match self.services.get(label) {
                 Some(part) => &part.nodes,
+                // DNS-SD names live with their service.
+                None if label == b"_tcp" => dnssd_service(key, &self.origin_key)
+                    .and_then(|svc| self.services.get(svc))
+                    .map_or(&self.zone_nodes, |part| &part.nodes),
                 None if self.browse_key.as_deref() == Some(key) => {
                     return Lookup::Node(self.browse());
                 }

@@ -233,3 +233,52 @@ async fn nsid_and_chaos_names_tell_the_replica() {
     assert!(out.contains("status: REFUSED"), "{out}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_sd_browsing_follows_rfc_6763() {
+    let server = start(test_config(), &standard_fill()).await;
+    let short = |args: &'static [&'static str]| dig_async(server.addr, args);
+    let lines = |out: String| -> Vec<String> {
+        let mut v: Vec<String> = out.lines().map(str::to_string).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        lines(short(&["+short", "_services._dns-sd._udp.xingren.host", "PTR"]).await),
+        ["_order._tcp.xingren.host.", "_user._tcp.xingren.host."]
+    );
+    for args in [
+        &["+short", "b._dns-sd._udp.xingren.host", "PTR"],
+        &["+short", "lb._dns-sd._udp.xingren.host", "PTR"],
+    ] {
+        assert_eq!(lines(short(args).await), ["xingren.host."], "{args:?}");
+    }
+    // u3 is critical: not browsed.
+    assert_eq!(
+        lines(short(&["+short", "_user._tcp.xingren.host", "PTR"]).await),
+        [
+            "u1._user._tcp.xingren.host.",
+            "u2._user._tcp.xingren.host.",
+            "u6._user._tcp.xingren.host."
+        ]
+    );
+    assert_eq!(
+        lines(short(&["+short", "u1._user._tcp.xingren.host", "SRV"]).await),
+        ["10 100 8080 u1.user.xingren.host."]
+    );
+    assert_eq!(
+        lines(short(&["+short", "u1._user._tcp.xingren.host", "TXT"]).await),
+        ["\"version=1.2.3\""]
+    );
+    assert_eq!(
+        lines(short(&["+short", "u2._user._tcp.xingren.host", "TXT"]).await),
+        ["\"\""]
+    );
+    // Over TCP too, with hickory's messages.
+    let q = query_message("_user._tcp.xingren.host.", RecordType::PTR, None, false);
+    assert_eq!(tcp_exchange(server.addr, &q).await.answers.len(), 3);
+    let q = query_message("u3._user._tcp.xingren.host.", RecordType::SRV, None, false);
+    let (reply, _) = udp_exchange(server.addr, &q).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
+    server.stop().await;
+}
