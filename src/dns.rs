@@ -50,6 +50,11 @@ pub struct DnsArgs {
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub udp_answer_limit: Option<u16>,
 
+    /// Most forwarded queries waiting on upstreams at once; past it, SERVFAIL
+    /// at once, so a dead upstream cannot make queries pile up in memory.
+    #[arg(long, default_value = "1000", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_forwards: u32,
+
     /// This replica's id, sent as NSID (RFC 5001) to queries that ask and
     /// answered at CHAOS TXT `id.server` and `hostname.bind`, so you can
     /// tell which replica answered. Default: the host name.
@@ -105,6 +110,7 @@ impl DnsArgs {
             allow_recursion,
             udp_sockets: self.udp_sockets,
             udp_answer_limit: self.udp_answer_limit,
+            max_forwards: usize::try_from(self.max_forwards).unwrap_or(usize::MAX),
             nsid: self.nsid.clone().or_else(default_nsid),
             version_string: self.version_string.clone(),
             ns_address: (!self.listen.ip().is_unspecified()).then_some(self.listen.ip()),

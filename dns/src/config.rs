@@ -28,6 +28,12 @@ pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1232;
 /// hears a clear failure instead of timing out.
 pub const DEFAULT_FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Most forwarded queries waiting on upstreams at once: each costs a few
+/// KB for up to the forward timeout, so 1,000 bound that to a few MB while
+/// leaving room for a host's ordinary burst (a resolver rarely has more
+/// than a few dozen outstanding).
+pub const DEFAULT_MAX_FORWARDS: usize = 1000;
+
 /// How long an idle TCP connection is kept open.
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -61,6 +67,9 @@ pub struct DnsConfig {
     pub forward_timeout: Duration,
     /// Idle timeout of TCP connections.
     pub tcp_idle_timeout: Duration,
+    /// Most forwarded queries in flight; past it, SERVFAIL at once (see
+    /// [`DEFAULT_MAX_FORWARDS`]). At least 1.
+    pub max_forwards: usize,
     /// Answer at most this many records of a set over UDP, picked by
     /// weight, never with TC (Consul's `a_record_limit`: load spread over a
     /// subset per answer). `None`, the default, answers by the DNS rules: a
@@ -91,6 +100,7 @@ impl Default for DnsConfig {
             max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
             forward_timeout: DEFAULT_FORWARD_TIMEOUT,
             tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
+            max_forwards: DEFAULT_MAX_FORWARDS,
             udp_answer_limit: None,
             nsid: None,
             version_string: None,

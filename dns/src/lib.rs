@@ -60,7 +60,7 @@ mod hostile_tests;
 mod table_tests;
 
 pub use config::{
-    DEFAULT_FORWARD_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_UDP_PAYLOAD, DEFAULT_TCP_IDLE_TIMEOUT,
+    DEFAULT_FORWARD_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_FORWARDS, DEFAULT_MAX_UDP_PAYLOAD, DEFAULT_TCP_IDLE_TIMEOUT,
     DEFAULT_TTL, DEFAULT_ZONE, DnsConfig, default_allow_recursion, default_nsid,
     default_upstreams, parse_resolv_conf,
 };

@@ -97,6 +97,12 @@ impl DnsServer {
                 reason: "0 would answer no records; leave it unset for the DNS rules".into(),
             });
         }
+        if config.max_forwards == 0 {
+            return Err(DnsError::InvalidConfig {
+                setting: "max_forwards",
+                reason: "0 would refuse every forwarded query; leave upstreams empty to turn forwarding off".into(),
+            });
+        }
         let identity = Identity::new(config.nsid.clone(), config.version_string.clone())
             .map_err(|reason| DnsError::InvalidConfig {
                 setting: "nsid",
@@ -128,7 +134,11 @@ impl DnsServer {
         let forwarder = if upstreams.is_empty() {
             None
         } else {
-            Some(Forwarder::new(&upstreams, config.forward_timeout)?)
+            Some(Forwarder::new(
+                &upstreams,
+                config.forward_timeout,
+                config.max_forwards,
+            )?)
         };
 
         let zone = ZoneConfig {

@@ -353,6 +353,7 @@ async fn fast_path_refuses_like_the_handler_and_leaves_forwarding_to_it() {
     let forwarder = Forwarder::new(
         &["127.0.0.1:9".parse().unwrap()],
         Duration::from_millis(100),
+        crate::DEFAULT_MAX_FORWARDS,
     )
     .unwrap();
     let shared = shared(Some(forwarder));
