@@ -55,6 +55,16 @@ pub struct DnsArgs {
     #[arg(long, default_value = "1000", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_forwards: u32,
 
+    /// Clients allowed to transfer the zone (AXFR, IXFR over TCP), CIDRs
+    /// comma-separated. Default: none (every transfer REFUSED).
+    #[arg(long, value_delimiter = ',')]
+    pub allow_transfer: Vec<String>,
+
+    /// Secondaries to send a NOTIFY when the zone changes (ip or ip:port,
+    /// comma-separated), so they transfer at once.
+    #[arg(long, value_delimiter = ',')]
+    pub notify: Vec<String>,
+
     /// This replica's id, sent as NSID (RFC 5001) to queries that ask and
     /// answered at CHAOS TXT `id.server` and `hostname.bind`, so you can
     /// tell which replica answered. Default: the host name.
@@ -102,6 +112,26 @@ impl DnsArgs {
                 })
                 .collect::<Result<Vec<_>>>()?
         };
+        let allow_transfer = self
+            .allow_transfer
+            .iter()
+            .map(|s| {
+                s.parse()
+                    .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .with_context(|| {
+                        format!("--allow-transfer {s:?} is not a CIDR (e.g. 10.0.0.0/8)")
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let notify = self
+            .notify
+            .iter()
+            .map(|s| {
+                s.parse::<SocketAddr>()
+                    .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .with_context(|| format!("--notify {s:?} is not an address (ip or ip:port)"))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(DnsConfig {
             listen: self.listen,
             zone: zone.to_string(),
@@ -110,6 +140,8 @@ impl DnsArgs {
             allow_recursion,
             udp_sockets: self.udp_sockets,
             udp_answer_limit: self.udp_answer_limit,
+            allow_transfer,
+            notify,
             max_forwards: usize::try_from(self.max_forwards).unwrap_or(usize::MAX),
             nsid: self.nsid.clone().or_else(default_nsid),
             version_string: self.version_string.clone(),

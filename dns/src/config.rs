@@ -81,6 +81,12 @@ pub struct DnsConfig {
     /// replica answered; `None` answers neither (the binary defaults it to
     /// the host name, [`default_nsid`]).
     pub nsid: Option<String>,
+    /// Clients allowed to transfer the zone (AXFR, IXFR over TCP); empty,
+    /// the default, refuses every transfer.
+    pub allow_transfer: Vec<IpNet>,
+    /// Secondaries sent a NOTIFY (RFC 1996) when the zone's serial changes,
+    /// so that they transfer at once instead of at their next refresh.
+    pub notify: Vec<SocketAddr>,
     /// The answer to CHAOS TXT `version.bind`; `None`, the default,
     /// refuses it (a version helps attackers more than users).
     pub version_string: Option<String>,
@@ -104,6 +110,8 @@ impl Default for DnsConfig {
             udp_answer_limit: None,
             nsid: None,
             version_string: None,
+            allow_transfer: Vec::new(),
+            notify: Vec::new(),
         }
     }
 }

@@ -22,6 +22,7 @@ use tracing::Instrument;
 
 use crate::forward::Forwarder;
 use crate::identity::Identity;
+use crate::transfer::{self, Transfers};
 use crate::index::{Index, ZoneConfig};
 use crate::metrics::Metrics;
 use crate::name::KeyBuf;
@@ -47,6 +48,8 @@ pub(crate) struct Shared {
     pub(crate) udp_answer_limit: Option<u16>,
     /// What this replica tells about itself (NSID, CHAOS names).
     pub(crate) identity: Identity,
+    /// Who may transfer the zone, and the snapshots kept for IXFR.
+    pub(crate) transfers: Transfers,
 }
 
 impl Shared {
@@ -63,6 +66,17 @@ pub(crate) fn plain_error(metadata: &mut Metadata) {
     metadata.recursion_available = false;
     metadata.checking_disabled = false;
     metadata.authentic_data = false;
+}
+
+/// Whether `request` is a zone transfer (AXFR or IXFR of class IN in a
+/// well-formed QUERY), which [`transfer`] answers in as many messages as it
+/// takes.
+fn is_transfer(request: &Request) -> bool {
+    request.metadata.op_code == OpCode::Query
+        && request.edns.as_ref().is_none_or(|e| e.version() == 0)
+        && matches!(request.queries.queries(), [q]
+            if matches!(q.query_type(), RecordType::AXFR | RecordType::IXFR)
+                && q.query_class() == DNSClass::IN)
 }
 
 /// hickory's view of the server: one handler shared by every socket.
@@ -104,6 +118,16 @@ impl Handler {
         let shared = &*self.0;
         let src = request.src().ip();
         let recursion = shared.may_recurse(src);
+        if is_transfer(request) {
+            let edns = request.edns.as_ref().map(|query| {
+                let mut edns = Edns::new();
+                edns.set_max_payload(shared.max_udp_payload.max(512));
+                edns.set_dnssec_ok(query.flags().dnssec_ok);
+                edns
+            });
+            let index = shared.index.load_full();
+            return transfer::respond(&shared.transfers, index, request, edns, handle).await;
+        }
         let mut answer = self.answer(request, recursion).await;
 
         // Answer EDNS with EDNS (RFC 6891 §6.1.1), advertising our cap and
@@ -187,7 +211,7 @@ impl Handler {
         }
         let qtype = query.query_type();
         if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
-            // The zone is the catalog: read it from the HTTP API.
+            // Only in a class other than IN ([`transfer`] takes the rest).
             return Answer::error(ResponseCode::Refused);
         }
         if query.query_class() == DNSClass::CH {

@@ -87,6 +87,7 @@ pub(crate) fn handler() -> Handler {
         max_udp_payload: 1232,
         udp_answer_limit: None,
         identity: Default::default(),
+        transfers: crate::transfer::Transfers::new(Vec::new()),
     }))
 }
 

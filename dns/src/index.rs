@@ -1096,3 +1096,77 @@ fn select_sets(node: &Node, qtype: RecordType) -> Vec<&RecordSet> {
         node.set(qtype).into_iter().collect()
     }
 }
+
+/// One name of the zone and its sets, as a zone transfer sends them.
+pub(crate) type ZoneName<'a> = (&'a [u8], &'a Node);
+
+impl Names {
+    /// Its names in key order.
+    fn iter(&self) -> impl Iterator<Item = ZoneName<'_>> {
+        self.0.iter().map(|(k, n)| (&k[..], n))
+    }
+}
+
+impl Index {
+    /// The SOA serial: the catalog revision modulo 2^32, so that every
+    /// replica gives the same serial to the same revision, and RFC 1982
+    /// arithmetic orders them across the wrap.
+    pub(crate) fn serial(&self) -> u32 {
+        (self.revision & 0xFFFF_FFFF) as u32
+    }
+
+    /// Every name of the zone with its sets, as queries answer them (the
+    /// zone's own names, the DNS-SD enumeration, every service's names;
+    /// not the reverse names, which are outside the zone): an AXFR's
+    /// content, the SOA included at the apex.
+    pub(crate) fn zone_names(&self) -> impl Iterator<Item = ZoneName<'_>> {
+        let browse = self.browse_key.as_deref().map(|key| (key, self.browse()));
+        self.zone_nodes
+            .iter()
+            .chain(browse)
+            .chain(self.ordered.values().flat_map(|part| part.nodes.iter()))
+    }
+
+    /// The names whose records may differ between `old` and this index:
+    /// the zone's own names, the enumeration when services came or went,
+    /// and the names of the services the catalog changed, as (in `old`, in
+    /// this one). The work is that of the change, not of the zone.
+    pub(crate) fn changed_names<'a>(
+        &'a self,
+        old: &'a Index,
+    ) -> (Vec<ZoneName<'a>>, Vec<ZoneName<'a>>) {
+        let mut before: Vec<ZoneName<'a>> = old.zone_nodes.iter().collect();
+        let mut after: Vec<ZoneName<'a>> = self.zone_nodes.iter().collect();
+        let mut services_changed = false;
+        for change in old.from.diff(&self.from) {
+            let svc = match change {
+                DiffItem::Add(svc, _) | DiffItem::Remove(svc, _) => {
+                    services_changed = true;
+                    svc
+                }
+                DiffItem::Update { new: (svc, _), .. } => svc,
+            };
+            let label = svc.as_str().as_bytes();
+            if let Some(part) = old.services.get(label) {
+                before.extend(part.nodes.iter());
+            }
+            if let Some(part) = self.services.get(label) {
+                after.extend(part.nodes.iter());
+            }
+        }
+        if services_changed {
+            if let Some(key) = old.browse_key.as_deref() {
+                before.push((key, old.browse()));
+            }
+            if let Some(key) = self.browse_key.as_deref() {
+                after.push((key, self.browse()));
+            }
+        }
+        (before, after)
+    }
+}
+
+/// The hickory name of an index key.
+pub(crate) fn name_of(key: &[u8]) -> Name {
+    name_of_key(key)
+}

@@ -28,7 +28,12 @@
 //!   A set that does not fit is not sent and TC is set (RFC 2181 §9);
 //!   under [`DnsConfig::udp_answer_limit`] at most that many records, drawn
 //!   by weight, without TC. Over TCP, as many as fit in 64 KiB, by weight.
-//! - Zone transfers and classes other than IN are REFUSED, other opcodes
+//! - Zone transfers (AXFR, IXFR over TCP) are for clients in
+//!   [`DnsConfig::allow_transfer`] only, REFUSED for others; the zone sent
+//!   is what queries answer, the serial the catalog revision; NOTIFY goes
+//!   to [`DnsConfig::notify`] when the serial changes. Over UDP an IXFR
+//!   gets the SOA alone, an AXFR REFUSED.
+//! - Classes other than IN (but CHAOS, below) are REFUSED, other opcodes
 //!   NOTIMP, several questions FORMERR, EDNS versions above 0 BADVERS.
 //!   NOTIMP and FORMERR carry `qr rd` only, as Knot's do (no RA, no CD);
 //!   DO is copied back in the OPT record (RFC 3225 §3).
@@ -50,8 +55,10 @@ mod index;
 mod metrics;
 mod name;
 mod response;
+mod notify;
 mod select;
 mod server;
+mod transfer;
 mod wire;
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ use crate::fast::UdpLoop;
 use crate::forward::Forwarder;
 use crate::handler::{Handler, Shared};
 use crate::identity::Identity;
+use crate::transfer::Transfers;
 use crate::index::{Index, ZoneConfig};
 use crate::metrics::Metrics;
 
@@ -59,6 +60,7 @@ pub struct DnsServer {
     tcp: std::net::TcpListener,
     local_addr: SocketAddr,
     tcp_idle_timeout: Duration,
+    notify: Vec<SocketAddr>,
 }
 
 impl std::fmt::Debug for DnsServer {
@@ -148,11 +150,13 @@ impl DnsServer {
             ns_address: config.ns_address,
         };
         let snapshot = catalog.snapshot();
-        let index = Index::build(&snapshot, &zone);
+        let index = Arc::new(Index::build(&snapshot, &zone));
         let metrics = Metrics::default();
         metrics.snapshot(index.revision, index.built);
+        let transfers = Transfers::new(config.allow_transfer);
+        transfers.published(&index);
         let shared = Arc::new(Shared {
-            index: ArcSwap::from_pointee(index),
+            index: ArcSwap::new(index),
             zone,
             allow_recursion: config.allow_recursion,
             forwarder,
@@ -160,6 +164,7 @@ impl DnsServer {
             max_udp_payload: config.max_udp_payload,
             udp_answer_limit: config.udp_answer_limit,
             identity,
+            transfers,
         });
         tracing::info!(
             addr = %local_addr,
@@ -175,6 +180,7 @@ impl DnsServer {
             tcp,
             local_addr,
             tcp_idle_timeout: config.tcp_idle_timeout,
+            notify: config.notify,
         })
     }
 
@@ -237,6 +243,14 @@ impl DnsServer {
             self.shared.clone(),
             cancel.clone(),
         ));
+        let notifier = (!self.notify.is_empty()).then(|| {
+            tokio::spawn(crate::notify::run(
+                self.shared.zone.origin.clone(),
+                self.notify.clone(),
+                self.shared.transfers.subscribe(),
+                cancel.clone(),
+            ))
+        });
         let shutdown = server.shutdown_token().clone();
         let stopper = {
             let cancel = cancel.clone();
@@ -253,6 +267,9 @@ impl DnsServer {
         stop.store(true, Ordering::Relaxed);
         stopper.abort();
         watcher.abort();
+        if let Some(notifier) = notifier {
+            notifier.abort();
+        }
         let joined =
             tokio::task::spawn_blocking(move || threads.into_iter().all(|t| t.join().is_ok()))
                 .await
@@ -296,7 +313,10 @@ async fn watch_catalog(catalog: Arc<Catalog>, shared: Arc<Shared>, cancel: Cance
                     // The DNS-SD enumeration, which names every service,
                     // is built by the first query that asks for it: not
                     // on every change.
-                    shared.index.store(Arc::new(index));
+                    let index = Arc::new(index);
+                    shared.index.store(index.clone());
+                    // Kept for IXFR; secondaries are told of the new serial.
+                    shared.transfers.published(&index);
                 }
                 Err(err) => {
                     tracing::error!(%err, "building the DNS index failed; keeping the previous one")

@@ -91,6 +91,7 @@ fn shared_with(forwarder: Option<Forwarder>, udp_answer_limit: Option<u16>) -> A
         max_udp_payload: 1232,
         udp_answer_limit,
         identity: Default::default(),
+        transfers: crate::transfer::Transfers::new(Vec::new()),
     })
 }
 
