@@ -34,19 +34,19 @@ pub(crate) async fn run(
     mut serials: watch::Receiver<u32>,
     cancel: CancellationToken,
 ) {
-    // The first serial is the one the secondaries load at start-up.
-    serials.borrow_and_update();
+    // Once at start-up too: a restarted primary may have moved on while
+    // it was down, and an up-to-date secondary only checks the SOA.
     loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            changed = serials.changed() => if changed.is_err() { return },
-        }
         tokio::time::sleep(COALESCE).await;
         let serial = *serials.borrow_and_update();
         let sends = targets.iter().map(|&target| notify(&zone, target, serial));
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = futures::future::join_all(sends) => {}
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = serials.changed() => if changed.is_err() { return },
         }
     }
 }
@@ -120,23 +120,29 @@ mod tests {
         let zone = Name::from_ascii("xingren.host.").unwrap();
         let task = tokio::spawn(run(zone, vec![target], rx, cancel.clone()));
 
+        let mut buf = [0u8; 512];
+        let mut acknowledge = async |what: &str| {
+            let (n, from) =
+                tokio::time::timeout(Duration::from_secs(2), secondary.recv_from(&mut buf))
+                    .await
+                    .unwrap_or_else(|_| panic!("no NOTIFY: {what}"))
+                    .unwrap();
+            let msg = Message::from_vec(&buf[..n]).unwrap();
+            assert_eq!(msg.metadata.op_code, OpCode::Notify);
+            assert!(msg.metadata.authoritative);
+            assert_eq!(msg.queries[0].query_type(), RecordType::SOA);
+            assert_eq!(msg.queries[0].name().to_ascii(), "xingren.host.");
+            let mut ack = Message::new(msg.metadata.id, MessageType::Response, OpCode::Notify);
+            ack.add_query(msg.queries[0].clone());
+            secondary.send_to(&ack.to_vec().unwrap(), from).await.unwrap();
+        };
+        acknowledge("at start-up").await;
         // A burst of changes: one NOTIFY.
         for serial in 2..=6 {
             tx.send(serial).unwrap();
         }
+        acknowledge("after the burst").await;
         let mut buf = [0u8; 512];
-        let (n, from) = tokio::time::timeout(Duration::from_secs(2), secondary.recv_from(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        let msg = Message::from_vec(&buf[..n]).unwrap();
-        assert_eq!(msg.metadata.op_code, OpCode::Notify);
-        assert!(msg.metadata.authoritative);
-        assert_eq!(msg.queries[0].query_type(), RecordType::SOA);
-        assert_eq!(msg.queries[0].name().to_ascii(), "xingren.host.");
-        let mut ack = Message::new(msg.metadata.id, MessageType::Response, OpCode::Notify);
-        ack.add_query(msg.queries[0].clone());
-        secondary.send_to(&ack.to_vec().unwrap(), from).await.unwrap();
         let again =
             tokio::time::timeout(Duration::from_millis(400), secondary.recv_from(&mut buf)).await;
         assert!(again.is_err(), "acknowledged and coalesced: no second NOTIFY");
