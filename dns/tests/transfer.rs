@@ -460,3 +460,47 @@ async fn knot_as_a_secondary_follows_every_change_by_ixfr() {
     assert_answers_equal(server.addr, &sets).await;
     server.stop().await;
 }
+
+/// A timing, not a check (run by hand in release): the AXFR of a zone of
+/// 100,000 instances (100 services of 1,000, each with a tag and metadata).
+///
+/// `cargo test --release -p signpost-dns --test transfer -- --ignored --nocapture axfr_of_a_hundred_thousand`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "timing, not a check"]
+async fn axfr_of_a_hundred_thousand_instances() {
+    let mut fill = Fill::default();
+    for s in 0..100u32 {
+        for i in 0..1000u32 {
+            let n = s * 1000 + i;
+            let mut inst = instance(
+                &format!("svc{s}"),
+                &format!("i{i}"),
+                &format!("10.{}.{}.{}", n >> 16, (n >> 8) & 0xFF, n & 0xFF),
+                8080,
+            );
+            inst.tags = vec!["blue".into()];
+            inst.meta.insert("version".into(), "1.2.3".into());
+            fill.put(&inst);
+        }
+    }
+    let server = start(transfer_config(), &fill).await;
+    let started = tokio::time::Instant::now();
+    let reply = transfer(
+        server.addr,
+        &query_message("xingren.host.", RecordType::AXFR, None, false),
+    )
+    .await;
+    let took = started.elapsed();
+    let records: usize = reply.iter().map(|m| m.answers.len()).sum();
+    eprintln!(
+        "AXFR of 100,000 instances: {records} records in {} messages, {took:?} (client decoding included)",
+        reply.len()
+    );
+    let addr = server.addr;
+    let started = std::time::Instant::now();
+    let out = tokio::task::spawn_blocking(move || dig(addr, &["xingren.host", "AXFR", "+noall", "+stats"]))
+        .await
+        .unwrap();
+    eprintln!("dig axfr: {:?}\n{out}", started.elapsed());
+    server.stop().await;
+}

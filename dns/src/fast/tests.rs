@@ -447,6 +447,102 @@ async fn hostile_packets_never_break_the_fast_path() {
     assert!(answered > 2_000, "only {answered} packets answered");
 }
 
+/// A random query of the kind a resolver or a fuzzer sends: a name made of
+/// the zone's own labels (so that it often hits), any type, random case,
+/// flags, EDNS size and DO.
+fn random_query(rng: &mut SmallRng) -> Vec<u8> {
+    const LABELS: &[&str] = &[
+        "user", "u1", "u2", "u3", "u6", "order", "o1", "big", "i7", "fat", "f1", "tag", "v2",
+        "old", "_user", "_order", "_tcp", "_udp", "_http", "_dns-sd", "_services", "b", "lb",
+        "ns", "in-addr", "arpa", "10", "0", "1", "nobody",
+    ];
+    const TYPES: &[RecordType] = &[
+        RecordType::A,
+        RecordType::AAAA,
+        RecordType::SRV,
+        RecordType::TXT,
+        RecordType::PTR,
+        RecordType::SOA,
+        RecordType::NS,
+        RecordType::ANY,
+        RecordType::MX,
+        RecordType::CAA,
+    ];
+    let mut labels: Vec<String> = (0..rng.random_range(0..5))
+        .map(|_| LABELS[rng.random_range(0..LABELS.len())].to_string())
+        .collect();
+    match rng.random_range(0..10) {
+        0 => {}
+        1 => labels.push("example".into()),
+        _ => labels.extend(["xingren".into(), "host".into()]),
+    }
+    let name: String = labels
+        .iter()
+        .map(|l| format!("{l}."))
+        .collect::<String>()
+        .chars()
+        .map(|c| {
+            if rng.random_bool(0.3) {
+                c.to_ascii_uppercase()
+            } else {
+                c
+            }
+        })
+        .collect();
+    let name = if name.is_empty() { ".".to_string() } else { name };
+    let qtype = if rng.random_bool(0.05) {
+        RecordType::from(rng.random::<u16>())
+    } else {
+        TYPES[rng.random_range(0..TYPES.len())]
+    };
+    let edns = rng
+        .random_bool(0.6)
+        .then(|| rng.random_range(0..5000u16));
+    let mut packet = query_do(
+        &name,
+        qtype,
+        edns,
+        (rng.random(), rng.random(), rng.random()),
+    );
+    // AD, and the Z bit that must be ignored.
+    if rng.random_bool(0.1) {
+        packet[3] |= 0x20;
+    }
+    if rng.random_bool(0.05) {
+        packet[3] |= 0x40;
+    }
+    packet
+}
+
+/// Differential fuzzing, bounded in count and time: random well-formed
+/// queries, then mutations of them, through the fast path and through
+/// hickory's; whatever the fast path answers, hickory answers the same.
+#[tokio::test]
+async fn random_and_mutated_queries_agree_on_both_paths() {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for limit in [None, Some(3)] {
+        let shared = shared_with(None, limit);
+        let mut rng = SmallRng::seed_from_u64(0x5EED ^ u64::from(limit.unwrap_or(0)));
+        let mut answer_rng = SmallRng::seed_from_u64(2);
+        let (mut sent, mut answered) = (0, 0);
+        while sent < 10_000 && std::time::Instant::now() < deadline {
+            let query = random_query(&mut rng);
+            let packet = if sent % 3 == 2 {
+                mutate(&mut rng, &query)
+            } else {
+                query
+            };
+            sent += 1;
+            if differential(&shared, &packet, &mut answer_rng).await {
+                answered += 1;
+            }
+        }
+        // The queries must reach the answer code, not just the reader.
+        assert!(sent >= 1_000, "only {sent} queries within the time bound");
+        assert!(answered * 2 > sent, "only {answered} of {sent} answered by the fast path");
+    }
+}
+
 #[test]
 fn deep_and_looping_names_are_left_to_hickory() {
     let origin = Name::from_ascii(ZONE).unwrap();
