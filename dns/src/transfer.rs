@@ -19,13 +19,16 @@ use std::collections::{HashMap, VecDeque};
 use std::iter;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, ResponseCode};
 use hickory_proto::rr::{RData, Record, RecordType};
-use hickory_proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
+use hickory_proto::serialize::binary::{
+    BinDecodable, BinDecoder, BinEncodable, BinEncoder, NameEncoding,
+};
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
 use ipnet::IpNet;
 use tokio::sync::watch;
 
@@ -115,6 +118,14 @@ pub(crate) fn serial_newer(a: u32, b: u32) -> bool {
 }
 
 /// Answers an AXFR or IXFR `request` for the zone of `index`.
+///
+/// hickory-server answers a TCP connection's requests one at a time on the
+/// task that also writes its responses, and queues at most a few responses
+/// per connection: a transfer of many messages cannot be sent from inside
+/// the handler, or it would wait for a writer that only runs once the
+/// handler returns. So the refusals and single-SOA answers are sent here,
+/// and a transfer proper is handed to a task of its own, which sends as
+/// the connection drains, while the handler returns.
 pub(crate) async fn respond<R: ResponseHandler>(
     transfers: &Transfers,
     index: Arc<Index>,
@@ -122,13 +133,11 @@ pub(crate) async fn respond<R: ResponseHandler>(
     edns: Option<Edns>,
     handle: R,
 ) -> ResponseInfo {
-    let mut out = Sender {
-        handle,
-        request,
-        edns,
-        batch: Vec::new(),
-        batch_len: 0,
-        info: None,
+    let Some(mut out) = Sender::new(request, edns, handle) else {
+        return ResponseInfo::from(Header {
+            metadata: Metadata::response_from_request(&request.metadata),
+            counts: HeaderCounts::default(),
+        });
     };
     let Some(query) = request.queries.queries().first() else {
         return out.error(ResponseCode::FormErr).await;
@@ -161,6 +170,7 @@ pub(crate) async fn respond<R: ResponseHandler>(
         _ => None,
     });
     let current = index.serial();
+    let mut from = None;
     if qtype == RecordType::IXFR
         && let Some(serial) = client_serial
     {
@@ -169,17 +179,26 @@ pub(crate) async fn respond<R: ResponseHandler>(
             out.push(soa, 0).await;
             return out.finish().await;
         }
-        if let Some(old) = transfers.retained(serial) {
-            tracing::info!(client = %src, from = serial, to = current, "IXFR");
-            incremental(&mut out, &old, &index, soa).await;
-            return out.finish().await;
+        from = transfers.retained(serial);
+        match &from {
+            Some(_) => tracing::info!(client = %src, from = serial, to = current, "IXFR"),
+            None => tracing::info!(client = %src, from = serial, to = current, "IXFR of a serial not kept: sending the whole zone"),
         }
-        tracing::info!(client = %src, from = serial, to = current, "IXFR of a serial not kept: sending the whole zone");
     } else {
         tracing::info!(client = %src, serial = current, "AXFR");
     }
-    whole(&mut out, &index, soa).await;
-    out.finish().await
+    let metadata = out.metadata(ResponseCode::NoError);
+    tokio::spawn(async move {
+        match from {
+            Some(old) => incremental(&mut out, &old, &index, soa).await,
+            None => whole(&mut out, &index, soa).await,
+        }
+        out.finish().await;
+    });
+    ResponseInfo::from(Header {
+        metadata,
+        counts: HeaderCounts::default(),
+    })
 }
 
 /// The SOA as the zone holds it (the positive TTL, as `Z SOA` answers).
@@ -190,7 +209,7 @@ fn soa_of(index: &Index) -> Record {
 }
 
 /// The whole zone, between two SOAs (RFC 5936 §2.2).
-async fn whole<R: ResponseHandler>(out: &mut Sender<'_, R>, index: &Index, soa: Record) {
+async fn whole<R: ResponseHandler>(out: &mut Sender<R>, index: &Index, soa: Record) {
     out.push(soa.clone(), 0).await;
     for (key, node) in index.zone_names() {
         let owner = name_of(key);
@@ -214,7 +233,7 @@ async fn whole<R: ResponseHandler>(out: &mut Sender<'_, R>, index: &Index, soa: 
 /// SOA, the old SOA and the records gone, the new SOA and the records
 /// added, the new SOA.
 async fn incremental<R: ResponseHandler>(
-    out: &mut Sender<'_, R>,
+    out: &mut Sender<R>,
     old: &Index,
     new: &Index,
     soa: Record,
@@ -268,10 +287,18 @@ fn records(names: &[ZoneName<'_>], ttl: u32) -> HashMap<Vec<u8>, Record> {
     out
 }
 
+/// How long a transfer waits for its connection to take the next message
+/// (a client that stopped reading, or went away) before it gives up: the
+/// server's TCP idle timeout.
+const STALL_LIMIT: Duration = crate::config::DEFAULT_TCP_IDLE_TIMEOUT;
+
 /// Sends a transfer's records in as few messages as fit.
-struct Sender<'r, R> {
+struct Sender<R> {
     handle: R,
-    request: &'r Request,
+    /// The question, echoed in every message (RFC 5936 §2.2.1 allows it).
+    queries: Queries,
+    /// The request's header fields the responses copy.
+    request_meta: Metadata,
     edns: Option<Edns>,
     batch: Vec<Record>,
     /// Upper bound of the batch's encoded size.
@@ -280,9 +307,26 @@ struct Sender<'r, R> {
     info: Option<Result<ResponseInfo, ()>>,
 }
 
-impl<R: ResponseHandler> Sender<'_, R> {
+impl<R: ResponseHandler> Sender<R> {
+    /// A sender of responses to `request`, or `None` if its question
+    /// cannot be read again (it was read once, so it can).
+    fn new(request: &Request, edns: Option<Edns>, handle: R) -> Option<Self> {
+        let mut decoder = BinDecoder::new(request.as_slice());
+        let header = Header::read(&mut decoder).ok()?;
+        let queries = Queries::read(&mut decoder, usize::from(header.counts.queries)).ok()?;
+        Some(Self {
+            handle,
+            queries,
+            request_meta: request.metadata,
+            edns,
+            batch: Vec::new(),
+            batch_len: 0,
+            info: None,
+        })
+    }
+
     fn metadata(&self, rcode: ResponseCode) -> Metadata {
-        let mut metadata = Metadata::response_from_request(&self.request.metadata);
+        let mut metadata = Metadata::response_from_request(&self.request_meta);
         metadata.authoritative = rcode == ResponseCode::NoError;
         metadata.response_code = rcode;
         metadata
@@ -312,22 +356,36 @@ impl<R: ResponseHandler> Sender<'_, R> {
         self.batch.push(record);
     }
 
+    /// Sends the batch, waiting while the connection's queue is full.
     async fn flush(&mut self) {
         let metadata = self.metadata(ResponseCode::NoError);
-        let response = MessageResponseBuilder::new(&self.request.queries, self.edns.as_ref())
-            .build(
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_micros(200);
+        let sent = loop {
+            let response = MessageResponseBuilder::new(&self.queries, self.edns.as_ref()).build(
                 metadata,
                 self.batch.iter(),
                 iter::empty(),
                 iter::empty(),
                 iter::empty(),
             );
-        let sent = self.handle.send_response(response).await;
+            match self.handle.send_response(response).await {
+                Ok(info) => break Ok(info),
+                // The queue is full (the writer runs between our sends)
+                // or the connection is gone; only time tells which.
+                Err(error) if started.elapsed() >= STALL_LIMIT => {
+                    tracing::info!(%error, "zone transfer abandoned: the client stopped reading");
+                    break Err(());
+                }
+                Err(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+            }
+        };
         self.batch.clear();
         self.batch_len = 0;
-        self.info = Some(sent.map_err(|error| {
-            tracing::debug!(%error, "zone transfer: cannot send");
-        }));
+        self.info = Some(sent);
     }
 
     /// Sends what is left; the last message's info.
@@ -347,7 +405,7 @@ impl<R: ResponseHandler> Sender<'_, R> {
     /// A message with only `rcode`.
     async fn error(mut self, rcode: ResponseCode) -> ResponseInfo {
         let metadata = self.metadata(rcode);
-        let response = MessageResponseBuilder::new(&self.request.queries, self.edns.as_ref())
+        let response = MessageResponseBuilder::new(&self.queries, self.edns.as_ref())
             .build_no_records(metadata);
         match self.handle.send_response(response).await {
             Ok(info) => info,
