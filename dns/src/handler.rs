@@ -22,12 +22,12 @@ use tracing::Instrument;
 
 use crate::forward::Forwarder;
 use crate::identity::Identity;
-use crate::transfer::{self, Transfers};
 use crate::index::{Index, ZoneConfig};
 use crate::metrics::Metrics;
 use crate::name::KeyBuf;
 use crate::response::{Answer, Fit, OPT_LEN};
 use crate::select::with_rng;
+use crate::transfer::{self, Transfers};
 
 /// State shared by every receive loop and the snapshot watcher.
 #[derive(Debug)]

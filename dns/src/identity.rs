@@ -112,7 +112,11 @@ mod tests {
         assert_eq!(a.answers.len(), 1);
         assert_eq!(a.answers[0].dns_class, DNSClass::CH);
         assert_eq!(a.answers[0].data.to_string(), "dns-1");
-        assert!(id.chaos(&name("hostname.bind."), RecordType::A).answers.is_empty());
+        assert!(
+            id.chaos(&name("hostname.bind."), RecordType::A)
+                .answers
+                .is_empty()
+        );
         for refused in ["version.bind.", "authors.bind.", "user.xingren.host."] {
             assert_eq!(
                 id.chaos(&name(refused), RecordType::TXT).rcode,
@@ -122,7 +126,10 @@ mod tests {
         }
         let versioned = Identity::new(None, Some("signpost 1".into())).unwrap();
         assert_eq!(
-            versioned.chaos(&name("version.bind."), RecordType::TXT).answers.len(),
+            versioned
+                .chaos(&name("version.bind."), RecordType::TXT)
+                .answers
+                .len(),
             1
         );
         assert_eq!(

@@ -54,8 +54,8 @@ mod identity;
 mod index;
 mod metrics;
 mod name;
-mod response;
 mod notify;
+mod response;
 mod select;
 mod server;
 mod transfer;
@@ -67,9 +67,9 @@ mod hostile_tests;
 mod table_tests;
 
 pub use config::{
-    DEFAULT_FORWARD_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_FORWARDS, DEFAULT_MAX_UDP_PAYLOAD, DEFAULT_TCP_IDLE_TIMEOUT,
-    DEFAULT_TTL, DEFAULT_ZONE, DnsConfig, default_allow_recursion, default_nsid,
-    default_upstreams, parse_resolv_conf,
+    DEFAULT_FORWARD_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_FORWARDS, DEFAULT_MAX_UDP_PAYLOAD,
+    DEFAULT_TCP_IDLE_TIMEOUT, DEFAULT_TTL, DEFAULT_ZONE, DnsConfig, default_allow_recursion,
+    default_nsid, default_upstreams, parse_resolv_conf,
 };
 pub use error::DnsError;
 pub use server::DnsServer;

@@ -95,14 +95,19 @@ async fn reply(socket: &UdpSocket, target: SocketAddr, id: u16) -> Option<Respon
                 continue;
             }
             match Message::from_vec(&buf[..n]) {
-                Ok(m) if m.metadata.id == id && m.metadata.message_type == MessageType::Response => {
+                Ok(m)
+                    if m.metadata.id == id && m.metadata.message_type == MessageType::Response =>
+                {
                     return Some(m.metadata.response_code);
                 }
                 _ => continue,
             }
         }
     };
-    tokio::time::timeout(REPLY_TIMEOUT, wait).await.ok().flatten()
+    tokio::time::timeout(REPLY_TIMEOUT, wait)
+        .await
+        .ok()
+        .flatten()
 }
 
 #[cfg(test)]
@@ -134,7 +139,10 @@ mod tests {
             assert_eq!(msg.queries[0].name().to_ascii(), "xingren.host.");
             let mut ack = Message::new(msg.metadata.id, MessageType::Response, OpCode::Notify);
             ack.add_query(msg.queries[0].clone());
-            secondary.send_to(&ack.to_vec().unwrap(), from).await.unwrap();
+            secondary
+                .send_to(&ack.to_vec().unwrap(), from)
+                .await
+                .unwrap();
         };
         acknowledge("at start-up").await;
         // A burst of changes: one NOTIFY.
@@ -145,7 +153,10 @@ mod tests {
         let mut buf = [0u8; 512];
         let again =
             tokio::time::timeout(Duration::from_millis(400), secondary.recv_from(&mut buf)).await;
-        assert!(again.is_err(), "acknowledged and coalesced: no second NOTIFY");
+        assert!(
+            again.is_err(),
+            "acknowledged and coalesced: no second NOTIFY"
+        );
 
         // Unacknowledged: retried.
         tx.send(7).unwrap();

@@ -22,9 +22,9 @@ use crate::fast::UdpLoop;
 use crate::forward::Forwarder;
 use crate::handler::{Handler, Shared};
 use crate::identity::Identity;
-use crate::transfer::Transfers;
 use crate::index::{Index, ZoneConfig};
 use crate::metrics::Metrics;
+use crate::transfer::Transfers;
 
 /// Receive buffer asked for each UDP socket: room for a burst of a few
 /// thousand queries while a core is busy (the kernel caps it at
@@ -105,11 +105,12 @@ impl DnsServer {
                 reason: "0 would refuse every forwarded query; leave upstreams empty to turn forwarding off".into(),
             });
         }
-        let identity = Identity::new(config.nsid.clone(), config.version_string.clone())
-            .map_err(|reason| DnsError::InvalidConfig {
+        let identity = Identity::new(config.nsid.clone(), config.version_string.clone()).map_err(
+            |reason| DnsError::InvalidConfig {
                 setting: "nsid",
                 reason,
-            })?;
+            },
+        )?;
         let udp_count = match config.udp_sockets {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,

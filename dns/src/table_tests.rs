@@ -409,14 +409,29 @@ fn dns_sd_browses_instances_of_a_service_type() {
         RData::TXT(t) => assert_eq!(t.txt_data.len(), 1),
         other => panic!("{other:?}"),
     }
-    for domain in ["b._dns-sd._udp.xingren.host.", "lb._dns-sd._udp.xingren.host."] {
+    for domain in [
+        "b._dns-sd._udp.xingren.host.",
+        "lb._dns-sd._udp.xingren.host.",
+    ] {
         assert_eq!(texts(domain, RecordType::PTR), vec!["xingren.host."]);
     }
     assert_nodata(&answer(&index, "_tcp.xingren.host.", RecordType::PTR));
     assert_nodata(&answer(&index, "_user._tcp.xingren.host.", RecordType::A));
-    assert_nxdomain(&answer(&index, "u3._user._tcp.xingren.host.", RecordType::SRV));
-    assert_nxdomain(&answer(&index, "_nobody._tcp.xingren.host.", RecordType::PTR));
-    assert_nxdomain(&answer(&index, "x.nobody._tcp.xingren.host.", RecordType::PTR));
+    assert_nxdomain(&answer(
+        &index,
+        "u3._user._tcp.xingren.host.",
+        RecordType::SRV,
+    ));
+    assert_nxdomain(&answer(
+        &index,
+        "_nobody._tcp.xingren.host.",
+        RecordType::PTR,
+    ));
+    assert_nxdomain(&answer(
+        &index,
+        "x.nobody._tcp.xingren.host.",
+        RecordType::PTR,
+    ));
     // The names served before stay.
     assert_eq!(texts("user.xingren.host.", RecordType::SRV).len(), 3);
 }

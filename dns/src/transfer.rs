@@ -182,7 +182,9 @@ pub(crate) async fn respond<R: ResponseHandler>(
         from = transfers.retained(serial);
         match &from {
             Some(_) => tracing::info!(client = %src, from = serial, to = current, "IXFR"),
-            None => tracing::info!(client = %src, from = serial, to = current, "IXFR of a serial not kept: sending the whole zone"),
+            None => {
+                tracing::info!(client = %src, from = serial, to = current, "IXFR of a serial not kept: sending the whole zone")
+            }
         }
     } else {
         tracing::info!(client = %src, serial = current, "AXFR");

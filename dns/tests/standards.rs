@@ -19,9 +19,7 @@ fn dig(server: std::net::SocketAddr, args: &[&str]) -> String {
         .args(["-p", &server.port().to_string(), "+tries=1", "+time=3"])
         .args(args)
         .output()
-        .unwrap_or_else(|err| {
-            panic!("cannot run `dig` ({err}): apt-get install bind9-dnsutils")
-        });
+        .unwrap_or_else(|err| panic!("cannot run `dig` ({err}): apt-get install bind9-dnsutils"));
     assert!(
         out.status.success(),
         "dig {args:?} failed: {}",
@@ -105,7 +103,11 @@ async fn do_bit_is_echoed_over_udp_and_tcp_on_both_paths() {
 
     let out = dig_async(server.addr, &["+dnssec", "user.xingren.host", "A"]).await;
     assert_eq!(dig_flags(&out).1, "do", "{out}");
-    let out = dig_async(server.addr, &["+dnssec", "+tcp", "user.xingren.host", "SRV"]).await;
+    let out = dig_async(
+        server.addr,
+        &["+dnssec", "+tcp", "user.xingren.host", "SRV"],
+    )
+    .await;
     assert_eq!(dig_flags(&out).1, "do", "{out}");
     let out = dig_async(server.addr, &["user.xingren.host", "A"]).await;
     assert_eq!(dig_flags(&out).1, "", "{out}");
@@ -150,7 +152,9 @@ async fn notimp_and_formerr_carry_qr_rd_only_like_knot() {
         .unwrap();
     bad[3] |= 0x10; // CD
     bad.truncate(16);
-    let reply = udp_exchange_raw(server.addr, &bad, STEP).await.expect("FORMERR");
+    let reply = udp_exchange_raw(server.addr, &bad, STEP)
+        .await
+        .expect("FORMERR");
     let reply = Message::from_vec(&reply).unwrap();
     check("undecodable udp", &reply, ResponseCode::FormErr);
     // An ordinary answer still says RA for this client, and echoes CD.
@@ -159,7 +163,11 @@ async fn notimp_and_formerr_carry_qr_rd_only_like_knot() {
     let (ok, _) = udp_exchange(server.addr, &q).await;
     assert!(ok.metadata.recursion_available && ok.metadata.checking_disabled);
 
-    let out = dig_async(server.addr, &["+opcode=status", "+cd", "xingren.host", "SOA"]).await;
+    let out = dig_async(
+        server.addr,
+        &["+opcode=status", "+cd", "xingren.host", "SOA"],
+    )
+    .await;
     assert!(out.contains("status: NOTIMP"), "{out}");
     assert_eq!(dig_flags(&out).0, "qr rd", "{out}");
     server.stop().await;
@@ -203,7 +211,11 @@ async fn nsid_and_chaos_names_tell_the_replica() {
         let mut q = query_message(name, RecordType::TXT, None, false);
         q.queries[0].set_query_class(DNSClass::CH);
         let (reply, _) = udp_exchange(server.addr, &q).await;
-        assert_eq!(reply.metadata.response_code, ResponseCode::NoError, "{name}");
+        assert_eq!(
+            reply.metadata.response_code,
+            ResponseCode::NoError,
+            "{name}"
+        );
         assert!(reply.metadata.authoritative, "{name}");
         assert_eq!(reply.answers.len(), 1, "{name}");
         assert_eq!(reply.answers[0].dns_class, DNSClass::CH);
@@ -215,7 +227,10 @@ async fn nsid_and_chaos_names_tell_the_replica() {
     let out = dig_async(server.addr, &["+short", "CH", "TXT", "id.server"]).await;
     assert_eq!(out.trim(), "\"dns-replica-7\"");
     let out = dig_async(server.addr, &["+nsid", "user.xingren.host", "A"]).await;
-    assert!(out.contains("NSID: ") && out.contains("(\"dns-replica-7\")"), "{out}");
+    assert!(
+        out.contains("NSID: ") && out.contains("(\"dns-replica-7\")"),
+        "{out}"
+    );
     // No version unless configured.
     let out = dig_async(server.addr, &["CH", "TXT", "version.bind"]).await;
     assert!(out.contains("status: REFUSED"), "{out}");

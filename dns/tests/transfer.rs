@@ -37,6 +37,7 @@ async fn transfer(addr: SocketAddr, msg: &Message) -> Vec<Message> {
     framed.extend_from_slice(&bytes);
     stream.write_all(&framed).await.unwrap();
     let mut out: Vec<Message> = Vec::new();
+    let mut end = End::default();
     loop {
         let mut len = [0u8; 2];
         let read = tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut len));
@@ -48,7 +49,7 @@ async fn transfer(addr: SocketAddr, msg: &Message) -> Vec<Message> {
         stream.read_exact(&mut reply).await.unwrap();
         let reply = Message::from_vec(&reply).expect("transfer message decodes");
         assert_eq!(reply.metadata.id, msg.metadata.id);
-        let done = reply.metadata.response_code != ResponseCode::NoError || ended(&out, &reply);
+        let done = reply.metadata.response_code != ResponseCode::NoError || end.ended(&reply);
         out.push(reply);
         if done {
             break;
@@ -58,27 +59,44 @@ async fn transfer(addr: SocketAddr, msg: &Message) -> Vec<Message> {
     out
 }
 
-/// Whether the transfer is complete once `last` is added: the serial of
-/// the first SOA closes it (a lone SOA, an AXFR's second, an IXFR's third).
-fn ended(before: &[Message], last: &Message) -> bool {
-    let records: Vec<&Record> = before
-        .iter()
-        .chain(std::iter::once(last))
-        .flat_map(|m| &m.answers)
-        .collect();
-    let serial = |r: &Record| match &r.data {
-        RData::SOA(soa) => Some(soa.serial),
-        _ => None,
-    };
-    let Some(first) = records.first().and_then(|r| serial(r)) else {
-        return true;
-    };
-    if records.len() == 1 {
-        return true;
+/// Follows a transfer's records to its end: the serial of the first SOA
+/// closes it (a lone SOA, an AXFR's second, an IXFR's third).
+#[derive(Default)]
+struct End {
+    first: Option<u32>,
+    records: usize,
+    incremental: bool,
+    closing: usize,
+}
+
+impl End {
+    /// Takes `message` in; whether the transfer is complete.
+    fn ended(&mut self, message: &Message) -> bool {
+        for r in &message.answers {
+            let serial = match &r.data {
+                RData::SOA(soa) => Some(soa.serial),
+                _ => None,
+            };
+            self.records += 1;
+            match self.records {
+                1 => {
+                    self.first = serial;
+                    self.closing = 1;
+                }
+                2 => self.incremental = serial.is_some(),
+                _ => {}
+            }
+            if self.records > 1 && serial.is_some() && serial == self.first {
+                self.closing += 1;
+            }
+        }
+        if self.first.is_none() {
+            return true;
+        }
+        let closing = if self.incremental { 3 } else { 2 };
+        // A lone SOA is the whole answer when it is the whole message.
+        (self.records == 1 && message.answers.len() == 1) || self.closing >= closing
     }
-    let closing = records.iter().filter(|r| serial(r) == Some(first)).count();
-    let incremental = records.get(1).and_then(|r| serial(r)).is_some();
-    closing == if incremental { 3 } else { 2 }
 }
 
 fn answers(messages: &[Message]) -> Vec<Record> {
@@ -146,7 +164,10 @@ async fn axfr_holds_exactly_what_queries_answer() {
     assert_eq!(user_a, &["5 10.0.0.1", "5 10.0.0.2"]);
     assert!(sets.contains_key(&("u3.user.xingren.host.".into(), RecordType::A)));
     assert!(sets.contains_key(&("u1._user._tcp.xingren.host.".into(), RecordType::SRV)));
-    assert!(sets.contains_key(&("_services._dns-sd._udp.xingren.host.".into(), RecordType::PTR)));
+    assert!(sets.contains_key(&(
+        "_services._dns-sd._udp.xingren.host.".into(),
+        RecordType::PTR
+    )));
     // No reverse names: they are not in the zone.
     assert!(sets.keys().all(|(n, _)| n.ends_with("xingren.host.")));
     assert_answers_equal(server.addr, &sets).await;
@@ -185,7 +206,10 @@ async fn a_large_zone_is_sent_whole_over_many_messages() {
     .await;
     assert!(reply.len() > 40, "{} messages", reply.len());
     let records = answers(&reply);
-    assert_eq!(records.last().map(|r| r.record_type()), Some(RecordType::SOA));
+    assert_eq!(
+        records.last().map(|r| r.record_type()),
+        Some(RecordType::SOA)
+    );
     let instances = records
         .iter()
         .filter(|r| r.record_type() == RecordType::A && r.name.num_labels() == 4)
@@ -232,14 +256,26 @@ async fn ixfr_sends_the_difference_or_the_whole_zone() {
         .map(|(i, r)| (i, serial_of(r)))
         .collect();
     assert_eq!(soas.len(), 4, "{records:?}");
-    assert_eq!((soas[0].1, soas[1].1, soas[2].1, soas[3].1), (new, old, new, new));
+    assert_eq!(
+        (soas[0].1, soas[1].1, soas[2].1, soas[3].1),
+        (new, old, new, new)
+    );
     let gone = by_rrset(&records[soas[1].0 + 1..soas[2].0]);
     let came = by_rrset(&records[soas[2].0 + 1..soas[3].0]);
-    assert!(gone.contains_key(&("order.xingren.host.".into(), RecordType::A)), "{gone:?}");
-    assert!(came.contains_key(&("pay.xingren.host.".into(), RecordType::A)), "{came:?}");
+    assert!(
+        gone.contains_key(&("order.xingren.host.".into(), RecordType::A)),
+        "{gone:?}"
+    );
+    assert!(
+        came.contains_key(&("pay.xingren.host.".into(), RecordType::A)),
+        "{came:?}"
+    );
     assert!(came.contains_key(&("p1._pay._tcp.xingren.host.".into(), RecordType::SRV)));
     assert!(
-        !gone.keys().chain(came.keys()).any(|(n, _)| n.contains("user")),
+        !gone
+            .keys()
+            .chain(came.keys())
+            .any(|(n, _)| n.contains("user")),
         "an unchanged service is not in the difference"
     );
 
@@ -248,7 +284,13 @@ async fn ixfr_sends_the_difference_or_the_whole_zone() {
     assert_eq!(records.len(), 1);
     // A serial not kept: the whole zone, AXFR-style.
     let records = answers(&transfer(server.addr, &ixfr(old.wrapping_sub(1000))).await);
-    assert_eq!(records.iter().filter(|r| r.record_type() == RecordType::SOA).count(), 2);
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.record_type() == RecordType::SOA)
+            .count(),
+        2
+    );
     assert!(records.len() > 20);
 
     // kdig reads the same difference.
@@ -265,7 +307,15 @@ fn tcp_soa_template() -> Record {
     Record::from_rdata(
         n("xingren.host."),
         0,
-        RData::SOA(SOA::new(n("ns.xingren.host."), n("hostmaster.xingren.host."), 0, 0, 0, 0, 0)),
+        RData::SOA(SOA::new(
+            n("ns.xingren.host."),
+            n("hostmaster.xingren.host."),
+            0,
+            0,
+            0,
+            0,
+            0,
+        )),
     )
 }
 
@@ -380,7 +430,9 @@ impl Knot {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|err| {
-                panic!("cannot run `knotd` ({err}): these tests need Knot DNS (apt-get install knot)")
+                panic!(
+                    "cannot run `knotd` ({err}): these tests need Knot DNS (apt-get install knot)"
+                )
             });
         Knot {
             child,
@@ -471,7 +523,8 @@ async fn knot_as_a_secondary_follows_every_change_by_ixfr() {
     assert_eq!(soa_serial(knot.addr).await, Some(new));
     let log = knot.log();
     assert!(
-        log.lines().any(|l| l.contains("IXFR, incoming") && l.contains("finished")),
+        log.lines()
+            .any(|l| l.contains("IXFR, incoming") && l.contains("finished")),
         "Knot did not take the change by IXFR:\n{log}"
     );
     assert!(
@@ -525,9 +578,11 @@ async fn axfr_of_a_hundred_thousand_instances() {
     );
     let addr = server.addr;
     let started = std::time::Instant::now();
-    let out = tokio::task::spawn_blocking(move || dig(addr, &["xingren.host", "AXFR", "+noall", "+stats"]))
-        .await
-        .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        dig(addr, &["xingren.host", "AXFR", "+noall", "+stats"])
+    })
+    .await
+    .unwrap();
     eprintln!("dig axfr: {:?}\n{out}", started.elapsed());
     server.stop().await;
 }

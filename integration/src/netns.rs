@@ -97,7 +97,14 @@ impl Network {
     /// second DNS replica listens there).
     pub fn add_node_address(&self, host: u8) -> Result<Ipv4Addr, String> {
         let address = Ipv4Addr::new(self.prefix[0], self.prefix[1], self.prefix[2], host);
-        run(&["ip", "addr", "add", &format!("{address}/24"), "dev", &self.bridge])?;
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{address}/24"),
+            "dev",
+            &self.bridge,
+        ])?;
         Ok(address)
     }
 

@@ -245,13 +245,21 @@ async fn a_killed_dns_replica_leaves_lookups_to_the_other() {
         let line = getent(&pod, "user");
         assert!(line.starts_with("10.99.0.1"), "{line:?}");
         // A dead first nameserver costs at most its 1 s timeout per try.
-        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
     }
     // And changes keep arriving through it.
     register("b", "10.99.0.2").await;
-    eventually("the second instance, through the live replica", Duration::from_secs(10), || {
-        let line = getent(&pod, "b.user.xingren.host");
-        async move { line.starts_with("10.99.0.2") }
-    })
+    eventually(
+        "the second instance, through the live replica",
+        Duration::from_secs(10),
+        || {
+            let line = getent(&pod, "b.user.xingren.host");
+            async move { line.starts_with("10.99.0.2") }
+        },
+    )
     .await;
 }

@@ -452,9 +452,36 @@ async fn hostile_packets_never_break_the_fast_path() {
 /// flags, EDNS size and DO.
 fn random_query(rng: &mut SmallRng) -> Vec<u8> {
     const LABELS: &[&str] = &[
-        "user", "u1", "u2", "u3", "u6", "order", "o1", "big", "i7", "fat", "f1", "tag", "v2",
-        "old", "_user", "_order", "_tcp", "_udp", "_http", "_dns-sd", "_services", "b", "lb",
-        "ns", "in-addr", "arpa", "10", "0", "1", "nobody",
+        "user",
+        "u1",
+        "u2",
+        "u3",
+        "u6",
+        "order",
+        "o1",
+        "big",
+        "i7",
+        "fat",
+        "f1",
+        "tag",
+        "v2",
+        "old",
+        "_user",
+        "_order",
+        "_tcp",
+        "_udp",
+        "_http",
+        "_dns-sd",
+        "_services",
+        "b",
+        "lb",
+        "ns",
+        "in-addr",
+        "arpa",
+        "10",
+        "0",
+        "1",
+        "nobody",
     ];
     const TYPES: &[RecordType] = &[
         RecordType::A,
@@ -489,15 +516,17 @@ fn random_query(rng: &mut SmallRng) -> Vec<u8> {
             }
         })
         .collect();
-    let name = if name.is_empty() { ".".to_string() } else { name };
+    let name = if name.is_empty() {
+        ".".to_string()
+    } else {
+        name
+    };
     let qtype = if rng.random_bool(0.05) {
         RecordType::from(rng.random::<u16>())
     } else {
         TYPES[rng.random_range(0..TYPES.len())]
     };
-    let edns = rng
-        .random_bool(0.6)
-        .then(|| rng.random_range(0..5000u16));
+    let edns = rng.random_bool(0.6).then(|| rng.random_range(0..5000u16));
     let mut packet = query_do(
         &name,
         qtype,
@@ -539,7 +568,10 @@ async fn random_and_mutated_queries_agree_on_both_paths() {
         }
         // The queries must reach the answer code, not just the reader.
         assert!(sent >= 1_000, "only {sent} queries within the time bound");
-        assert!(answered * 2 > sent, "only {answered} of {sent} answered by the fast path");
+        assert!(
+            answered * 2 > sent,
+            "only {answered} of {sent} answered by the fast path"
+        );
     }
 }
 
