@@ -112,12 +112,23 @@ fi
 [ $MODE = etcd ] && say "etcd is up." || say "etcd could not start here: falling back to the in-memory store (--dev)."
 
 # --- the node network -------------------------------------------------------
+# Pods list two DNS replicas (examples/resolv.conf): the one inside
+# `signpost server` and a `signpost dns` replica on a second node address,
+# which needs etcd to watch.
+DNS2=""
+if [ $USE_NETNS = 1 ] && [ $MODE = etcd ]; then DNS2=10.123.0.2; fi
 if [ $USE_NETNS = 1 ]; then
     bold "Creating pods: network namespaces on bridge $BRIDGE (10.123.0.0/24)"
     ip link del "$BRIDGE" 2>/dev/null || true
     ip link add "$BRIDGE" type bridge
     ip addr add "$NODE/24" dev "$BRIDGE"
     ip link set "$BRIDGE" up
+    RESOLVERS="nameserver $NODE"
+    if [ -n "$DNS2" ]; then
+        ip addr add "$DNS2/24" dev "$BRIDGE"
+        RESOLVERS="$RESOLVERS
+nameserver $DNS2"
+    fi
     n=0
     for pod in user-1 user-2 order-1 echo-1; do
         n=$((n + 1))
@@ -132,8 +143,8 @@ if [ $USE_NETNS = 1 ]; then
         ip netns exec "$ns" ip link set "spdemo-c$n" up
         ip netns exec "$ns" ip link set lo up
         mkdir -p "/etc/netns/$ns"
-        printf 'nameserver %s\nsearch xingren.host\noptions ndots:1 timeout:1 attempts:2\n' "$NODE" >"/etc/netns/$ns/resolv.conf"
-        say "pod $pod: ${POD_IP[$pod]}, resolv.conf -> nameserver $NODE, search xingren.host"
+        printf '%s\nsearch xingren.host\noptions ndots:1 timeout:1 attempts:2\n' "$RESOLVERS" >"/etc/netns/$ns/resolv.conf"
+        say "pod $pod: ${POD_IP[$pod]}, resolv.conf -> nameserver $NODE${DNS2:+ and $DNS2}, search xingren.host"
     done
 else
     bold "Not root (or no network namespaces): pods are loopback addresses 127.0.0.11/12/21/31"
@@ -143,12 +154,20 @@ fi
 bold "Starting signpost server (API $API, DNS $NODE:$DNS_PORT, mesh CA)"
 "$SIGNPOST" ca init --dir "$WORK/ca" >/dev/null
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$WORK/admin.token"
-SERVER_ARGS=(--api "$NODE:18500" --dns "$NODE:$DNS_PORT" --ca-dir "$WORK/ca" --admin-token-file "$WORK/admin.token")
+SERVER_ARGS=(--api "$NODE:18500" --dns "$NODE:$DNS_PORT" --nsid demo-dns-1 --ca-dir "$WORK/ca" --admin-token-file "$WORK/admin.token")
 if [ $MODE = etcd ]; then SERVER_ARGS+=(--etcd "$ETCD"); else SERVER_ARGS+=(--dev); fi
 "$SIGNPOST" server "${SERVER_ARGS[@]}" >"$WORK/server.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 100); do curl -fsS "$API/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
 curl -fsS "$API/readyz" >/dev/null || fail "signpost server is not ready"
+if [ -n "$DNS2" ]; then
+    bold "Starting a second DNS replica: signpost dns on $DNS2:53 (its own etcd watch)"
+    "$SIGNPOST" dns --etcd "$ETCD" --dns "$DNS2:53" --nsid demo-dns-2 --udp-sockets 1 \
+        --allow-recursion 10.123.0.0/24,127.0.0.0/8 >"$WORK/dns2.log" 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 50); do dig +short +time=1 +tries=1 @"$DNS2" CH TXT id.server 2>/dev/null | grep -q demo-dns-2 && break; sleep 0.1; done
+    say "replicas: $(dig +short +time=1 +tries=1 @"$NODE" CH TXT id.server) at $NODE, $(dig +short +time=1 +tries=1 @"$DNS2" CH TXT id.server) at $DNS2 (dig CH TXT id.server)"
+fi
 export SIGNPOST_TOKEN
 SIGNPOST_TOKEN=$(cat "$WORK/admin.token")
 say "ready. Admin token in $WORK/admin.token; each service gets its own token:"

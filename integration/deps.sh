@@ -6,6 +6,7 @@
 #   bind9-dnsutils                      dig, used by the DNS tests and the demo
 #   iproute2                            ip netns, for the multi-host tests
 #   curl                                the demo's HTTP requests
+#   knot knot-dnsutils                  Knot DNS as a zone-transfer secondary, kdig
 signpost_install_deps() {
     local missing=()
     command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
@@ -14,6 +15,8 @@ signpost_install_deps() {
     command -v dig >/dev/null 2>&1 || missing+=(bind9-dnsutils)
     command -v ip >/dev/null 2>&1 || missing+=(iproute2)
     command -v curl >/dev/null 2>&1 || missing+=(curl)
+    command -v knotd >/dev/null 2>&1 || missing+=(knot)
+    command -v kdig >/dev/null 2>&1 || missing+=(knot-dnsutils)
     if [ ${#missing[@]} -eq 0 ]; then
         return 0
     fi

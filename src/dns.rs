@@ -9,7 +9,9 @@ use anyhow::{Context, Result};
 use clap::Args;
 use signpost_control_plane::catalog::Catalog;
 use signpost_control_plane::store::{EtcdStore, Keys, Store};
-use signpost_dns::{DnsConfig, DnsServer, default_allow_recursion, default_upstreams};
+use signpost_dns::{
+    DnsConfig, DnsServer, default_allow_recursion, default_nsid, default_upstreams,
+};
 use tokio_util::sync::CancellationToken;
 
 /// DNS flags.
@@ -57,6 +59,32 @@ pub struct DnsArgs {
         value_name = "CIDRS"
     )]
     pub allow_query: Vec<String>,
+
+    /// Most forwarded queries waiting on upstreams at once; past it, SERVFAIL
+    /// at once, so a dead upstream cannot make queries pile up in memory.
+    #[arg(long, default_value = "1000", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_forwards: u32,
+
+    /// Clients allowed to transfer the zone (AXFR, IXFR over TCP), CIDRs
+    /// comma-separated. Default: none (every transfer REFUSED).
+    #[arg(long, value_delimiter = ',')]
+    pub allow_transfer: Vec<String>,
+
+    /// Secondaries to send a NOTIFY when the zone changes (ip or ip:port,
+    /// comma-separated), so they transfer at once.
+    #[arg(long, value_delimiter = ',')]
+    pub notify: Vec<String>,
+
+    /// This replica's id, sent as NSID (RFC 5001) to queries that ask and
+    /// answered at CHAOS TXT `id.server` and `hostname.bind`, so you can
+    /// tell which replica answered. Default: the host name.
+    #[arg(long)]
+    pub nsid: Option<String>,
+
+    /// Answer CHAOS TXT `version.bind` with this text. Default: REFUSED (a
+    /// version tells attackers which bugs to try).
+    #[arg(long)]
+    pub version_string: Option<String>,
 }
 
 /// Parses CIDRs (a bare address is one host) for `flag`.
@@ -102,6 +130,16 @@ impl DnsArgs {
         } else {
             Some(parse_cidrs("--allow-query", &self.allow_query)?)
         };
+        let allow_transfer = parse_cidrs("--allow-transfer", &self.allow_transfer)?;
+        let notify = self
+            .notify
+            .iter()
+            .map(|s| {
+                s.parse::<SocketAddr>()
+                    .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .with_context(|| format!("--notify {s:?} is not an address (ip or ip:port)"))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(DnsConfig {
             listen: self.listen,
             zone: zone.to_string(),
@@ -110,6 +148,11 @@ impl DnsArgs {
             allow_recursion,
             udp_sockets: self.udp_sockets,
             udp_answer_limit: self.udp_answer_limit,
+            allow_transfer,
+            notify,
+            max_forwards: usize::try_from(self.max_forwards).unwrap_or(usize::MAX),
+            nsid: self.nsid.clone().or_else(default_nsid),
+            version_string: self.version_string.clone(),
             ns_address: (!self.listen.ip().is_unspecified()).then_some(self.listen.ip()),
             allow_query,
             ..DnsConfig::default()

@@ -28,6 +28,12 @@ pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1232;
 /// hears a clear failure instead of timing out.
 pub const DEFAULT_FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Most forwarded queries waiting on upstreams at once: each costs a few
+/// KB for up to the forward timeout, so 1,000 bound that to a few MB while
+/// leaving room for a host's ordinary burst (a resolver rarely has more
+/// than a few dozen outstanding).
+pub const DEFAULT_MAX_FORWARDS: usize = 1000;
+
 /// How long an idle TCP connection is kept open.
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -61,6 +67,9 @@ pub struct DnsConfig {
     pub forward_timeout: Duration,
     /// Idle timeout of TCP connections.
     pub tcp_idle_timeout: Duration,
+    /// Most forwarded queries in flight; past it, SERVFAIL at once (see
+    /// [`DEFAULT_MAX_FORWARDS`]). At least 1.
+    pub max_forwards: usize,
     /// Answer at most this many records of a set over UDP, picked by
     /// weight, never with TC (Consul's `a_record_limit`: load spread over a
     /// subset per answer). `None`, the default, answers by the DNS rules: a
@@ -71,6 +80,20 @@ pub struct DnsConfig {
     /// REFUSED. `None`, the default, answers everyone, as an authoritative
     /// server does.
     pub allow_query: Option<Vec<IpNet>>,
+    /// This replica's id, answered as NSID (RFC 5001) and at CHAOS TXT
+    /// `id.server` / `hostname.bind`, so that an operator can tell which
+    /// replica answered; `None` answers neither (the binary defaults it to
+    /// the host name, [`default_nsid`]).
+    pub nsid: Option<String>,
+    /// Clients allowed to transfer the zone (AXFR, IXFR over TCP); empty,
+    /// the default, refuses every transfer.
+    pub allow_transfer: Vec<IpNet>,
+    /// Secondaries sent a NOTIFY (RFC 1996) when the zone's serial changes,
+    /// so that they transfer at once instead of at their next refresh.
+    pub notify: Vec<SocketAddr>,
+    /// The answer to CHAOS TXT `version.bind`; `None`, the default,
+    /// refuses it (a version helps attackers more than users).
+    pub version_string: Option<String>,
 }
 
 impl Default for DnsConfig {
@@ -87,10 +110,25 @@ impl Default for DnsConfig {
             max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
             forward_timeout: DEFAULT_FORWARD_TIMEOUT,
             tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
+            max_forwards: DEFAULT_MAX_FORWARDS,
             udp_answer_limit: None,
             allow_query: None,
+            nsid: None,
+            version_string: None,
+            allow_transfer: Vec::new(),
+            notify: Vec::new(),
         }
     }
+}
+
+/// The host's name, this replica's default id: what an operator already
+/// calls the machine (or the pod, whose host name is its name).
+pub fn default_nsid() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())?;
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_string())
 }
 
 /// The networks allowed to recurse by default: loopback and the private

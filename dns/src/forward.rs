@@ -5,8 +5,15 @@
 //! stays NXDOMAIN, with the upstream's SOA); anything else that goes wrong
 //! (timeout, refusal, unreachable upstream) becomes SERVFAIL within the
 //! forward timeout, so the client hears a failure instead of timing out.
+//!
+//! At most `--max-forwards` queries wait on upstreams at once: each holds
+//! a task and its buffers until the upstream answers or the timeout fires,
+//! so without a bound a client allowed to recurse could grow the process
+//! by asking for names a dead upstream never answers. Past the bound the
+//! client gets SERVFAIL at once.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::{Query, ResponseCode};
@@ -15,6 +22,7 @@ use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, R
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::{Resolver, TokioResolver};
 use hickory_server::net::{DnsError as ProtoDnsError, NetError};
+use tokio::sync::Semaphore;
 
 use crate::error::DnsError;
 use crate::metrics::ForwardResult;
@@ -47,19 +55,27 @@ impl Forwarded {
 pub(crate) struct Forwarder {
     resolver: TokioResolver,
     timeout: Duration,
+    /// One permit per query that may wait upstream.
+    in_flight: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Forwarder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Forwarder")
             .field("timeout", &self.timeout)
+            .field("free", &self.in_flight.available_permits())
             .finish()
     }
 }
 
 impl Forwarder {
-    /// A forwarder to `upstreams`, each tried over UDP then TCP.
-    pub(crate) fn new(upstreams: &[SocketAddr], timeout: Duration) -> Result<Self, DnsError> {
+    /// A forwarder to `upstreams`, each tried over UDP then TCP, with at
+    /// most `max_in_flight` queries waiting at once.
+    pub(crate) fn new(
+        upstreams: &[SocketAddr],
+        timeout: Duration,
+        max_in_flight: usize,
+    ) -> Result<Self, DnsError> {
         let servers = upstreams
             .iter()
             .map(|addr| {
@@ -82,11 +98,19 @@ impl Forwarder {
         opts.use_hosts_file = ResolveHosts::Never;
         opts.edns0 = true;
         let resolver = builder.build().map_err(DnsError::Resolver)?;
-        Ok(Self { resolver, timeout })
+        Ok(Self {
+            resolver,
+            timeout,
+            in_flight: Arc::new(Semaphore::new(max_in_flight.min(Semaphore::MAX_PERMITS))),
+        })
     }
 
-    /// Resolves `query` upstream within the forward timeout.
+    /// Resolves `query` upstream within the forward timeout, or fails at
+    /// once when the bound of queries in flight is reached.
     pub(crate) async fn forward(&self, query: &Query) -> Forwarded {
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return Forwarded::failed(ForwardResult::Overloaded);
+        };
         let mut name = query.name().clone();
         name.set_fqdn(true);
         let lookup =

@@ -21,11 +21,13 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::forward::Forwarder;
+use crate::identity::Identity;
 use crate::index::{Index, ZoneConfig};
 use crate::metrics::Metrics;
 use crate::name::KeyBuf;
 use crate::response::{Answer, Fit, OPT_LEN};
 use crate::select::with_rng;
+use crate::transfer::{self, Transfers};
 
 /// State shared by every receive loop and the snapshot watcher.
 #[derive(Debug)]
@@ -46,6 +48,10 @@ pub(crate) struct Shared {
     pub(crate) udp_answer_limit: Option<u16>,
     /// Who gets answers at all; `None` is everyone.
     pub(crate) allow_query: Option<Vec<IpNet>>,
+    /// What this replica tells about itself (NSID, CHAOS names).
+    pub(crate) identity: Identity,
+    /// Who may transfer the zone, and the snapshots kept for IXFR.
+    pub(crate) transfers: Transfers,
 }
 
 impl Shared {
@@ -60,6 +66,26 @@ impl Shared {
     pub(crate) fn may_recurse(&self, ip: std::net::IpAddr) -> bool {
         self.forwarder.is_some() && self.allow_recursion.iter().any(|n| n.contains(&ip))
     }
+}
+
+/// Clears what an error answer to an unusable request does not claim: AA,
+/// RA and the echoed CD (Knot's NOTIMP and FORMERR carry `qr rd` only).
+pub(crate) fn plain_error(metadata: &mut Metadata) {
+    metadata.authoritative = false;
+    metadata.recursion_available = false;
+    metadata.checking_disabled = false;
+    metadata.authentic_data = false;
+}
+
+/// Whether `request` is a zone transfer (AXFR or IXFR of class IN in a
+/// well-formed QUERY), which [`transfer`] answers in as many messages as it
+/// takes.
+fn is_transfer(request: &Request) -> bool {
+    request.metadata.op_code == OpCode::Query
+        && request.edns.as_ref().is_none_or(|e| e.version() == 0)
+        && matches!(request.queries.queries(), [q]
+            if matches!(q.query_type(), RecordType::AXFR | RecordType::IXFR)
+                && q.query_class() == DNSClass::IN)
 }
 
 /// hickory's view of the server: one handler shared by every socket.
@@ -101,15 +127,28 @@ impl Handler {
         let shared = &*self.0;
         let src = request.src().ip();
         let recursion = shared.may_recurse(src);
+        if is_transfer(request) {
+            let edns = request.edns.as_ref().map(|query| {
+                let mut edns = Edns::new();
+                edns.set_max_payload(shared.max_udp_payload.max(512));
+                edns.set_dnssec_ok(query.flags().dnssec_ok);
+                edns
+            });
+            let index = shared.index.load_full();
+            return transfer::respond(&shared.transfers, index, request, edns, handle).await;
+        }
         let mut answer = self.answer(request, recursion).await;
 
-        // Answer EDNS with EDNS (RFC 6891 §6.1.1), advertising our cap.
-        let edns = request.edns.as_ref().map(|_| {
+        // Answer EDNS with EDNS (RFC 6891 §6.1.1), advertising our cap and
+        // copying DO back (RFC 3225 §3).
+        let mut opt = 0;
+        let edns = request.edns.as_ref().map(|query| {
             let mut edns = Edns::new();
             edns.set_max_payload(shared.max_udp_payload.max(512));
+            edns.set_dnssec_ok(query.flags().dnssec_ok);
+            opt = OPT_LEN + shared.identity.add_nsid(query, &mut edns);
             edns
         });
-        let opt = if edns.is_some() { OPT_LEN } else { 0 };
         if request.protocol() == Protocol::Udp {
             let client_max = request.max_payload();
             let limit = usize::from(client_max.min(shared.max_udp_payload).max(512));
@@ -136,6 +175,11 @@ impl Handler {
         metadata.authoritative = answer.authoritative;
         metadata.truncation = answer.truncated;
         metadata.recursion_available = recursion;
+        if matches!(answer.rcode, ResponseCode::NotImp | ResponseCode::FormErr) {
+            // As Knot answers a request it cannot take: `qr rd` and the
+            // code, no RA (nothing was looked at) and no CD echoed.
+            plain_error(&mut metadata);
+        }
         tracing::debug!(
             rcode = %answer.rcode,
             answers = answer.answers.len(),
@@ -179,8 +223,11 @@ impl Handler {
         }
         let qtype = query.query_type();
         if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
-            // The zone is the catalog: read it from the HTTP API.
+            // Only in a class other than IN ([`transfer`] takes the rest).
             return Answer::error(ResponseCode::Refused);
+        }
+        if query.query_class() == DNSClass::CH {
+            return shared.identity.chaos(query.original().name(), qtype);
         }
         if query.query_class() != DNSClass::IN {
             return Answer::error(ResponseCode::Refused);

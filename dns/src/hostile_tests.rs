@@ -88,6 +88,8 @@ pub(crate) fn handler() -> Handler {
         max_udp_payload: 1232,
         udp_answer_limit: None,
         allow_query: None,
+        identity: Default::default(),
+        transfers: crate::transfer::Transfers::new(Vec::new()),
     }))
 }
 
@@ -103,6 +105,9 @@ pub(crate) fn seeds() -> Vec<Vec<u8>> {
         ("1.0.0.10.in-addr.arpa.", RecordType::PTR),
         ("xingren.host.", RecordType::ANY),
         ("example.com.", RecordType::A),
+        ("_user._tcp.xingren.host.", RecordType::PTR),
+        ("u1._user._tcp.xingren.host.", RecordType::SRV),
+        ("lb._dns-sd._udp.xingren.host.", RecordType::PTR),
     ];
     let mut out = Vec::new();
     for (i, (name, qtype)) in names.iter().enumerate() {
@@ -112,6 +117,7 @@ pub(crate) fn seeds() -> Vec<Vec<u8>> {
         if i % 3 != 0 {
             let mut edns = Edns::new();
             edns.set_max_payload(if i % 3 == 1 { 4096 } else { 100 });
+            edns.set_dnssec_ok(i % 4 == 1);
             msg.edns = Some(edns);
         }
         out.push(msg.to_vec().unwrap());

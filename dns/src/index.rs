@@ -19,7 +19,10 @@
 //! |---|---|
 //! | `Z` | SOA, NS (`ns.Z`, with glue when the server's address is known) |
 //! | `ns.Z` | A or AAAA of the server, when configured |
-//! | `_services._dns-sd._udp.Z` | PTR to every service |
+//! | `_services._dns-sd._udp.Z` | PTR to every service type `_<svc>._tcp.Z` |
+//! | `b._dns-sd._udp.Z`, `lb._dns-sd._udp.Z` | PTR to `Z` (DNS-SD browsing domains) |
+//! | `_<svc>._tcp.Z` | PTR to `<id>._<svc>._tcp.Z` per healthy instance |
+//! | `<id>._<svc>._tcp.Z` | SRV (to `<id>.<svc>.Z`) and TXT (metadata) of that healthy instance |
 //! | `<svc>.Z` | A, AAAA, SRV of healthy instances |
 //! | `_<port>._<tcp,udp>.<svc>.Z` | SRV of healthy instances with that named port |
 //! | `<id>.<svc>.Z` | A or AAAA, TXT (metadata) of that instance, healthy or not |
@@ -415,9 +418,9 @@ type Reverse = imbl::OrdMap<IpAddr, RecordSet>;
 pub(crate) type Services = imbl::OrdMap<ServiceName, Arc<ServicePart>>;
 
 /// The names of one service (or of the zone's own), sorted by key. Each
-/// is kept without the suffix every name of the set shares (`<svc>.Z`, or
-/// `Z`), and the keys are packed one after another in one allocation: a
-/// service's names are a few short labels in front of its own.
+/// is kept without the zone's labels, which every name shares, and the
+/// keys are packed one after another in one allocation: a service's names
+/// are a few short labels.
 #[derive(Debug, Default)]
 pub(crate) struct Names {
     /// The keys' prefixes (wire-form labels), in order, back to back.
@@ -453,7 +456,7 @@ impl Names {
         self.keys.get(start..end).unwrap_or_default()
     }
 
-    /// The node of the name whose key, without the set's suffix, is
+    /// The node of the name whose key, without the zone's labels, is
     /// `prefix`.
     fn get(&self, prefix: &[u8]) -> Option<&Node> {
         let (mut lo, mut hi) = (0, self.nodes.len());
@@ -469,7 +472,6 @@ impl Names {
     }
 
     /// Every name, as (prefix, node), in prefix order.
-    #[allow(dead_code)] // the zone transfer's walk
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], &Node)> {
         (0..self.nodes.len()).map(|i| (self.prefix(i), &self.nodes[i].1))
     }
@@ -687,10 +689,9 @@ impl Builder<'_> {
 
     /// The names built, their vectors trimmed: an index holds many small
     /// services for a long time.
-    ///
-    /// Every name built ends in `suffix` (`<svc>.Z` for a service's part,
-    /// `Z` for the zone's own names), which the names are kept without.
-    fn finish(mut self, suffix: usize) -> (Names, Vec<(IpAddr, Item)>) {
+    /// Every name built ends in `Z`, which the names are kept without.
+    fn finish(mut self) -> (Names, Vec<(IpAddr, Item)>) {
+        let suffix = self.origin_key.len();
         let mut nodes: Vec<(NameKey, Node)> = self.nodes.into_iter().collect();
         for (_, node) in &mut nodes {
             for set in &mut node.sets {
@@ -795,15 +796,20 @@ fn build_service(
     let svc_name = child(origin, svc)?;
     let mut b = Builder::new(zone, origin_key);
     b.touch(&svc_name);
-    let browse = browse_name(origin).map(|_| Item {
-        weight: 1,
-        data: Data::Ptr(Target::new(
-            &svc_name,
-            origin_key,
-            IpAddr::from([0, 0, 0, 0]),
-            &[],
-        )),
-    });
+    // DNS-SD (RFC 6763): the service type `_<svc>._tcp.Z`, which the
+    // enumeration points at.
+    let dnssd_type = dnssd_type_name(origin, svc);
+    let browse = browse_name(origin)
+        .and(dnssd_type.as_ref())
+        .map(|dnssd_type| Item {
+            weight: 1,
+            data: Data::Ptr(Target::new(
+                dnssd_type,
+                origin_key,
+                IpAddr::from([0, 0, 0, 0]),
+                &[],
+            )),
+        });
 
     // Each instance's own name, address record, metadata and reverse name;
     // its target is shared by every SRV record that names it.
@@ -848,6 +854,26 @@ fn build_service(
     add_addresses(&mut b, &svc_name, entry.healthy());
     for e in entry.healthy() {
         srv(&mut b, &svc_name, e, e.instance.port);
+    }
+
+    // DNS-SD browsing: `_<svc>._tcp.Z` PTR to `<id>._<svc>._tcp.Z` per
+    // healthy instance, each with SRV (to `<id>.<svc>.Z`) and TXT (its
+    // metadata; one empty string when it has none, RFC 6763 §6.1).
+    if let Some(dnssd_type) = &dnssd_type {
+        b.touch(dnssd_type);
+        for e in entry.healthy() {
+            let Some(dnssd_inst) = child(dnssd_type, e.instance.id.as_str()) else {
+                continue;
+            };
+            let mut txt = meta_txt(e.instance.meta.iter());
+            if txt.is_empty() {
+                txt.push(0);
+            }
+            let target = Target::new(&dnssd_inst, origin_key, e.instance.address, &txt);
+            b.add(dnssd_type, 1, Data::Ptr(target.clone()));
+            srv(&mut b, &dnssd_inst, e, e.instance.port);
+            b.add(&dnssd_inst, 1, Data::Txt(target));
+        }
     }
 
     // Tags. A tag name exists while any instance carries it, so a
@@ -904,13 +930,50 @@ fn build_service(
         }
     }
 
-    // Every name here ends in `<svc>.Z`.
-    let (nodes, reverse) = b.finish(1 + svc.len() + origin_key.len());
+    let (nodes, reverse) = b.finish();
     Some(ServicePart {
         nodes,
         browse,
         reverse,
     })
+}
+
+/// `_<svc>._tcp.Z`, the DNS-SD service type of `svc` (`None` when `_<svc>`
+/// is longer than a label).
+fn dnssd_type_name(origin: &Name, svc: &str) -> Option<Name> {
+    child(&child(origin, "_tcp")?, &format!("_{svc}"))
+}
+
+/// `b._dns-sd._udp.Z` and `lb._dns-sd._udp.Z`: the browsing domains a
+/// DNS-SD client asks for (RFC 6763 §11), both pointing at the zone.
+fn browsing_domain_names(origin: &Name) -> Vec<Name> {
+    let Some(dns_sd) = child(origin, "_udp").and_then(|n| child(&n, "_dns-sd")) else {
+        return Vec::new();
+    };
+    ["b", "lb"]
+        .iter()
+        .filter_map(|l| child(&dns_sd, l))
+        .collect()
+}
+
+/// The service whose DNS-SD names `key` is at or below: the label above
+/// `_tcp.Z` without its `_` (`user` for `u1._user._tcp.Z`).
+fn dnssd_service<'k>(key: &'k [u8], zone: &[u8]) -> Option<&'k [u8]> {
+    let mut labels: SmallVec<[(usize, usize); 8]> = SmallVec::new();
+    let mut at = 0;
+    while at < key.len() {
+        if key[at..] == *zone {
+            let (start, len) = *labels.get(labels.len().checked_sub(2)?)?;
+            return key.get(start..start + len)?.strip_prefix(b"_");
+        }
+        let len = usize::from(key[at]);
+        if len == 0 {
+            return None;
+        }
+        labels.push((at + 1, len));
+        at += 1 + len;
+    }
+    None
 }
 
 /// `_services._dns-sd._udp.Z`.
@@ -927,9 +990,8 @@ enum Place<'k> {
     /// The apex.
     Apex,
     /// Below it, under this label of the apex (a service's, or the
-    /// zone's own such as `ns` and `_udp`), which starts (its length byte)
-    /// at this offset of the key.
-    Below(&'k [u8], usize),
+    /// zone's own such as `ns` and `_udp`).
+    Below(&'k [u8]),
 }
 
 /// Where `key` is relative to the zone whose key is `zone`, on label
@@ -941,7 +1003,7 @@ fn service_label<'k>(key: &'k [u8], zone: &[u8]) -> Place<'k> {
         if key[at..] == *zone {
             return match previous {
                 None => Place::Apex,
-                Some((start, len)) => Place::Below(&key[start..start + len], start - 1),
+                Some((start, len)) => Place::Below(&key[start..start + len]),
             };
         }
         let len = usize::from(key[at]);
@@ -1055,8 +1117,17 @@ impl Index {
         if let Some(browse) = &browse_name {
             b.touch(browse);
         }
+        for domain in browsing_domain_names(origin) {
+            b.add_whole(&domain, RData::PTR(PTR(origin.clone())), Vec::new());
+        }
+        // `_tcp.Z` exists while a service type below it does (RFC 8020).
+        if !services.is_empty()
+            && let Some(tcp) = child(origin, "_tcp")
+        {
+            b.touch(&tcp);
+        }
 
-        let zone_nodes = b.finish(origin_key.len()).0;
+        let zone_nodes = b.finish().0;
         Index {
             soa_wire: wire::encode_record(&soa, Owner::Zone, &origin_key),
             origin_key,
@@ -1092,28 +1163,35 @@ impl Index {
 
     /// The node of the name whose key is `key`.
     fn lookup(&self, key: &[u8]) -> Lookup<'_> {
-        // A service's names are kept without `<svc>.Z`, the zone's own
-        // without `Z`.
-        let zone_prefix = || &key[..key.len() - self.origin_key.len()];
-        let (nodes, prefix) = match service_label(key, &self.origin_key) {
+        let nodes = match service_label(key, &self.origin_key) {
             Place::Outside => {
                 return reverse_address(key)
                     .and_then(|ip| self.reverse.get(&ip))
                     .map_or(Lookup::Outside, Lookup::Reverse);
             }
-            Place::Apex => (&self.zone_nodes, zone_prefix()),
-            Place::Below(label, at) => match std::str::from_utf8(label)
-                .ok()
-                .and_then(|label| self.services.get(label))
-            {
-                Some(part) => (&part.nodes, &key[..at]),
+            Place::Apex => &self.zone_nodes,
+            Place::Below(label) => match self.service(label) {
+                Some(part) => &part.nodes,
+                // DNS-SD names live with their service.
+                None if label == b"_tcp" => dnssd_service(key, &self.origin_key)
+                    .and_then(|svc| self.service(svc))
+                    .map_or(&self.zone_nodes, |part| &part.nodes),
                 None if self.browse_key.as_deref() == Some(key) => {
                     return Lookup::Node(self.browse());
                 }
-                None => (&self.zone_nodes, zone_prefix()),
+                None => &self.zone_nodes,
             },
         };
+        // Names are kept without the zone's labels.
+        let prefix = &key[..key.len() - self.origin_key.len()];
         nodes.get(prefix).map_or(Lookup::NxDomain, Lookup::Node)
+    }
+
+    /// The part of the service whose label is `label`.
+    fn service(&self, label: &[u8]) -> Option<&Arc<ServicePart>> {
+        // Service names are ASCII; other bytes name no service.
+        let name = std::str::from_utf8(label).ok()?;
+        self.services.get(name)
     }
 
     /// How to answer `qtype`, any type but ANY, at the name whose key is
@@ -1159,6 +1237,85 @@ fn select_sets(node: &Node, qtype: RecordType) -> Vec<&RecordSet> {
     } else {
         node.set(qtype).into_iter().collect()
     }
+}
+
+/// One name of the zone (its key) and its sets, as a zone transfer sends
+/// them.
+pub(crate) type ZoneName<'a> = (NameKey, &'a Node);
+
+impl Index {
+    /// The SOA serial: the catalog revision modulo 2^32, so that every
+    /// replica gives the same serial to the same revision, and RFC 1982
+    /// arithmetic orders them across the wrap.
+    pub(crate) fn serial(&self) -> u32 {
+        (self.revision & 0xFFFF_FFFF) as u32
+    }
+
+    /// Every name of the zone with its sets, as queries answer them (the
+    /// zone's own names, the DNS-SD enumeration, every service's names;
+    /// not the reverse names, which are outside the zone): an AXFR's
+    /// content, the SOA included at the apex.
+    pub(crate) fn zone_names(&self) -> impl Iterator<Item = ZoneName<'_>> {
+        let browse = self.browse_key.clone().map(|key| (key, self.browse()));
+        self.zone_nodes
+            .iter()
+            .chain(self.services.values().flat_map(|part| part.nodes.iter()))
+            .map(|(prefix, node)| (self.full_key(prefix), node))
+            .chain(browse)
+    }
+
+    /// The key of the name of the zone whose key without the zone's labels
+    /// is `prefix`.
+    fn full_key(&self, prefix: &[u8]) -> NameKey {
+        [prefix, &self.origin_key].concat().into()
+    }
+
+    /// The names whose records may differ between `old` and this index:
+    /// the zone's own names, the enumeration when services came or went,
+    /// and the names of the services the catalog changed, as (in `old`, in
+    /// this one). The work is that of the change, not of the zone.
+    pub(crate) fn changed_names<'a>(
+        &'a self,
+        old: &'a Index,
+    ) -> (Vec<ZoneName<'a>>, Vec<ZoneName<'a>>) {
+        let full = |index: &'a Index, names: &'a Names| {
+            names
+                .iter()
+                .map(move |(prefix, node)| (index.full_key(prefix), node))
+        };
+        let mut before: Vec<ZoneName<'a>> = full(old, &old.zone_nodes).collect();
+        let mut after: Vec<ZoneName<'a>> = full(self, &self.zone_nodes).collect();
+        let mut services_changed = false;
+        for change in old.from.diff(&self.from) {
+            let svc = match change {
+                DiffItem::Add(svc, _) | DiffItem::Remove(svc, _) => {
+                    services_changed = true;
+                    svc
+                }
+                DiffItem::Update { new: (svc, _), .. } => svc,
+            };
+            if let Some(part) = old.services.get(svc) {
+                before.extend(full(old, &part.nodes));
+            }
+            if let Some(part) = self.services.get(svc) {
+                after.extend(full(self, &part.nodes));
+            }
+        }
+        if services_changed {
+            if let Some(key) = old.browse_key.clone() {
+                before.push((key, old.browse()));
+            }
+            if let Some(key) = self.browse_key.clone() {
+                after.push((key, self.browse()));
+            }
+        }
+        (before, after)
+    }
+}
+
+/// The hickory name of an index key.
+pub(crate) fn name_of(key: &[u8]) -> Name {
+    name_of_key(key)
 }
 
 #[cfg(test)]

@@ -28,8 +28,19 @@
 //!   A set that does not fit is not sent and TC is set (RFC 2181 §9);
 //!   under [`DnsConfig::udp_answer_limit`] at most that many records, drawn
 //!   by weight, without TC. Over TCP, as many as fit in 64 KiB, by weight.
-//! - Zone transfers and classes other than IN are REFUSED, other opcodes
+//! - Zone transfers (AXFR, IXFR over TCP) are for clients in
+//!   [`DnsConfig::allow_transfer`] only, REFUSED for others; the zone sent
+//!   is what queries answer, the serial the catalog revision; NOTIFY goes
+//!   to [`DnsConfig::notify`] when the serial changes. Over UDP an IXFR
+//!   gets the SOA alone, an AXFR REFUSED.
+//! - Classes other than IN (but CHAOS, below) are REFUSED, other opcodes
 //!   NOTIMP, several questions FORMERR, EDNS versions above 0 BADVERS.
+//!   NOTIMP and FORMERR carry `qr rd` only, as Knot's do (no RA, no CD);
+//!   DO is copied back in the OPT record (RFC 3225 §3).
+//! - CHAOS TXT `id.server` and `hostname.bind` answer the replica's id
+//!   ([`DnsConfig::nsid`], also sent as NSID to queries that ask, RFC
+//!   5001); `version.bind` answers [`DnsConfig::version_string`], REFUSED
+//!   when unset; any other CHAOS name is REFUSED.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 #![warn(missing_docs)]
@@ -39,12 +50,15 @@ mod error;
 mod fast;
 mod forward;
 mod handler;
+mod identity;
 mod index;
 mod metrics;
 mod name;
+mod notify;
 mod response;
 mod select;
 mod server;
+mod transfer;
 mod wire;
 
 #[cfg(test)]
@@ -53,9 +67,9 @@ mod hostile_tests;
 mod table_tests;
 
 pub use config::{
-    DEFAULT_FORWARD_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_UDP_PAYLOAD, DEFAULT_TCP_IDLE_TIMEOUT,
-    DEFAULT_TTL, DEFAULT_ZONE, DnsConfig, default_allow_recursion, default_upstreams,
-    parse_resolv_conf,
+    DEFAULT_FORWARD_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_FORWARDS, DEFAULT_MAX_UDP_PAYLOAD,
+    DEFAULT_TCP_IDLE_TIMEOUT, DEFAULT_TTL, DEFAULT_ZONE, DnsConfig, default_allow_recursion,
+    default_nsid, default_upstreams, parse_resolv_conf,
 };
 pub use error::DnsError;
 pub use server::DnsServer;

@@ -46,6 +46,8 @@ pub(crate) enum ForwardResult {
     Failed,
     /// No answer within the forward timeout.
     Timeout,
+    /// Not sent: `--max-forwards` queries were already waiting upstream.
+    Overloaded,
 }
 
 impl ForwardResult {
@@ -54,6 +56,7 @@ impl ForwardResult {
             ForwardResult::Answered => "answered",
             ForwardResult::Failed => "failed",
             ForwardResult::Timeout => "timeout",
+            ForwardResult::Overloaded => "overloaded",
         }
     }
 }

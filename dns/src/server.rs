@@ -21,8 +21,10 @@ use crate::error::DnsError;
 use crate::fast::UdpLoop;
 use crate::forward::Forwarder;
 use crate::handler::{Handler, Shared};
+use crate::identity::Identity;
 use crate::index::{Index, ZoneConfig};
 use crate::metrics::Metrics;
+use crate::transfer::Transfers;
 
 /// Receive buffer asked for each UDP socket: room for a burst of a few
 /// thousand queries while a core is busy (the kernel caps it at
@@ -58,6 +60,7 @@ pub struct DnsServer {
     tcp: std::net::TcpListener,
     local_addr: SocketAddr,
     tcp_idle_timeout: Duration,
+    notify: Vec<SocketAddr>,
 }
 
 impl std::fmt::Debug for DnsServer {
@@ -96,6 +99,18 @@ impl DnsServer {
                 reason: "0 would answer no records; leave it unset for the DNS rules".into(),
             });
         }
+        if config.max_forwards == 0 {
+            return Err(DnsError::InvalidConfig {
+                setting: "max_forwards",
+                reason: "0 would refuse every forwarded query; leave upstreams empty to turn forwarding off".into(),
+            });
+        }
+        let identity = Identity::new(config.nsid.clone(), config.version_string.clone()).map_err(
+            |reason| DnsError::InvalidConfig {
+                setting: "nsid",
+                reason,
+            },
+        )?;
         let udp_count = match config.udp_sockets {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -122,7 +137,11 @@ impl DnsServer {
         let forwarder = if upstreams.is_empty() {
             None
         } else {
-            Some(Forwarder::new(&upstreams, config.forward_timeout)?)
+            Some(Forwarder::new(
+                &upstreams,
+                config.forward_timeout,
+                config.max_forwards,
+            )?)
         };
 
         let zone = ZoneConfig {
@@ -132,11 +151,13 @@ impl DnsServer {
             ns_address: config.ns_address,
         };
         let snapshot = catalog.snapshot();
-        let index = Index::build(&snapshot, &zone);
+        let index = Arc::new(Index::build(&snapshot, &zone));
         let metrics = Metrics::default();
         metrics.snapshot(index.revision, index.built);
+        let transfers = Transfers::new(config.allow_transfer);
+        transfers.published(&index);
         let shared = Arc::new(Shared {
-            index: ArcSwap::from_pointee(index),
+            index: ArcSwap::new(index),
             zone,
             allow_recursion: config.allow_recursion,
             forwarder,
@@ -144,6 +165,8 @@ impl DnsServer {
             max_udp_payload: config.max_udp_payload,
             udp_answer_limit: config.udp_answer_limit,
             allow_query: config.allow_query,
+            identity,
+            transfers,
         });
         tracing::info!(
             addr = %local_addr,
@@ -159,6 +182,7 @@ impl DnsServer {
             tcp,
             local_addr,
             tcp_idle_timeout: config.tcp_idle_timeout,
+            notify: config.notify,
         })
     }
 
@@ -221,6 +245,14 @@ impl DnsServer {
             self.shared.clone(),
             cancel.clone(),
         ));
+        let notifier = (!self.notify.is_empty()).then(|| {
+            tokio::spawn(crate::notify::run(
+                self.shared.zone.origin.clone(),
+                self.notify.clone(),
+                self.shared.transfers.subscribe(),
+                cancel.clone(),
+            ))
+        });
         let shutdown = server.shutdown_token().clone();
         let stopper = {
             let cancel = cancel.clone();
@@ -237,6 +269,9 @@ impl DnsServer {
         stop.store(true, Ordering::Relaxed);
         stopper.abort();
         watcher.abort();
+        if let Some(notifier) = notifier {
+            notifier.abort();
+        }
         let joined =
             tokio::task::spawn_blocking(move || threads.into_iter().all(|t| t.join().is_ok()))
                 .await
@@ -280,7 +315,10 @@ async fn watch_catalog(catalog: Arc<Catalog>, shared: Arc<Shared>, cancel: Cance
                     // The DNS-SD enumeration, which names every service,
                     // is built by the first query that asks for it: not
                     // on every change.
-                    shared.index.store(Arc::new(index));
+                    let index = Arc::new(index);
+                    shared.index.store(index.clone());
+                    // Kept for IXFR; secondaries are told of the new serial.
+                    shared.transfers.published(&index);
                 }
                 Err(err) => {
                     tracing::error!(%err, "building the DNS index failed; keeping the previous one")

@@ -361,13 +361,84 @@ fn dns_sd_enumerates_every_service() {
             })
             .collect(),
     );
-    assert_eq!(targets, vec!["order.xingren.host.", "user.xingren.host."]);
+    assert_eq!(
+        targets,
+        vec!["_order._tcp.xingren.host.", "_user._tcp.xingren.host."]
+    );
     assert_nodata(&answer(
         &index,
         "_dns-sd._udp.xingren.host.",
         RecordType::PTR,
     ));
     assert_nodata(&answer(&index, "_udp.xingren.host.", RecordType::PTR));
+}
+
+#[test]
+fn dns_sd_browses_instances_of_a_service_type() {
+    let index = fixture();
+    let texts = |name: &str, qtype| -> Vec<String> {
+        sorted(
+            answer(&index, name, qtype)
+                .answers
+                .iter()
+                .map(|r| r.data.to_string())
+                .collect(),
+        )
+    };
+    // Healthy instances only: u3 is critical.
+    assert_eq!(
+        texts("_user._tcp.xingren.host.", RecordType::PTR),
+        vec![
+            "u1._user._tcp.xingren.host.",
+            "u2._user._tcp.xingren.host.",
+            "u6._user._tcp.xingren.host.",
+        ]
+    );
+    assert_eq!(
+        texts("u1._User._tcp.xingren.host.", RecordType::SRV),
+        vec!["10 300 8080 u1.user.xingren.host."]
+    );
+    let srv = answer(&index, "u1._user._tcp.xingren.host.", RecordType::SRV);
+    assert_eq!(srv.additionals.len(), 1, "the target's address as glue");
+    let txt = answer(&index, "u1._user._tcp.xingren.host.", RecordType::TXT);
+    match &txt.answers[0].data {
+        RData::TXT(t) => assert_eq!(
+            t.txt_data.iter().map(|s| &s[..]).collect::<Vec<_>>(),
+            vec![&b"version=1.2.3"[..], &b"zone=a"[..]]
+        ),
+        other => panic!("{other:?}"),
+    }
+    // No metadata: one empty string (RFC 6763 §6.1).
+    let txt = answer(&index, "o1._order._tcp.xingren.host.", RecordType::TXT);
+    match &txt.answers[0].data {
+        RData::TXT(t) => assert_eq!(t.txt_data.len(), 1),
+        other => panic!("{other:?}"),
+    }
+    for domain in [
+        "b._dns-sd._udp.xingren.host.",
+        "lb._dns-sd._udp.xingren.host.",
+    ] {
+        assert_eq!(texts(domain, RecordType::PTR), vec!["xingren.host."]);
+    }
+    assert_nodata(&answer(&index, "_tcp.xingren.host.", RecordType::PTR));
+    assert_nodata(&answer(&index, "_user._tcp.xingren.host.", RecordType::A));
+    assert_nxdomain(&answer(
+        &index,
+        "u3._user._tcp.xingren.host.",
+        RecordType::SRV,
+    ));
+    assert_nxdomain(&answer(
+        &index,
+        "_nobody._tcp.xingren.host.",
+        RecordType::PTR,
+    ));
+    assert_nxdomain(&answer(
+        &index,
+        "x.nobody._tcp.xingren.host.",
+        RecordType::PTR,
+    ));
+    // The names served before stay.
+    assert_eq!(texts("user.xingren.host.", RecordType::SRV).len(), 3);
 }
 
 #[test]
@@ -831,7 +902,9 @@ mod incremental {
                 q.push((format!("{svc}.{ZONE}"), qtype));
                 q.push((format!("blue.tag.{svc}.{ZONE}"), qtype));
             }
+            q.push((format!("_{svc}._tcp.{ZONE}"), RecordType::PTR));
             for i in 0..3 {
+                q.push((format!("i{i}._{svc}._tcp.{ZONE}"), RecordType::ANY));
                 q.push((format!("i{i}.{svc}.{ZONE}"), RecordType::ANY));
             }
         }

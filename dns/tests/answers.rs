@@ -117,7 +117,10 @@ async fn hickory_client_gets_every_row_over_udp_and_tcp() {
         let sd = ask("_services._dns-sd._udp.xingren.host.", RecordType::PTR).await;
         let mut names: Vec<String> = sd.answers.iter().map(|r| r.data.to_string()).collect();
         names.sort();
-        assert_eq!(names, vec!["order.xingren.host.", "user.xingren.host."]);
+        assert_eq!(
+            names,
+            vec!["_order._tcp.xingren.host.", "_user._tcp.xingren.host."]
+        );
 
         let rev = ask("2.0.0.10.in-addr.arpa.", RecordType::PTR).await;
         assert!(rev.metadata.authoritative);

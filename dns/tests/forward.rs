@@ -186,3 +186,56 @@ async fn the_server_never_forwards_to_itself() {
     assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_past_the_bound_are_servfail_at_once() {
+    // A dead upstream: UDP read and never answered, TCP accepted by the
+    // kernel's backlog and never read.
+    let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let _tcp = std::net::TcpListener::bind(silent_addr).unwrap();
+    let sink = tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while silent.recv_from(&mut buf).await.is_ok() {}
+    });
+    let config = DnsConfig {
+        upstreams: vec![silent_addr],
+        forward_timeout: Duration::from_millis(1500),
+        max_forwards: 2,
+        ..test_config()
+    };
+    let server = start(config, &standard_fill()).await;
+    let addr = server.addr;
+    let ask = move |name: &'static str| async move {
+        let started = tokio::time::Instant::now();
+        let (reply, _) = udp_exchange(addr, &query_message(name, RecordType::A, None, true)).await;
+        (reply.metadata.response_code, started.elapsed())
+    };
+
+    // Two wait upstream (distinct names: nothing is shared or cached).
+    let first = tokio::spawn(ask("a.example.com."));
+    let second = tokio::spawn(ask("b.example.com."));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The third finds no room: SERVFAIL now, not after the timeout.
+    let (rcode, took) = ask("c.example.com.").await;
+    assert_eq!(rcode, ResponseCode::ServFail);
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    // Our own zone is never held up by the bound.
+    let (own, _) = udp_exchange(
+        addr,
+        &query_message("user.xingren.host.", RecordType::A, None, true),
+    )
+    .await;
+    assert_eq!(own.answers.len(), 2);
+    for waiting in [first, second] {
+        let (rcode, took) = waiting.await.unwrap();
+        assert_eq!(rcode, ResponseCode::ServFail);
+        assert!(took >= Duration::from_millis(1300), "{took:?}");
+    }
+    // Room again: the next one is sent, and waits its timeout.
+    let (rcode, took) = ask("d.example.com.").await;
+    assert_eq!(rcode, ResponseCode::ServFail);
+    assert!(took >= Duration::from_millis(1300), "{took:?}");
+    server.stop().await;
+    sink.abort();
+}

@@ -39,7 +39,10 @@ pub fn unavailable() -> Option<String> {
     if Command::new("ip").arg("-V").output().is_err() {
         return Some("`ip` is missing (apt-get install iproute2)".into());
     }
-    let probe = format!("sp-probe-{}", std::process::id());
+    // One probe name per call: tests of one binary probe at the same time.
+    static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = format!("sp-probe-{}-{n}", std::process::id());
     if let Err(err) = run(&["ip", "netns", "add", &probe]) {
         return Some(format!("cannot create a network namespace: {err}"));
     }
@@ -88,6 +91,21 @@ impl Network {
     /// The bridge's own address (the "node" address pods reach).
     pub fn gateway(&self) -> Ipv4Addr {
         Ipv4Addr::new(self.prefix[0], self.prefix[1], self.prefix[2], 1)
+    }
+
+    /// Adds another address of the node, `.host` in the bridge's /24 (a
+    /// second DNS replica listens there).
+    pub fn add_node_address(&self, host: u8) -> Result<Ipv4Addr, String> {
+        let address = Ipv4Addr::new(self.prefix[0], self.prefix[1], self.prefix[2], host);
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{address}/24"),
+            "dev",
+            &self.bridge,
+        ])?;
+        Ok(address)
     }
 
     /// The subnet, as a CIDR.

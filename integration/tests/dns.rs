@@ -122,7 +122,7 @@ async fn dns_answers_registered_instances_over_udp_and_tcp() {
     );
     assert_eq!(
         dig_short(c.dns, "_services._dns-sd._udp.xingren.host", "PTR", false),
-        ["user.xingren.host."]
+        ["_user._tcp.xingren.host."]
     );
 
     // SRV carries glue in the additional section.

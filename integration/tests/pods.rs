@@ -139,3 +139,127 @@ async fn pods_resolve_short_names_and_forward_the_rest() {
     // An unknown name in the zone does not resolve.
     assert!(getent(&pod_b, "nobody.xingren.host").is_empty());
 }
+
+/// Two DNS replicas in the pods' resolv.conf (`options timeout:1
+/// attempts:2`, as examples/resolv.conf): one is killed, and `getent hosts
+/// user` keeps answering through the other, changes included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_dns_replica_leaves_lookups_to_the_other() {
+    if let Some(reason) = netns::unavailable() {
+        eprintln!("SKIPPED a_killed_dns_replica_leaves_lookups_to_the_other: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = signpost_bin();
+    let etcd = EtcdProcess::spawn().await;
+    std::fs::write(dir.path().join("admin.token"), ADMIN).unwrap();
+    let api_port = free_port();
+    let api = format!("http://127.0.0.1:{api_port}");
+    let _server = Process::spawn(
+        "signpost-server",
+        &bin,
+        &args(&[
+            "server",
+            "--etcd",
+            &etcd.endpoint(),
+            "--api",
+            &format!("127.0.0.1:{api_port}"),
+            "--dns",
+            &format!("127.0.0.1:{}", free_port()),
+            "--admin-token-file",
+            &dir.path().join("admin.token").display().to_string(),
+        ]),
+        dir.path(),
+    );
+    wait_http_ok(&format!("{api}/readyz"), Duration::from_secs(15)).await;
+
+    // Its own bridge: this test may run beside the other one.
+    let tag = (std::process::id() % 2000) as u16 + 2000;
+    let mut net = Network::create(tag).expect("create the test bridge");
+    let first = net.gateway();
+    let second = net.add_node_address(2).expect("second node address");
+    let resolv = format!(
+        "nameserver {first}\nnameserver {second}\nsearch xingren.host\noptions timeout:1 attempts:2\n"
+    );
+    let pod = net.add_pod(1, &resolv).expect("pod");
+    let replica = |name: &str, at: std::net::Ipv4Addr| {
+        Process::spawn(
+            name,
+            &bin,
+            &args(&[
+                "dns",
+                "--etcd",
+                &etcd.endpoint(),
+                "--dns",
+                &format!("{at}:53"),
+                "--nsid",
+                name,
+                "--allow-recursion",
+                &net.cidr(),
+                "--udp-sockets",
+                "1",
+            ]),
+            dir.path(),
+        )
+    };
+    let mut dns_a = replica("dns-a", first);
+    let _dns_b = replica("dns-b", second);
+
+    let http = reqwest::Client::new();
+    let register = |id: &'static str, address: &'static str| {
+        let http = http.clone();
+        let api = api.clone();
+        async move {
+            let resp = http
+                .put(format!("{api}/v1/services/user/instances/{id}"))
+                .bearer_auth(ADMIN)
+                .json(&json!({"address": address, "port": 8080}))
+                .send()
+                .await
+                .unwrap();
+            assert!(resp.status().is_success());
+        }
+    };
+    register("a", "10.99.0.1").await;
+    // Both replicas answer, each telling its own id.
+    for (at, id) in [(first, "dns-a"), (second, "dns-b")] {
+        let server = format!("@{at}");
+        eventually(&format!("{id} answers"), Duration::from_secs(15), || {
+            let out = signpost_integration::dig(&[&server, "+short", "user.xingren.host"]);
+            async move { out.trim() == "10.99.0.1" }
+        })
+        .await;
+        let nsid = signpost_integration::dig(&[&server, "+short", "CH", "TXT", "id.server"]);
+        assert_eq!(nsid.trim(), format!("\"{id}\""));
+    }
+    eventually("the pod resolves `user`", Duration::from_secs(10), || {
+        let line = getent(&pod, "user");
+        async move { line.starts_with("10.99.0.1") }
+    })
+    .await;
+
+    // The first replica dies; the pod's lookups go on through the second.
+    dns_a.kill();
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let line = getent(&pod, "user");
+        assert!(line.starts_with("10.99.0.1"), "{line:?}");
+        // A dead first nameserver costs at most its 1 s timeout per try.
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    // And changes keep arriving through it.
+    register("b", "10.99.0.2").await;
+    eventually(
+        "the second instance, through the live replica",
+        Duration::from_secs(10),
+        || {
+            let line = getent(&pod, "b.user.xingren.host");
+            async move { line.starts_with("10.99.0.2") }
+        },
+    )
+    .await;
+}

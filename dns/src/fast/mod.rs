@@ -278,8 +278,11 @@ pub(crate) async fn hickory_answer(
             let Ok(queries) = Queries::read(&mut BinDecoder::new(&[]), 0) else {
                 return;
             };
+            // `qr rd` and the code, as Knot answers: CD is not echoed.
+            let mut request_meta = header.metadata;
+            request_meta.checking_disabled = false;
             let response = MessageResponseBuilder::new(&queries, None)
-                .error_msg(&header.metadata, ResponseCode::FormErr);
+                .error_msg(&request_meta, ResponseCode::FormErr);
             let mut reply = reply;
             if let Err(error) = reply.send_response(response).await {
                 tracing::debug!(%error, "cannot send FORMERR");

@@ -37,6 +37,8 @@ pub(crate) struct Question {
     pub(crate) zone_at: Option<u16>,
     /// The client's EDNS payload size, if it sent an OPT record.
     pub(crate) edns_payload: Option<u16>,
+    /// Whether the OPT record had DO set (copied back, RFC 3225 §3).
+    pub(crate) dnssec_ok: bool,
 }
 
 impl Question {
@@ -125,10 +127,11 @@ fn parse_query(p: &[u8], zone: &[u8], zone_labels: usize) -> Option<Question> {
         return None;
     }
 
-    let edns_payload = if ar == 1 {
-        Some(parse_opt(p, end)?)
+    let (edns_payload, dnssec_ok) = if ar == 1 {
+        let (payload, dnssec_ok) = parse_opt(p, end)?;
+        (Some(payload), dnssec_ok)
     } else if end == p.len() {
-        None
+        (None, false)
     } else {
         // Trailing bytes: let hickory judge them.
         return None;
@@ -152,12 +155,13 @@ fn parse_query(p: &[u8], zone: &[u8], zone_labels: usize) -> Option<Question> {
         qtype,
         zone_at,
         edns_payload,
+        dnssec_ok,
     })
 }
 
 /// Reads the OPT record at `at`, which must end the packet, and returns the
-/// payload size it offers.
-fn parse_opt(p: &[u8], at: usize) -> Option<u16> {
+/// payload size it offers and its DO bit.
+fn parse_opt(p: &[u8], at: usize) -> Option<(u16, bool)> {
     // Root owner, type OPT.
     if *p.get(at)? != 0 || u16_at(p, at + 1)? != 41 {
         return None;
@@ -182,7 +186,8 @@ fn parse_opt(p: &[u8], at: usize) -> Option<u16> {
         }
         opt += 4 + len;
     }
-    (opt == rdata_end).then_some(payload)
+    let dnssec_ok = *p.get(at + 7)? & 0x80 != 0;
+    (opt == rdata_end).then_some((payload, dnssec_ok))
 }
 
 #[cfg(test)]
@@ -255,6 +260,9 @@ mod tests {
         let opt = [0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 0];
         let q = fast(&query(b"\x01a\x00", 1, Some(&opt)));
         assert_eq!(q.edns_payload, Some(4096));
+        assert!(q.dnssec_ok);
+        let opt = [0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 0];
+        assert!(!fast(&query(b"\x01a\x00", 1, Some(&opt))).dnssec_ok);
         // A cookie option is fine.
         let opt = [
             0, 0, 41, 4, 0xD0, 0, 0, 0, 0, 0, 12, 0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8,

@@ -98,11 +98,13 @@ pub(crate) fn respond<R: Rng + ?Sized>(
         }
     }
     if q.edns_payload.is_some() {
-        // Root owner, type OPT, our payload size, version 0, no flags, no
-        // options (RFC 6891 §6.1.1), as the hickory path sends.
+        // Root owner, type OPT, our payload size, version 0, DO copied
+        // back (RFC 3225 §3), no options (RFC 6891 §6.1.1), as the hickory
+        // path sends.
         out.extend_from_slice(&[0, 0, 41]);
         out.extend_from_slice(&cx.max_udp_payload.max(512).to_be_bytes());
-        out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        let flags = if q.dnssec_ok { 0x80 } else { 0 };
+        out.extend_from_slice(&[0, 0, flags, 0, 0, 0]);
         ar += 1;
     }
 

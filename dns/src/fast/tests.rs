@@ -92,6 +92,8 @@ fn shared_with(forwarder: Option<Forwarder>, udp_answer_limit: Option<u16>) -> A
         max_udp_payload: 1232,
         udp_answer_limit,
         allow_query: None,
+        identity: Default::default(),
+        transfers: crate::transfer::Transfers::new(Vec::new()),
     })
 }
 
@@ -201,6 +203,16 @@ fn assert_same(what: &str, query: &[u8], fast: &[u8], slow: &[u8]) {
 }
 
 fn query(name: &str, qtype: RecordType, edns: Option<u16>, rd: bool, cd: bool) -> Vec<u8> {
+    query_do(name, qtype, edns, (rd, cd, false))
+}
+
+/// [`query`] with the DO bit too, when there is an OPT record.
+fn query_do(
+    name: &str,
+    qtype: RecordType,
+    edns: Option<u16>,
+    (rd, cd, dnssec_ok): (bool, bool, bool),
+) -> Vec<u8> {
     let mut msg = Message::new(0x4242, MessageType::Query, OpCode::Query);
     msg.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
     msg.metadata.recursion_desired = rd;
@@ -208,6 +220,7 @@ fn query(name: &str, qtype: RecordType, edns: Option<u16>, rd: bool, cd: bool) -
     if let Some(payload) = edns {
         let mut e = Edns::new();
         e.set_max_payload(payload);
+        e.set_dnssec_ok(dnssec_ok);
         msg.edns = Some(e);
     }
     msg.to_vec().unwrap()
@@ -229,6 +242,14 @@ const ROWS: &[(&str, RecordType)] = &[
     ("v2.tag.user.xingren.host.", RecordType::SRV),
     ("old.tag.user.xingren.host.", RecordType::A),
     ("_services._dns-sd._udp.xingren.host.", RecordType::PTR),
+    ("b._dns-sd._udp.xingren.host.", RecordType::PTR),
+    ("lb._dns-sd._udp.xingren.host.", RecordType::PTR),
+    ("_user._tcp.xingren.host.", RecordType::PTR),
+    ("u1._user._tcp.xingren.host.", RecordType::SRV),
+    ("u1._user._tcp.xingren.host.", RecordType::TXT),
+    ("u2._user._tcp.xingren.host.", RecordType::TXT),
+    ("u3._user._tcp.xingren.host.", RecordType::SRV),
+    ("_tcp.xingren.host.", RecordType::PTR),
     ("1.0.0.10.in-addr.arpa.", RecordType::PTR),
     (
         "6.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.",
@@ -278,11 +299,16 @@ async fn fast_path_answers_every_row_like_the_handler() {
         for &(name, qtype) in ROWS {
             for spelled in spellings(name) {
                 for edns in [None, Some(100), Some(512), Some(1232), Some(4096)] {
-                    for (rd, cd) in [(false, false), (true, false), (false, true)] {
+                    for (rd, cd, dnssec_ok) in [
+                        (false, false, false),
+                        (true, false, true),
+                        (false, true, false),
+                        (false, true, true),
+                    ] {
                         let what = format!(
-                            "{spelled} {qtype} edns {edns:?} rd {rd} cd {cd} limit {limit:?}"
+                            "{spelled} {qtype} edns {edns:?} rd {rd} cd {cd} do {dnssec_ok} limit {limit:?}"
                         );
-                        let packet = query(&spelled, qtype, edns, rd, cd);
+                        let packet = query_do(&spelled, qtype, edns, (rd, cd, dnssec_ok));
                         let f = fast(&shared, &packet, &mut rng)
                             .unwrap_or_else(|| panic!("{what}: not answered by the fast path"));
                         let s = slow(&shared, &packet).await.unwrap();
@@ -330,6 +356,7 @@ async fn fast_path_refuses_like_the_handler_and_leaves_forwarding_to_it() {
     let forwarder = Forwarder::new(
         &["127.0.0.1:9".parse().unwrap()],
         Duration::from_millis(100),
+        crate::DEFAULT_MAX_FORWARDS,
     )
     .unwrap();
     let shared = shared(Some(forwarder));
@@ -420,6 +447,134 @@ async fn hostile_packets_never_break_the_fast_path() {
     }
     // The mutations must reach the answer code, not just the reader.
     assert!(answered > 2_000, "only {answered} packets answered");
+}
+
+/// A random query of the kind a resolver or a fuzzer sends: a name made of
+/// the zone's own labels (so that it often hits), any type, random case,
+/// flags, EDNS size and DO.
+fn random_query(rng: &mut SmallRng) -> Vec<u8> {
+    const LABELS: &[&str] = &[
+        "user",
+        "u1",
+        "u2",
+        "u3",
+        "u6",
+        "order",
+        "o1",
+        "big",
+        "i7",
+        "fat",
+        "f1",
+        "tag",
+        "v2",
+        "old",
+        "_user",
+        "_order",
+        "_tcp",
+        "_udp",
+        "_http",
+        "_dns-sd",
+        "_services",
+        "b",
+        "lb",
+        "ns",
+        "in-addr",
+        "arpa",
+        "10",
+        "0",
+        "1",
+        "nobody",
+    ];
+    const TYPES: &[RecordType] = &[
+        RecordType::A,
+        RecordType::AAAA,
+        RecordType::SRV,
+        RecordType::TXT,
+        RecordType::PTR,
+        RecordType::SOA,
+        RecordType::NS,
+        RecordType::ANY,
+        RecordType::MX,
+        RecordType::CAA,
+    ];
+    let mut labels: Vec<String> = (0..rng.random_range(0..5))
+        .map(|_| LABELS[rng.random_range(0..LABELS.len())].to_string())
+        .collect();
+    match rng.random_range(0..10) {
+        0 => {}
+        1 => labels.push("example".into()),
+        _ => labels.extend(["xingren".into(), "host".into()]),
+    }
+    let name: String = labels
+        .iter()
+        .map(|l| format!("{l}."))
+        .collect::<String>()
+        .chars()
+        .map(|c| {
+            if rng.random_bool(0.3) {
+                c.to_ascii_uppercase()
+            } else {
+                c
+            }
+        })
+        .collect();
+    let name = if name.is_empty() {
+        ".".to_string()
+    } else {
+        name
+    };
+    let qtype = if rng.random_bool(0.05) {
+        RecordType::from(rng.random::<u16>())
+    } else {
+        TYPES[rng.random_range(0..TYPES.len())]
+    };
+    let edns = rng.random_bool(0.6).then(|| rng.random_range(0..5000u16));
+    let mut packet = query_do(
+        &name,
+        qtype,
+        edns,
+        (rng.random(), rng.random(), rng.random()),
+    );
+    // AD, and the Z bit that must be ignored.
+    if rng.random_bool(0.1) {
+        packet[3] |= 0x20;
+    }
+    if rng.random_bool(0.05) {
+        packet[3] |= 0x40;
+    }
+    packet
+}
+
+/// Differential fuzzing, bounded in count and time: random well-formed
+/// queries, then mutations of them, through the fast path and through
+/// hickory's; whatever the fast path answers, hickory answers the same.
+#[tokio::test]
+async fn random_and_mutated_queries_agree_on_both_paths() {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for limit in [None, Some(3)] {
+        let shared = shared_with(None, limit);
+        let mut rng = SmallRng::seed_from_u64(0x5EED ^ u64::from(limit.unwrap_or(0)));
+        let mut answer_rng = SmallRng::seed_from_u64(2);
+        let (mut sent, mut answered) = (0, 0);
+        while sent < 10_000 && std::time::Instant::now() < deadline {
+            let query = random_query(&mut rng);
+            let packet = if sent % 3 == 2 {
+                mutate(&mut rng, &query)
+            } else {
+                query
+            };
+            sent += 1;
+            if differential(&shared, &packet, &mut answer_rng).await {
+                answered += 1;
+            }
+        }
+        // The queries must reach the answer code, not just the reader.
+        assert!(sent >= 1_000, "only {sent} queries within the time bound");
+        assert!(
+            answered * 2 > sent,
+            "only {answered} of {sent} answered by the fast path"
+        );
+    }
 }
 
 #[test]
