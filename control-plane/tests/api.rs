@@ -105,7 +105,8 @@ impl Api {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
-    /// Everything stored, to show that a refused request changed nothing.
+    /// Everything stored but the health checkers' own shard keys (written
+    /// in the background), to show that a refused request changed nothing.
     async fn stored(&self) -> Vec<(String, Vec<u8>)> {
         self.store
             .range("/signpost/")
@@ -113,8 +114,24 @@ impl Api {
             .unwrap()
             .kvs
             .into_iter()
+            .filter(|kv| {
+                !kv.key.starts_with("/signpost/checkers/")
+                    && !kv.key.starts_with("/signpost/election/")
+            })
             .map(|kv| (kv.key, kv.value))
             .collect()
+    }
+
+    /// Sends `request` as is over a new connection and reads the answer
+    /// until the server closes it (send `connection: close`).
+    async fn raw(&self, request: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.base.trim_start_matches("http://");
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(request).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer)).await;
+        String::from_utf8_lossy(&answer).into_owned()
     }
 
     async fn token_for(&self, svc: &str) -> String {
@@ -269,6 +286,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .put("/v1/services/user/instances/u1", Some(ADMIN), big)
         .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    assert_eq!(answer["error"]["code"], "body_too_large", "{answer}");
 
     // No token, a wrong token, another service's token.
     let (status, answer) = api.put("/v1/services/user/instances/u1", None, reg()).await;
@@ -282,6 +300,11 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .put("/v1/services/order/instances/o1", Some(&token), reg())
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("service user") && message.contains("order") && !message.contains('('),
+        "{message}"
+    );
     let resp = api
         .http
         .post(api.url("/v1/tokens"))
@@ -745,4 +768,117 @@ mod certificates {
         let roots = api.text("/v1/ca/roots").await;
         assert!(roots.starts_with("-----BEGIN CERTIFICATE-----"), "{roots}");
     }
+}
+
+/// Every error answer is `{"error": {"code", "message"}}`, including those
+/// made outside the handlers.
+#[tokio::test]
+async fn every_error_is_json_with_a_code() {
+    let api = memory(false).await;
+    let before = api.stored().await;
+    async fn check(resp: reqwest::Response, status: StatusCode, code: &str) -> String {
+        assert_eq!(resp.status(), status);
+        let text = resp.text().await.unwrap();
+        let body: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {text:?}"));
+        assert_eq!(body["error"]["code"], code, "{text}");
+        let message = body["error"]["message"].as_str().unwrap().to_string();
+        assert!(!message.is_empty(), "{text}");
+        message
+    }
+    // 413 with a Content-Length past the limit (refused before the handler).
+    let big = json!({"address": "10.0.0.1", "port": 80, "meta": {"k": "x".repeat(70 * 1024)}});
+    let resp = api
+        .http
+        .put(api.url("/v1/services/user/instances/u1"))
+        .bearer_auth(ADMIN)
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    let message = check(resp, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large").await;
+    assert!(message.contains("65536"), "{message}");
+    // 413 for a chunked body (no Content-Length), over a raw socket.
+    let mut raw = format!(
+        "PUT /v1/services/user/instances/u1 HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN}\r\n\
+         content-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    let chunk = format!(
+        "{{\"address\": \"10.0.0.1\", \"port\": 80, \"meta\": {{\"k\": \"{}\"}}}}",
+        "x".repeat(70 * 1024)
+    );
+    raw.extend(format!("{:x}\r\n{chunk}\r\n0\r\n\r\n", chunk.len()).into_bytes());
+    let answer = api.raw(&raw).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains(r#""code":"body_too_large""#), "{answer}");
+    // 405.
+    let resp = api.http.post(api.url("/v1/services")).send().await.unwrap();
+    assert!(resp.headers().contains_key("allow"));
+    let message = check(resp, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+    assert!(
+        message.contains("POST") && message.contains("GET"),
+        "{message}"
+    );
+    let resp = api
+        .http
+        .delete(api.url("/v1/services/user/config"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    check(resp, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+    // 431.
+    let resp = api
+        .http
+        .get(api.url("/v1/services"))
+        .header("x-padding", "p".repeat(20 * 1024))
+        .send()
+        .await
+        .unwrap();
+    check(
+        resp,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "headers_too_large",
+    )
+    .await;
+    // Bad blocking-query values.
+    for (query, field) in [
+        ("index=abc", "index"),
+        ("index=-1", "index"),
+        ("index=1.5", "index"),
+        ("index=1&wait=forever", "wait"),
+        ("wait=soon", "wait"),
+    ] {
+        let resp = api
+            .http
+            .get(api.url(&format!("/v1/services/user?{query}")))
+            .send()
+            .await
+            .unwrap();
+        let message = check(resp, StatusCode::BAD_REQUEST, "invalid_query").await;
+        assert!(message.contains(field), "{query}: {message}");
+    }
+    // No JSON content type.
+    let resp = api
+        .http
+        .put(api.url("/v1/services/user/instances/u1"))
+        .bearer_auth(ADMIN)
+        .body("address=10.0.0.1")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_client_error());
+    let text = resp.text().await.unwrap();
+    let body: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
+    assert!(body["error"]["code"].is_string(), "{text}");
+    // Readiness while fine is a plain "ready"; the 404 of an unknown route is JSON.
+    let resp = api.http.get(api.url("/v1/nothing")).send().await.unwrap();
+    check(resp, StatusCode::NOT_FOUND, "not_found").await;
+    assert_eq!(
+        api.stored().await,
+        before,
+        "a refused request changed the store"
+    );
 }

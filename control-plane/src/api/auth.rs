@@ -47,7 +47,7 @@ impl Principal {
             Principal::Admin => Ok(()),
             Principal::Service(own) if own == svc => Ok(()),
             Principal::Service(own) => Err(ApiError::forbidden(format!(
-                "this token belongs to service {own:?} and may not act for {svc:?}"
+                "this token belongs to service {own} and may not act for {svc}"
             ))),
         }
     }
@@ -57,7 +57,7 @@ impl Principal {
         match self {
             Principal::Admin => Ok(()),
             Principal::Service(own) => Err(ApiError::forbidden(format!(
-                "{what} needs the admin token; this token belongs to service {own:?}"
+                "{what} needs the admin token; this token belongs to service {own}"
             ))),
         }
     }

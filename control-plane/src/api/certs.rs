@@ -111,7 +111,7 @@ pub async fn issue(
         (Principal::Service(own), Some(asked)) if asked == own => own,
         (Principal::Service(own), Some(asked)) => {
             return Err(ApiError::forbidden(format!(
-                "this token belongs to service {own:?} and cannot get a certificate for {asked:?}"
+                "this token belongs to service {own} and cannot get a certificate for {asked}"
             )));
         }
         (Principal::Admin, Some(asked)) => asked,

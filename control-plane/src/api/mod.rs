@@ -184,13 +184,19 @@ pub fn router(state: ApiState) -> Router {
     ));
     // Blocking queries wait up to MAX_WAIT, so they sit outside the timeout.
     let blocking = Router::new().route("/v1/services/{svc}", get(services::get_service));
-    writes_and_reads
+    let routes = writes_and_reads
         .merge(blocking)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
-        .with_state(state)
+        .layer(middleware::from_fn(error::limit_headers))
+        .with_state(state);
+    // Around the whole router rather than its routes, so that answers the
+    // routing itself makes (405 with its `Allow`) pass through it too.
+    Router::new()
+        .fallback_service(routes)
+        .layer(middleware::from_fn(error::json_errors))
 }
 
 async fn not_found() -> ApiError {
@@ -288,19 +294,14 @@ async fn healthz() -> &'static str {
 /// Ready while the store answers: a control plane that cannot write should be
 /// taken out of a load balancer.
 async fn readyz(State(state): State<ApiState>) -> Response {
+    let not_ready = |message: String| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message).into_response()
+    };
     match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
         Ok(Ok(_)) if state.catalog.is_synced() => (StatusCode::OK, "ready\n").into_response(),
-        Ok(Ok(_)) => (StatusCode::SERVICE_UNAVAILABLE, "catalog not synced yet\n").into_response(),
-        Ok(Err(err)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("store unreachable: {err}\n"),
-        )
-            .into_response(),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store did not answer within 2s\n",
-        )
-            .into_response(),
+        Ok(Ok(_)) => not_ready("catalog not synced yet".into()),
+        Ok(Err(err)) => not_ready(format!("store unreachable: {err}")),
+        Err(_) => not_ready("store did not answer within 2s".into()),
     }
 }
 

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use axum::Json;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -294,29 +295,53 @@ pub async fn report_health(
     }
 }
 
-/// Query of `GET /v1/services/{svc}`.
+/// Query of `GET /v1/services/{svc}`, as sent: both are parsed by
+/// [`BlockingQuery::parse`] so a bad value gets a message naming it.
 #[derive(Debug, Default, Deserialize)]
 pub struct BlockingQuery {
     /// Return once the service's index passes this.
-    pub index: Option<i64>,
+    pub index: Option<String>,
     /// For at most this long (`30s`).
     pub wait: Option<String>,
+}
+
+impl BlockingQuery {
+    /// The index (if any) and the wait, or 400 `invalid_query`.
+    fn parse(&self) -> Result<(Option<i64>, Duration), ApiError> {
+        let index = match &self.index {
+            None => None,
+            Some(raw) => match raw.trim().parse::<i64>() {
+                Ok(i) if i >= 0 => Some(i),
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "invalid_query",
+                        format!(
+                            "index {raw:?} is not an index: send the X-Signpost-Index of a previous answer (a whole number, 0 or more)"
+                        ),
+                    ));
+                }
+            },
+        };
+        let wait = match &self.wait {
+            Some(raw) => crate::model::parse_duration("wait", raw)
+                .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?
+                .min(MAX_WAIT),
+            None => DEFAULT_WAIT,
+        };
+        Ok((index, wait))
+    }
 }
 
 /// `GET /v1/services/{svc}`, blocking when `index` is given.
 pub async fn get_service(
     State(state): State<ApiState>,
     Path(svc): Path<String>,
-    Query(q): Query<BlockingQuery>,
+    query: Result<Query<BlockingQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let svc = ServiceName::new(&svc)?;
-    if let Some(index) = q.index {
-        let wait = match &q.wait {
-            Some(raw) => crate::model::parse_duration("wait", raw)
-                .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?
-                .min(MAX_WAIT),
-            None => DEFAULT_WAIT,
-        };
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let (index, wait) = q.parse()?;
+    if let Some(index) = index {
         let catalog = &state.catalog;
         catalog
             .wait_service(&svc, wait, |_| catalog.service_index(&svc) > index)
