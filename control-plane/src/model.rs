@@ -233,6 +233,9 @@ pub enum ValidationError {
         "address {0:?} is not an IP address (e.g. 10.0.0.5 or fd00::5): Signpost serves addresses, not host names"
     )]
     Address(String),
+    /// `address` is an IP no instance can be reached at.
+    #[error("address {0} is {1}: register the address callers should connect to")]
+    AddressKind(IpAddr, &'static str),
     /// A port is out of range.
     #[error("{field} {value} is out of range: ports are 1 to 65535")]
     Port {
@@ -271,6 +274,14 @@ pub enum ValidationError {
         /// The rule broken.
         rule: &'static str,
     },
+    /// Text holds a control character.
+    #[error("{what} contains the control character {ch:?}: control characters are not allowed")]
+    Control {
+        /// What held it (`meta key "k"`, `meta value of "k"`).
+        what: String,
+        /// The first one found.
+        ch: char,
+    },
     /// A metadata key or value cannot be served as a TXT string.
     #[error("meta {0:?}: {1}")]
     Meta(String, &'static str),
@@ -304,6 +315,36 @@ fn truncated(text: &str) -> String {
     match text.char_indices().nth(32) {
         Some((end, _)) => format!("{}…", &text[..end]),
         None => text.to_string(),
+    }
+}
+
+/// Refuses addresses no caller could use: unspecified (`0.0.0.0`, `::`),
+/// multicast, broadcast and link-local (`169.254.0.0/16`, `fe80::/10`, which
+/// mean something else on every host's links). IPv4-mapped IPv6 addresses
+/// are judged as the IPv4 address they carry.
+pub fn check_address(address: IpAddr) -> Result<(), ValidationError> {
+    let refuse = |rule| Err(ValidationError::AddressKind(address, rule));
+    match address.to_canonical() {
+        IpAddr::V4(v4) if v4.is_unspecified() => refuse("unspecified (0.0.0.0)"),
+        IpAddr::V4(v4) if v4.is_broadcast() => refuse("the broadcast address"),
+        IpAddr::V4(v4) if v4.is_multicast() => refuse("multicast (224.0.0.0/4)"),
+        IpAddr::V4(v4) if v4.is_link_local() => refuse("link-local (169.254.0.0/16)"),
+        IpAddr::V6(v6) if v6.is_unspecified() => refuse("unspecified (::)"),
+        IpAddr::V6(v6) if v6.is_multicast() => refuse("multicast (ff00::/8)"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => refuse("link-local (fe80::/10)"),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses control characters (newlines, NUL, escape sequences) in text
+/// that ends up in DNS TXT records, logs and terminals.
+fn no_control(what: &str, text: &str) -> Result<(), ValidationError> {
+    match text.chars().find(|c| c.is_control()) {
+        Some(ch) => Err(ValidationError::Control {
+            what: what.to_string(),
+            ch,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -514,6 +555,7 @@ impl Registration {
             .trim()
             .parse()
             .map_err(|_| ValidationError::Address(self.address.clone()))?;
+        check_address(address)?;
         let main_port = port("port", self.port)?;
         at_most("the number of named ports", self.ports.len(), MAX_PORTS)?;
         at_most("the number of tags", self.tags.len(), MAX_TAGS)?;
@@ -541,6 +583,8 @@ impl Registration {
                 value.len(),
                 MAX_META_VALUE_BYTES,
             )?;
+            no_control(&format!("meta key {:?}", truncated(key)), key)?;
+            no_control(&format!("meta value of {:?}", truncated(key)), value)?;
             if key.is_empty() || key.contains('=') {
                 return Err(ValidationError::Meta(
                     key.clone(),
@@ -798,6 +842,54 @@ mod tests {
         let mut r = reg();
         r.meta.insert("a=b".into(), "c".into());
         assert!(matches!(validate(&r), Err(ValidationError::Meta(..))));
+    }
+
+    #[test]
+    fn unusable_addresses_and_control_characters_are_refused() {
+        for bad in [
+            "0.0.0.0",
+            "::",
+            "255.255.255.255",
+            "224.0.0.1",
+            "239.1.2.3",
+            "ff02::1",
+            "169.254.169.254",
+            "fe80::1",
+            "::ffff:169.254.1.1",
+            "::ffff:0.0.0.0",
+        ] {
+            let mut r = reg();
+            r.address = bad.into();
+            let err = validate(&r).unwrap_err();
+            assert!(
+                matches!(err, ValidationError::AddressKind(..)),
+                "{bad}: {err:?}"
+            );
+        }
+        for good in ["10.0.0.1", "127.0.0.1", "fd00::5", "2001:db8::1", "::1"] {
+            let mut r = reg();
+            r.address = good.into();
+            assert!(validate(&r).is_ok(), "{good}");
+        }
+        for (k, v) in [
+            ("k", "a\nb"),
+            ("k", "\u{1b}[31m"),
+            ("k\u{0}", "v"),
+            ("k", "\u{7f}"),
+        ] {
+            let mut r = reg();
+            r.meta.insert(k.into(), v.into());
+            let err = validate(&r).unwrap_err();
+            assert!(matches!(err, ValidationError::Control { .. }), "{err:?}");
+            assert!(err.to_string().contains("control character"), "{err}");
+        }
+        let mut r = reg();
+        r.tags = vec!["a\tb".into()];
+        assert!(matches!(validate(&r), Err(ValidationError::Name(_))));
+        // Non-ASCII text that is not control is fine.
+        let mut r = reg();
+        r.meta.insert("zone".into(), "Zürich 東京".into());
+        assert!(validate(&r).is_ok());
     }
 
     #[test]

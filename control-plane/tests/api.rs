@@ -272,12 +272,57 @@ async fn bad_input_is_refused_and_changes_nothing() {
             "invalid_body",
         ),
     ];
+    let mut cases = cases;
+    for address in [
+        "0.0.0.0",
+        "::",
+        "255.255.255.255",
+        "224.0.0.251",
+        "ff02::fb",
+        "169.254.169.254",
+        "fe80::1",
+    ] {
+        cases.push((
+            "/v1/services/user/instances/u1",
+            json!({"address": address, "port": 80}),
+            "invalid_registration",
+        ));
+    }
+    for meta in [
+        json!({"k": "line\nbreak"}),
+        json!({"k\u{0}": "v"}),
+        json!({"k": "\u{1b}[2J"}),
+    ] {
+        cases.push((
+            "/v1/services/user/instances/u1",
+            json!({"address": "10.0.0.1", "port": 80, "meta": meta}),
+            "invalid_registration",
+        ));
+    }
+    cases.push((
+        "/v1/services/user/instances/u1",
+        json!({"address": "10.0.0.1", "port": 80, "tags": ["a\nb"]}),
+        "invalid_name",
+    ));
     for (path, body, code) in cases {
         let (status, answer) = api.put(path, Some(ADMIN), body.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {body}: {answer}");
         assert_eq!(answer["error"]["code"], code, "{path} {body}: {answer}");
         let message = answer["error"]["message"].as_str().unwrap();
         assert!(!message.is_empty());
+        if body["address"].as_str().is_some_and(|a| {
+            a.contains("::") || a.starts_with('2') || a.starts_with("169") || a.starts_with("0.")
+        }) {
+            assert!(
+                ["unspecified", "broadcast", "multicast", "link-local"]
+                    .iter()
+                    .any(|rule| message.contains(rule)),
+                "{body}: {message}"
+            );
+        }
+        if body["meta"].is_object() {
+            assert!(message.contains("control character"), "{body}: {message}");
+        }
     }
 
     // A body over the limit.
