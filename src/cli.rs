@@ -67,11 +67,13 @@ pub struct RegisterArgs {
     /// instance stays until deregistered.
     #[arg(long)]
     pub ttl: Option<String>,
-    /// HTTP health check URL.
-    #[arg(long, conflicts_with = "check_tcp")]
+    /// HTTP health check: a path ("/health", probed on the instance's
+    /// address and port) or a URL on the instance's address.
+    #[arg(long, conflicts_with = "check_tcp", value_name = "PATH|URL")]
     pub check_http: Option<String>,
-    /// TCP health check host:port.
-    #[arg(long)]
+    /// TCP health check: ":PORT" or "ADDRESS:PORT" with the instance's
+    /// address.
+    #[arg(long, value_name = ":PORT|ADDRESS:PORT")]
     pub check_tcp: Option<String>,
     /// Health check interval (default 10s).
     #[arg(long)]
@@ -95,6 +97,7 @@ pub async fn register(a: RegisterArgs) -> Result<()> {
         Some(CheckSpec {
             http: a.check_http.clone(),
             tcp: a.check_tcp.clone(),
+            port: None,
             interval: a.check_interval.clone(),
             timeout: None,
         })

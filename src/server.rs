@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use prometheus_client::registry::Registry;
 use signpost_certs::Ca;
+use signpost_control_plane::api::ApiPolicy;
 use signpost_control_plane::api::auth::AuthConfig;
 use signpost_control_plane::api::certs::CertAuthority;
 use signpost_control_plane::catalog::Catalog;
@@ -64,6 +65,12 @@ pub struct ServerArgs {
     /// itself with --auto-compaction-retention).
     #[arg(long, default_value = "1h", value_parser = compaction_retention)]
     pub etcd_compaction: Duration,
+
+    /// Networks health checks may probe besides the instance's own
+    /// address, comma-separated CIDRs (default: none, a check probes only
+    /// its instance).
+    #[arg(long, value_delimiter = ',', value_name = "CIDRS")]
+    pub check_allow: Vec<ipnet::IpNet>,
 
     #[command(flatten)]
     pub dns: crate::dns::DnsArgs,
@@ -135,6 +142,9 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             candidate,
             ca: ca.clone(),
             compaction: (!args.etcd_compaction.is_zero()).then_some(args.etcd_compaction),
+            api_policy: ApiPolicy {
+                check_allow: args.check_allow.clone(),
+            },
         },
         registry,
         Some(catalog),

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::auth::AuthConfig;
 use crate::api::certs::CertAuthority;
-use crate::api::{self, ApiMetrics, ApiState};
+use crate::api::{self, ApiMetrics, ApiPolicy, ApiState};
 use crate::catalog::Catalog;
 use crate::compactor::Compactor;
 use crate::health::HealthChecker;
@@ -48,6 +48,8 @@ pub struct ControlPlaneOptions {
     /// History the store keeps: one elected control plane compacts older
     /// revisions away (see [`crate::compactor`]). `None`: no compaction.
     pub compaction: Option<std::time::Duration>,
+    /// API settings from the server's flags.
+    pub api_policy: ApiPolicy,
 }
 
 /// A running control plane.
@@ -109,6 +111,7 @@ impl ControlPlane {
             registry: Arc::new(registry),
             metrics,
             ca: opts.ca.clone(),
+            policy: Arc::new(opts.api_policy),
         };
         if let Some(ca) = opts.ca {
             let (store, keys) = (state.store.clone(), state.keys.clone());

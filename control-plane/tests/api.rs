@@ -7,6 +7,7 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use signpost_control_plane::api::ApiPolicy;
 use signpost_control_plane::api::auth::AuthConfig;
 use signpost_control_plane::server::{ControlPlane, ControlPlaneOptions};
 use signpost_control_plane::store::{EtcdOptions, EtcdStore, Keys, MemoryStore, Store};
@@ -38,6 +39,15 @@ async fn start_with_ca(
     dev: bool,
     ca: Option<Arc<signpost_control_plane::api::certs::CertAuthority>>,
 ) -> Api {
+    start_with(store, dev, ca, Default::default()).await
+}
+
+async fn start_with(
+    store: Arc<dyn Store>,
+    dev: bool,
+    ca: Option<Arc<signpost_control_plane::api::certs::CertAuthority>>,
+    api_policy: ApiPolicy,
+) -> Api {
     let cancel = CancellationToken::new();
     let auth = if dev {
         AuthConfig {
@@ -59,6 +69,7 @@ async fn start_with_ca(
             candidate: "test".into(),
             ca,
             compaction: None,
+            api_policy,
         },
         Registry::default(),
         None,
@@ -926,4 +937,104 @@ async fn every_error_is_json_with_a_code() {
         before,
         "a refused request changed the store"
     );
+}
+
+/// A check probes its own instance: other hosts, host names and URLs with a
+/// password are refused (nothing stored) unless `--check-allow` covers them.
+#[tokio::test]
+async fn checks_must_target_their_own_instance() {
+    let api = memory(false).await;
+    let before = api.stored().await;
+    let with_check = |check: Value| json!({"address": "10.0.0.5", "port": 8080, "check": check});
+    for check in [
+        json!({"tcp": "127.0.0.1:2379"}),
+        json!({"tcp": "10.0.0.6:8080"}),
+        json!({"tcp": "etcd.internal:2379"}),
+        json!({"http": "http://169.254.169.254/latest/meta-data/"}),
+        json!({"http": "http://10.0.0.9:8080/health"}),
+        json!({"http": "http://admin:s3cret@10.0.0.5:8080/health"}),
+        json!({"http": "http://localhost:8080/health"}),
+    ] {
+        let (status, answer) = api
+            .put(
+                "/v1/services/user/instances/u1",
+                Some(ADMIN),
+                with_check(check.clone()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{check}: {answer}");
+        assert_eq!(answer["error"]["code"], "check_target", "{check}: {answer}");
+    }
+    assert_eq!(
+        api.stored().await,
+        before,
+        "a refused check changed the store"
+    );
+
+    // Its own address, a path, a port: taken and made absolute.
+    for (check, target) in [
+        (
+            json!({"http": "/health"}),
+            json!({"http": "http://10.0.0.5:8080/health"}),
+        ),
+        (
+            json!({"http": "/ready", "port": 9000}),
+            json!({"http": "http://10.0.0.5:9000/ready"}),
+        ),
+        (json!({"tcp": ":5432"}), json!({"tcp": "10.0.0.5:5432"})),
+        (
+            json!({"tcp": "10.0.0.5:8080"}),
+            json!({"tcp": "10.0.0.5:8080"}),
+        ),
+        (
+            json!({"http": "http://10.0.0.5:8080/h"}),
+            json!({"http": "http://10.0.0.5:8080/h"}),
+        ),
+    ] {
+        let (status, answer) = api
+            .put(
+                "/v1/services/user/instances/u1",
+                Some(ADMIN),
+                with_check(check.clone()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{check}: {answer}");
+        for (k, v) in target.as_object().unwrap() {
+            assert_eq!(&answer["check"][k], v, "{check}: {answer}");
+        }
+    }
+
+    // --check-allow 10.0.1.0/24: a check may probe there (not elsewhere, and
+    // never with a password).
+    let api = start_with(
+        Arc::new(MemoryStore::new()),
+        false,
+        None,
+        ApiPolicy {
+            check_allow: vec!["10.0.1.0/24".parse().unwrap()],
+        },
+    )
+    .await;
+    let (status, answer) = api
+        .put(
+            "/v1/services/user/instances/u1",
+            Some(ADMIN),
+            with_check(json!({"tcp": "10.0.1.7:80"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    for check in [
+        json!({"tcp": "10.0.2.7:80"}),
+        json!({"http": "http://u:p@10.0.1.7/"}),
+    ] {
+        let (status, answer) = api
+            .put(
+                "/v1/services/user/instances/u2",
+                Some(ADMIN),
+                with_check(check.clone()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{check}: {answer}");
+        assert_eq!(answer["error"]["code"], "check_target", "{check}: {answer}");
+    }
 }

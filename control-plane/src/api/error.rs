@@ -84,6 +84,7 @@ impl From<ValidationError> for ApiError {
     fn from(err: ValidationError) -> Self {
         let code = match err {
             ValidationError::Name(_) => "invalid_name",
+            ValidationError::CheckTarget(..) | ValidationError::CheckKind => "check_target",
             _ => "invalid_registration",
         };
         Self::bad_request(code, err.to_string())

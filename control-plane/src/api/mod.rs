@@ -51,6 +51,15 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Header carrying the blocking-query index.
 pub const INDEX_HEADER: &str = "x-signpost-index";
 
+/// What the server's flags decide about the API (`signpost server
+/// --check-allow ...`); the default is the contract's.
+#[derive(Debug, Clone, Default)]
+pub struct ApiPolicy {
+    /// Networks a health check may probe besides its own instance's
+    /// address (`--check-allow`); empty: only the instance itself.
+    pub check_allow: Vec<ipnet::IpNet>,
+}
+
 /// Everything a handler needs.
 #[derive(Clone)]
 pub struct ApiState {
@@ -68,6 +77,8 @@ pub struct ApiState {
     pub metrics: ApiMetrics,
     /// The mesh CA, when this control plane issues certificates.
     pub ca: Option<Arc<certs::CertAuthority>>,
+    /// The server's API settings.
+    pub policy: Arc<ApiPolicy>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

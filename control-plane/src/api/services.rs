@@ -154,6 +154,7 @@ pub async fn register(
     let (svc, id) = names(&svc, &id)?;
     principal(&state, &headers, peer).await?.may_write(&svc)?;
     let instance = body.validate(&svc, &id)?;
+    check_target_allowed(&state, &instance)?;
     let key = state.keys.instance(&svc, &id);
     let value = serde_json::to_vec(&instance)
         .map_err(|e| ApiError::bad_request("invalid_registration", e.to_string()))?;
@@ -175,6 +176,30 @@ pub async fn register(
     tracing::info!(service = %svc, id = %id, address = %instance.address, port = instance.port, ttl = ?instance.ttl, "registered");
     visible(&state, &svc, |snap| snap.revision >= revision).await;
     Ok(with_index(revision, Json(instance)))
+}
+
+/// A check probes its own instance, or a network the server allows
+/// (`--check-allow`): otherwise a token could have the control plane probe
+/// anything it can reach, and publish the result.
+fn check_target_allowed(state: &ApiState, instance: &Instance) -> Result<(), ApiError> {
+    let Some(check) = &instance.check else {
+        return Ok(());
+    };
+    let target = match &check.target {
+        crate::model::CheckTarget::Http(t) | crate::model::CheckTarget::Tcp(t) => t,
+    };
+    match check.target.ip() {
+        Some(ip) if ip == instance.address => Ok(()),
+        Some(ip) if state.policy.check_allow.iter().any(|net| net.contains(&ip)) => Ok(()),
+        _ => Err(ApiError::bad_request(
+            "check_target",
+            format!(
+                "check target {target} is not the instance's address {}: a check probes its own instance \
+                 (give a path like \"/health\" or \":PORT\"), unless the server allows other networks with --check-allow",
+                instance.address
+            ),
+        )),
+    }
 }
 
 /// Answer of a heartbeat.
