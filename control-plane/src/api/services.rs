@@ -45,7 +45,8 @@ pub struct InstanceView {
     /// The instance record.
     #[serde(flatten)]
     pub instance: Instance,
-    /// Its health (`passing` when it has no check or the check has not run).
+    /// Its health (`passing` without a check; with one, `critical` until a
+    /// probe passes).
     pub health: HealthView,
 }
 
@@ -72,11 +73,11 @@ impl From<&InstanceEntry> for InstanceView {
             instance: Instance::clone(&e.instance),
             health: HealthView {
                 status: e.status(),
-                output: e
-                    .health
-                    .as_ref()
-                    .map(|h| h.output.clone())
-                    .unwrap_or_default(),
+                output: match (&e.health, &e.instance.check) {
+                    (Some(h), _) => h.output.clone(),
+                    (None, Some(_)) => "no probe has passed yet".to_string(),
+                    (None, None) => String::new(),
+                },
                 since: e.health.as_ref().map(|h| h.since),
             },
         }
