@@ -781,6 +781,18 @@ pub struct TokenRecord {
     /// When it was created.
     #[serde(with = "humantime_serde")]
     pub created: SystemTime,
+    /// A non-secret id to list and revoke the token by. Records made before
+    /// accessors existed have none; they are known by the start of their
+    /// key's hash instead (see [`crate::tokens::TokenCache`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub accessor: String,
+    /// When it stops being accepted, if it was made with a `ttl`.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expires: Option<SystemTime>,
 }
 
 #[cfg(test)]

@@ -103,6 +103,12 @@ impl ControlPlane {
             &mut registry,
         );
         tasks.push(tokio::spawn(checker.run(cancel.clone())));
+        let token_cache = crate::tokens::TokenCache::new();
+        tasks.push(tokio::spawn(token_cache.clone().run(
+            opts.store.clone(),
+            opts.keys.clone(),
+            cancel.clone(),
+        )));
         let state = ApiState {
             store: opts.store,
             catalog: catalog.clone(),
@@ -112,6 +118,8 @@ impl ControlPlane {
             metrics,
             ca: opts.ca.clone(),
             policy: Arc::new(opts.api_policy),
+            tokens: token_cache,
+            auth_failures: Arc::new(crate::api::auth::AuthFailures::new()),
         };
         if let Some(ca) = opts.ca {
             let (store, keys) = (state.store.clone(), state.keys.clone());

@@ -529,6 +529,14 @@ async fn writes_answer_503_quickly_while_etcd_is_down() {
             started.elapsed()
         );
     }
+    // Tokens are checked from memory: with etcd gone, a wrong token is
+    // still a quick 401, not a 503 from a failed read.
+    let started = tokio::time::Instant::now();
+    let (status, answer) = api
+        .put("/v1/services/user/instances/u1", Some("sp_guessed"), reg())
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(1));
     let resp = api.http.get(api.url("/readyz")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     // Reads keep answering from the last snapshot.
@@ -1037,4 +1045,281 @@ async fn checks_must_target_their_own_instance() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{check}: {answer}");
         assert_eq!(answer["error"]["code"], "check_target", "{check}: {answer}");
     }
+}
+
+impl Api {
+    async fn send(&self, req: reqwest::RequestBuilder) -> (StatusCode, Value) {
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn create_token(&self, body: Value) -> (StatusCode, Value) {
+        self.send(
+            self.http
+                .post(self.url("/v1/tokens"))
+                .bearer_auth(ADMIN)
+                .json(&body),
+        )
+        .await
+    }
+
+    async fn list_tokens(&self, token: &str) -> (StatusCode, Value) {
+        self.send(self.http.get(self.url("/v1/tokens")).bearer_auth(token))
+            .await
+    }
+
+    async fn revoke(&self, accessor: &str) -> StatusCode {
+        self.send(
+            self.http
+                .delete(self.url(&format!("/v1/tokens/{accessor}")))
+                .bearer_auth(ADMIN),
+        )
+        .await
+        .0
+    }
+}
+
+/// Tokens are listed by accessor (never the secret), revoked, and expire.
+#[tokio::test]
+async fn tokens_are_listed_revoked_and_expire() {
+    let api = memory(false).await;
+    let (status, plain) = api.create_token(json!({"service": "user"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{plain}");
+    let (status, timed) = api
+        .create_token(json!({"service": "order", "ttl": "720h"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{timed}");
+    assert!(timed["expires"].is_string(), "{timed}");
+    let secret = plain["token"].as_str().unwrap().to_string();
+    let accessor = plain["accessor"].as_str().unwrap().to_string();
+    assert!(!accessor.is_empty() && !secret.contains(&accessor));
+
+    let (status, list) = api.list_tokens(ADMIN).await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    let rows = list["tokens"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{list}");
+    assert_eq!(rows[0]["accessor"], accessor.as_str());
+    assert_eq!(rows[0]["service"], "user");
+    assert!(
+        rows[0]["created"].is_string() && rows[0]["expires"].is_null(),
+        "{list}"
+    );
+    assert_eq!(rows[1]["service"], "order");
+    assert_eq!(rows[1]["expires"], timed["expires"]);
+    let text = list.to_string();
+    for secret in [secret.as_str(), timed["token"].as_str().unwrap()] {
+        assert!(
+            !text.contains(secret) && !text.contains(&tokens::hash(secret)),
+            "{text}"
+        );
+    }
+    // Only the admin lists and revokes.
+    let (status, _) = api.list_tokens(&secret).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = api
+        .send(
+            api.http
+                .delete(api.url(&format!("/v1/tokens/{accessor}")))
+                .bearer_auth(&secret),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // Revoked: refused at once, gone from the list and the store.
+    let (status, _) = api
+        .put("/v1/services/user/instances/u1", Some(&secret), reg())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(api.revoke(&accessor).await, StatusCode::NO_CONTENT);
+    let (status, answer) = api
+        .put("/v1/services/user/instances/u1", Some(&secret), reg())
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{answer}");
+    let (_, list) = api.list_tokens(ADMIN).await;
+    assert_eq!(list["tokens"].as_array().unwrap().len(), 1, "{list}");
+    assert!(
+        !api.stored()
+            .await
+            .iter()
+            .any(|(k, _)| k.ends_with(&tokens::hash(&secret))),
+        "the revoked token is still stored"
+    );
+    assert_eq!(api.revoke(&accessor).await, StatusCode::NOT_FOUND);
+
+    // A bad ttl stores nothing.
+    let before = api.stored().await;
+    for ttl in ["10s", "forever", "100000h"] {
+        let (status, answer) = api
+            .create_token(json!({"service": "user", "ttl": ttl}))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{ttl}: {answer}");
+    }
+    assert_eq!(api.stored().await, before);
+
+    // Expiry: a token written to expire in 2 s works, then is refused.
+    let token = tokens::generate();
+    let record = json!({
+        "service": "user",
+        "created": "2026-01-01T00:00:00Z",
+        "accessor": "0123456789abcdef",
+        "expires": humantime::format_rfc3339(std::time::SystemTime::now() + Duration::from_secs(2)).to_string(),
+    });
+    api.store
+        .put(
+            &Keys::default().token(&tokens::hash(&token)),
+            serde_json::to_vec(&record).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    eventually("the new token works", Duration::from_secs(2), || async {
+        api.put("/v1/services/user/instances/u2", Some(&token), reg())
+            .await
+            .0
+            == StatusCode::OK
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (status, answer) = api
+        .put("/v1/services/user/instances/u2", Some(&token), reg())
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired"),
+        "{answer}"
+    );
+
+    // A record from before accessors still works and is listed.
+    let old = tokens::generate();
+    api.store
+        .put(
+            &Keys::default().token(&tokens::hash(&old)),
+            serde_json::to_vec(&json!({"service": "pay", "created": "2025-01-01T00:00:00Z"}))
+                .unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    eventually("the old token works", Duration::from_secs(2), || async {
+        api.put("/v1/services/pay/instances/p1", Some(&old), reg())
+            .await
+            .0
+            == StatusCode::OK
+    })
+    .await;
+    let (_, list) = api.list_tokens(ADMIN).await;
+    let row = list["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["service"] == "pay")
+        .cloned()
+        .unwrap();
+    assert_eq!(row["accessor"].as_str().unwrap().len(), 16, "{row}");
+    assert_eq!(
+        api.revoke(row["accessor"].as_str().unwrap()).await,
+        StatusCode::NO_CONTENT
+    );
+}
+
+/// Failed authentications are limited per client IP: 429 with
+/// `Retry-After` past the burst, then one a second again.
+#[tokio::test]
+async fn failed_authentication_is_rate_limited() {
+    let api = memory(false).await;
+    let token = api.token_for("user").await;
+    for i in 0..10 {
+        let (status, answer) = api
+            .put(
+                "/v1/services/user/instances/u1",
+                Some(&format!("sp_guess{i}")),
+                reg(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "guess {i}: {answer}");
+    }
+    let resp = api
+        .http
+        .put(api.url("/v1/services/user/instances/u1"))
+        .bearer_auth("sp_guess10")
+        .json(&reg())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_failures", "{body}");
+    // Even a good token waits: the guesser learns nothing meanwhile.
+    let (status, _) = api
+        .put("/v1/services/user/instances/u1", Some(&token), reg())
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    // Reads need no token and are not limited.
+    let (status, _) = api.get("/v1/services").await;
+    assert_eq!(status, StatusCode::OK);
+    // After Retry-After, one more attempt.
+    tokio::time::sleep(Duration::from_secs(retry)).await;
+    let (status, _) = api
+        .put("/v1/services/user/instances/u1", Some(&token), reg())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+/// A token revoked on one control plane is refused by another on the same
+/// etcd within a second (through its watch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_is_refused_everywhere_within_a_second() {
+    let etcd = EtcdProcess::spawn().await;
+    let connect = || async {
+        Arc::new(
+            EtcdStore::connect(EtcdOptions {
+                endpoints: vec![etcd.endpoint()],
+                ..EtcdOptions::default()
+            })
+            .await
+            .unwrap(),
+        )
+    };
+    let a = start(connect().await, false).await;
+    let b = start(connect().await, false).await;
+    let (status, made) = a.create_token(json!({"service": "user"})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let token = made["token"].as_str().unwrap();
+    eventually("B knows the token", Duration::from_secs(2), || async {
+        b.put("/v1/services/user/instances/u1", Some(token), reg())
+            .await
+            .0
+            == StatusCode::OK
+    })
+    .await;
+    assert_eq!(
+        a.revoke(made["accessor"].as_str().unwrap()).await,
+        StatusCode::NO_CONTENT
+    );
+    let revoked = tokio::time::Instant::now();
+    let mut refused = None;
+    while revoked.elapsed() < Duration::from_secs(3) {
+        if b.put("/v1/services/user/instances/u1", Some(token), reg())
+            .await
+            .0
+            == StatusCode::UNAUTHORIZED
+        {
+            refused = Some(revoked.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = refused.expect("B still accepts the revoked token after 3 s");
+    eprintln!("B refused the revoked token {refused:?} after A's revoke answered");
+    assert!(refused < Duration::from_secs(1), "{refused:?}");
 }

@@ -450,3 +450,65 @@ async fn checked_instances_enter_dns_on_their_first_passing_probe() {
     }
     accept.abort();
 }
+
+/// `signpost token create --ttl`, `token list` (accessors, never the
+/// secret) and `token revoke`, against a real server on etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_creates_lists_and_revokes_tokens() {
+    let c = cluster().await;
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(signpost_bin())
+            .args(args)
+            .env("SIGNPOST_ADDR", &c.api)
+            .env("SIGNPOST_TOKEN", ADMIN)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, token, err) = run(&["token", "create", "--service", "user", "--ttl", "720h"]);
+    assert_eq!(code, Some(0), "{err}");
+    let token = token.trim().to_string();
+    let accessor = err
+        .split("accessor ")
+        .nth(1)
+        .and_then(|rest| rest.split([',', ';']).next())
+        .unwrap_or_else(|| panic!("no accessor in {err:?}"))
+        .to_string();
+    let (code, list, err) = run(&["token", "list"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        list.contains("ACCESSOR") && list.contains("EXPIRES"),
+        "{list}"
+    );
+    let row = list
+        .lines()
+        .find(|l| l.starts_with(&accessor))
+        .unwrap_or_else(|| panic!("{accessor} not in {list}"));
+    assert!(row.contains("user") && !row.contains("never"), "{row}");
+    assert!(!list.contains(&token), "the list shows the secret: {list}");
+    // The token works, is revoked, then is refused.
+    let register = |token: String| {
+        let http = c.http.clone();
+        let api = c.api.clone();
+        async move {
+            http.put(format!("{api}/v1/services/user/instances/u1"))
+                .bearer_auth(token)
+                .json(&json!({"address": "10.4.0.1", "port": 80}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(register(token.clone()).await, 200);
+    let (code, out, err) = run(&["token", "revoke", &accessor]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(register(token.clone()).await, 401);
+    let (code, _, err) = run(&["token", "revoke", &accessor]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no token has accessor"), "{err}");
+}

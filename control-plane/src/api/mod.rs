@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -79,6 +79,10 @@ pub struct ApiState {
     pub ca: Option<Arc<certs::CertAuthority>>,
     /// The server's API settings.
     pub policy: Arc<ApiPolicy>,
+    /// The service tokens, from the store's watch.
+    pub tokens: Arc<tokens::TokenCache>,
+    /// Failed authentications by client IP.
+    pub auth_failures: Arc<auth::AuthFailures>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -183,7 +187,8 @@ pub fn router(state: ApiState) -> Router {
             "/v1/services/{svc}/config",
             put(services::put_config).get(services::get_config),
         )
-        .route("/v1/tokens", post(create_token))
+        .route("/v1/tokens", post(create_token).get(list_tokens))
+        .route("/v1/tokens/{accessor}", delete(revoke_token))
         .route("/v1/certs", post(certs::issue))
         .route("/v1/ca/roots", get(certs::roots))
         .route("/healthz", get(healthz))
@@ -251,12 +256,21 @@ pub async fn serve(
         .await
 }
 
+/// Shortest `ttl` of a token.
+pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(60);
+/// Longest `ttl` of a token (ten years; without `ttl` a token never
+/// expires).
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// `POST /v1/tokens` body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
     /// The service the token may act for.
     pub service: ServiceName,
+    /// How long the token is accepted (`"720h"`); absent: until revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
 }
 
 /// `POST /v1/tokens` answer. The token is shown once; only its hash is kept.
@@ -266,6 +280,38 @@ pub struct TokenReply {
     pub service: ServiceName,
     /// The token.
     pub token: String,
+    /// Its non-secret id, to list and revoke it by.
+    #[serde(default)]
+    pub accessor: String,
+    /// When it expires, if it does.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expires: Option<std::time::SystemTime>,
+}
+
+/// One row of `GET /v1/tokens`: never the token, nor its hash.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// The accessor id.
+    pub accessor: String,
+    /// The service it acts for.
+    pub service: ServiceName,
+    /// When it was made.
+    #[serde(with = "humantime_serde")]
+    pub created: std::time::SystemTime,
+    /// When it expires, if it does.
+    #[serde(default, with = "humantime_serde")]
+    pub expires: Option<std::time::SystemTime>,
+}
+
+/// `GET /v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenList {
+    /// Every service token, oldest first.
+    pub tokens: Vec<TokenInfo>,
 }
 
 async fn create_token(
@@ -274,28 +320,100 @@ async fn create_token(
     headers: HeaderMap,
     JsonBody(req): JsonBody<TokenRequest>,
 ) -> Result<(StatusCode, axum::Json<TokenReply>), ApiError> {
-    auth::authenticate(&state.auth, &*state.store, &state.keys, &headers, peer)
+    auth::authenticate(&state, &headers, peer)
         .await?
         .must_be_admin("creating tokens")?;
+    let created = std::time::SystemTime::now();
+    let expires = match &req.ttl {
+        None => None,
+        Some(raw) => {
+            let ttl = crate::model::parse_duration("ttl", raw)
+                .map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?;
+            if !(MIN_TOKEN_TTL..=MAX_TOKEN_TTL).contains(&ttl) {
+                return Err(ApiError::bad_request(
+                    "invalid_body",
+                    format!(
+                        "ttl {raw:?} is out of range: a token's ttl is 1m to 87600h (ten years)"
+                    ),
+                ));
+            }
+            Some(created + ttl)
+        }
+    };
     let token = tokens::generate();
     let record = TokenRecord {
         service: req.service.clone(),
-        created: std::time::SystemTime::now(),
+        created,
+        accessor: tokens::generate_accessor(),
+        expires,
     };
     let value = serde_json::to_vec(&record)
         .map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?;
+    let hash = tokens::hash(&token);
     state
         .store
-        .put(&state.keys.token(&tokens::hash(&token)), value, None)
+        .put(&state.keys.token(&hash), value, None)
         .await?;
-    tracing::info!(service = %req.service, "service token created");
+    tracing::info!(service = %req.service, accessor = %record.accessor, "service token created");
+    // Usable here as soon as it is answered (read your writes).
+    state
+        .tokens
+        .wait_for(Duration::from_secs(1), |t| t.get(&hash).is_some())
+        .await;
     Ok((
         StatusCode::CREATED,
         axum::Json(TokenReply {
             service: req.service,
             token,
+            accessor: record.accessor,
+            expires,
         }),
     ))
+}
+
+async fn list_tokens(
+    State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<axum::Json<TokenList>, ApiError> {
+    auth::authenticate(&state, &headers, peer)
+        .await?
+        .must_be_admin("listing tokens")?;
+    let tokens = state
+        .tokens
+        .list()
+        .into_iter()
+        .map(|t| TokenInfo {
+            accessor: t.record.accessor,
+            service: t.record.service,
+            created: t.record.created,
+            expires: t.record.expires,
+        })
+        .collect();
+    Ok(axum::Json(TokenList { tokens }))
+}
+
+async fn revoke_token(
+    State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(accessor): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    auth::authenticate(&state, &headers, peer)
+        .await?
+        .must_be_admin("revoking tokens")?;
+    let Some(known) = state.tokens.by_accessor(&accessor) else {
+        return Err(ApiError::not_found(format!(
+            "no token has accessor {accessor:?} (`signpost token list` shows them)"
+        )));
+    };
+    state.store.delete(&[state.keys.token(&known.hash)]).await?;
+    tracing::info!(service = %known.record.service, %accessor, "service token revoked");
+    state
+        .tokens
+        .wait_for(Duration::from_secs(1), |t| t.get(&known.hash).is_none())
+        .await;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn healthz() -> &'static str {

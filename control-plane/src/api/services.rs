@@ -36,7 +36,7 @@ async fn principal(
     headers: &HeaderMap,
     peer: SocketAddr,
 ) -> Result<Principal, ApiError> {
-    authenticate(&state.auth, &*state.store, &state.keys, headers, peer).await
+    authenticate(state, headers, peer).await
 }
 
 /// An instance as the API shows it: the record plus its health.
