@@ -9,9 +9,9 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use prometheus_client::registry::Registry;
 use signpost_certs::Ca;
-use signpost_control_plane::api::ApiPolicy;
 use signpost_control_plane::api::auth::AuthConfig;
 use signpost_control_plane::api::certs::CertAuthority;
+use signpost_control_plane::api::{ApiPolicy, ConnectionLimits};
 use signpost_control_plane::catalog::Catalog;
 use signpost_control_plane::server::{ControlPlane, ControlPlaneOptions};
 use signpost_control_plane::store::{EtcdOptions, EtcdStore, Keys, MemoryStore, Store};
@@ -71,6 +71,20 @@ pub struct ServerArgs {
     /// its instance).
     #[arg(long, value_delimiter = ',', value_name = "CIDRS")]
     pub check_allow: Vec<ipnet::IpNet>,
+
+    /// How long an API client may take to send a request's headers, and
+    /// how long an idle keep-alive connection is kept.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http_header_timeout: Duration,
+
+    /// Open API connections per client IP (as Consul's
+    /// http_max_conns_per_client); more are closed at once.
+    #[arg(long, default_value_t = 200)]
+    pub http_max_conns_per_client: usize,
+
+    /// Open API connections in all; more are closed at once.
+    #[arg(long, default_value_t = 10_000)]
+    pub http_max_conns: usize,
 
     #[command(flatten)]
     pub dns: crate::dns::DnsArgs,
@@ -144,6 +158,11 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             compaction: (!args.etcd_compaction.is_zero()).then_some(args.etcd_compaction),
             api_policy: ApiPolicy {
                 check_allow: args.check_allow.clone(),
+                limits: ConnectionLimits {
+                    header_read_timeout: args.http_header_timeout,
+                    per_client: args.http_max_conns_per_client,
+                    total: args.http_max_conns,
+                },
             },
         },
         registry,

@@ -1020,6 +1020,7 @@ async fn checks_must_target_their_own_instance() {
         None,
         ApiPolicy {
             check_allow: vec!["10.0.1.0/24".parse().unwrap()],
+            ..Default::default()
         },
     )
     .await;
@@ -1322,4 +1323,186 @@ async fn a_revoked_token_is_refused_everywhere_within_a_second() {
     let refused = refused.expect("B still accepts the revoked token after 3 s");
     eprintln!("B refused the revoked token {refused:?} after A's revoke answered");
     assert!(refused < Duration::from_secs(1), "{refused:?}");
+}
+
+mod connections {
+    use super::*;
+    use signpost_control_plane::api::ConnectionLimits;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpSocket, TcpStream};
+
+    async fn with_limits(limits: ConnectionLimits) -> Api {
+        start_with(
+            Arc::new(MemoryStore::new()),
+            false,
+            None,
+            ApiPolicy {
+                limits,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    fn addr(api: &Api) -> std::net::SocketAddr {
+        api.base.trim_start_matches("http://").parse().unwrap()
+    }
+
+    /// A connection from `source` (a loopback address).
+    async fn connect_from(api: &Api, source: &str) -> TcpStream {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        socket.connect(addr(api)).await.unwrap()
+    }
+
+    /// Sends one keep-alive request and reads its answer's head.
+    async fn request(conn: &mut TcpStream) -> Result<String, std::io::Error> {
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await?;
+        let mut buf = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf))
+            .await
+            .map_err(|_| std::io::Error::other("no answer in 2 s"))??;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    /// How long until the server closes `conn` (reads until EOF).
+    async fn closed_after(conn: &mut TcpStream, at_most: Duration) -> Option<Duration> {
+        let started = tokio::time::Instant::now();
+        let mut buf = vec![0u8; 1024];
+        loop {
+            match tokio::time::timeout_at(started + at_most, conn.read(&mut buf)).await {
+                Err(_) => return None,
+                Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn partial_headers_and_idle_connections_are_closed_after_the_timeout() {
+        let api = with_limits(ConnectionLimits {
+            header_read_timeout: Duration::from_millis(500),
+            ..Default::default()
+        })
+        .await;
+        // Half a header, then nothing.
+        let mut slow = TcpStream::connect(addr(&api)).await.unwrap();
+        slow.write_all(b"GET /v1/services HTTP/1.1\r\nhost: x\r\nx-slow")
+            .await
+            .unwrap();
+        let took = closed_after(&mut slow, Duration::from_secs(5))
+            .await
+            .expect("a partial header was held for 5 s");
+        assert!(took >= Duration::from_millis(400), "closed after {took:?}");
+        assert!(took < Duration::from_secs(2), "closed after {took:?}");
+        // Trickling bytes does not reset it.
+        let mut trickle = TcpStream::connect(addr(&api)).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let mut closed = false;
+        for _ in 0..40 {
+            if trickle.write_all(b"x").await.is_err() {
+                closed = true;
+                break;
+            }
+            let mut buf = [0u8; 64];
+            if let Ok(Ok(0) | Err(_)) =
+                tokio::time::timeout(Duration::from_millis(100), trickle.read(&mut buf)).await
+            {
+                closed = true;
+                break;
+            }
+        }
+        assert!(closed, "a trickled header was held for 4 s");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        // An idle keep-alive connection is closed too.
+        let mut idle = TcpStream::connect(addr(&api)).await.unwrap();
+        let answer = request(&mut idle).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let took = closed_after(&mut idle, Duration::from_secs(5))
+            .await
+            .expect("an idle connection was held for 5 s");
+        assert!(took < Duration::from_secs(2), "closed after {took:?}");
+        // A blocking query outlives the header timeout: it has sent its
+        // headers.
+        let resp = api
+            .http
+            .get(api.url("/v1/services/user?index=999&wait=1500ms"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_per_client_cap_are_closed() {
+        let api = with_limits(ConnectionLimits {
+            per_client: 5,
+            ..Default::default()
+        })
+        .await;
+        let mut held = Vec::new();
+        for i in 0..5 {
+            let mut conn = connect_from(&api, "127.0.0.1").await;
+            let answer = request(&mut conn).await.unwrap();
+            assert!(answer.starts_with("HTTP/1.1 200"), "{i}: {answer}");
+            held.push(conn);
+        }
+        // The sixth from the same address is closed without an answer.
+        let mut sixth = connect_from(&api, "127.0.0.1").await;
+        match request(&mut sixth).await {
+            Ok(answer) => assert!(answer.is_empty(), "the sixth was served: {answer}"),
+            Err(_) => {}
+        }
+        // Another address has its own allowance.
+        let mut other = connect_from(&api, "127.0.0.2").await;
+        let answer = request(&mut other).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // Closing one makes room again.
+        drop(held.pop());
+        eventually("a slot is free again", Duration::from_secs(2), || async {
+            let mut conn = connect_from(&api, "127.0.0.1").await;
+            request(&mut conn)
+                .await
+                .is_ok_and(|a| a.starts_with("HTTP/1.1 200"))
+        })
+        .await;
+        let mut conn = connect_from(&api, "127.0.0.2").await;
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        conn.read_to_string(&mut text).await.unwrap();
+        assert!(
+            text.lines().any(|l| l
+                .starts_with("signpost_api_connections_refused_total{limit=\"per_client\"}")
+                && !l.ends_with(" 0")),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_total_cap_are_closed() {
+        let api = with_limits(ConnectionLimits {
+            total: 3,
+            ..Default::default()
+        })
+        .await;
+        let mut held = Vec::new();
+        for (i, source) in ["127.0.0.1", "127.0.0.2", "127.0.0.3"].iter().enumerate() {
+            let mut conn = connect_from(&api, source).await;
+            let answer = request(&mut conn).await.unwrap();
+            assert!(answer.starts_with("HTTP/1.1 200"), "{i}: {answer}");
+            held.push(conn);
+        }
+        let mut fourth = connect_from(&api, "127.0.0.4").await;
+        match request(&mut fourth).await {
+            Ok(answer) => assert!(answer.is_empty(), "the fourth was served: {answer}"),
+            Err(_) => {}
+        }
+    }
 }

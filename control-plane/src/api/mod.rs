@@ -58,6 +58,8 @@ pub struct ApiPolicy {
     /// Networks a health check may probe besides its own instance's
     /// address (`--check-allow`); empty: only the instance itself.
     pub check_allow: Vec<ipnet::IpNet>,
+    /// Connection limits.
+    pub limits: ConnectionLimits,
 }
 
 /// Everything a handler needs.
@@ -86,6 +88,11 @@ pub struct ApiState {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     method: String,
     route: String,
@@ -102,6 +109,8 @@ pub struct ApiMetrics {
     instances: Gauge,
     healthy: Gauge,
     synced: Gauge,
+    connections: Gauge,
+    refused: Family<RefusedLabels, Counter>,
 }
 
 impl ApiMetrics {
@@ -115,7 +124,19 @@ impl ApiMetrics {
             instances: Gauge::default(),
             healthy: Gauge::default(),
             synced: Gauge::default(),
+            connections: Gauge::default(),
+            refused: Family::default(),
         };
+        registry.register(
+            "signpost_api_connections",
+            "Open API connections",
+            m.connections.clone(),
+        );
+        registry.register(
+            "signpost_api_connections_refused",
+            "API connections closed at once for being past a limit (per_client or total)",
+            m.refused.clone(),
+        );
         registry.register(
             "signpost_api_requests",
             "API requests by method, route and status",
@@ -244,16 +265,184 @@ async fn observe(State(state): State<ApiState>, req: Request, next: Next) -> Res
     resp
 }
 
-/// Serves the API on `listener` until `cancel` fires.
+/// Limits on the API's connections, as Consul's `http_max_conns_per_client`
+/// and a web server's header timeout: a client cannot hold the API with
+/// idle or half-sent connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// How long a connection may take to send a request's headers, and how
+    /// long an idle keep-alive connection waits for its next request (hyper
+    /// runs one timer for both: it starts whenever the connection waits for
+    /// a request head). Once the headers are in, a request (a blocking
+    /// query) may take as long as it needs.
+    pub header_read_timeout: Duration,
+    /// Open connections per client IP; more are closed at once.
+    pub per_client: usize,
+    /// Open connections in all; more are closed at once.
+    pub total: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            // 10 s: a client on a slow link sends a few hundred bytes of
+            // headers in far less, and a scanner holding sockets open is let
+            // go quickly.
+            header_read_timeout: Duration::from_secs(10),
+            // Consul's default `http_max_conns_per_client`.
+            per_client: 200,
+            // Well under the file descriptors a server is usually given.
+            total: 10_000,
+        }
+    }
+}
+
+/// How long shutdown waits for requests in flight (a blocking query may
+/// otherwise hold it for minutes).
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
+
+/// Open connections per client IP, and in all.
+#[derive(Default)]
+struct ConnectionCounts {
+    per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    total: std::sync::atomic::AtomicUsize,
+}
+
+/// One admitted connection; counted until dropped.
+struct Admitted {
+    counts: Arc<ConnectionCounts>,
+    ip: std::net::IpAddr,
+}
+
+impl ConnectionCounts {
+    /// Admits a connection from `ip`, or says which limit it is past.
+    fn admit(
+        self: &Arc<Self>,
+        ip: std::net::IpAddr,
+        limits: &ConnectionLimits,
+    ) -> Result<Admitted, &'static str> {
+        use std::sync::atomic::Ordering;
+        let mut per_ip = self
+            .per_ip
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.total.load(Ordering::Relaxed) >= limits.total {
+            return Err("total");
+        }
+        let open = per_ip.entry(ip).or_insert(0);
+        if *open >= limits.per_client {
+            return Err("per_client");
+        }
+        *open += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Ok(Admitted {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        let mut per_ip = self
+            .counts
+            .per_ip
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(open) = per_ip.get_mut(&self.ip) {
+            *open -= 1;
+            if *open == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+        self.counts.total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves the API on `listener` until `cancel` fires, within the state's
+/// [`ConnectionLimits`]; then drains requests in flight for up to 10 s.
 pub async fn serve(
     listener: TcpListener,
     state: ApiState,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    let limits = state.policy.limits;
+    let metrics = state.metrics.clone();
+    let app = router(state);
+    let counts = Arc::new(ConnectionCounts::default());
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // Past error::MAX_HEADERS the API answers 431 in JSON; hyper's own
+        // (bare) 431 is for twice as many.
+        .max_headers(error::MAX_HEADERS * 2);
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(err) => {
+                    // Out of file descriptors, most likely: let some close.
+                    tracing::warn!(%err, "cannot accept an API connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let admitted = match counts.admit(peer.ip(), &limits) {
+            Ok(admitted) => admitted,
+            Err(limit) => {
+                metrics
+                    .refused
+                    .get_or_create(&RefusedLabels { limit })
+                    .inc();
+                tracing::debug!(%peer, limit, "API connection refused: past the connection limit");
+                drop(stream);
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                app.clone().oneshot(req)
+            });
+        let conn = http.serve_connection(TokioIo::new(stream), service);
+        metrics.connections.inc();
+        let connections = metrics.connections.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = cancel.cancelled() => {
+                    // Finish the request in flight, then close.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(err) = result {
+                tracing::debug!(%peer, %err, "API connection ended");
+            }
+            connections.dec();
+            drop(admitted);
+        });
+    }
+    drop(listener);
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_DRAIN, tracker.wait())
         .await
+        .is_err()
+    {
+        tracing::info!("API requests still in flight after {SHUTDOWN_DRAIN:?}; closing them");
+    }
+    Ok(())
 }
 
 /// Shortest `ttl` of a token.
