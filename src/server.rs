@@ -86,8 +86,22 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 10_000)]
     pub http_max_conns: usize,
 
+    /// Who may read the catalog, service configs and metrics over the API:
+    /// `open` (anyone who reaches it) or `token` (a valid token, any).
+    #[arg(long, value_enum, default_value = "open")]
+    pub acl_read: ReadAcl,
+
     #[command(flatten)]
     pub dns: crate::dns::DnsArgs,
+}
+
+/// `--acl-read`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReadAcl {
+    /// Reads need no token (as Consul's default_policy=allow).
+    Open,
+    /// Reads need a valid token (as Consul's default_policy=deny).
+    Token,
 }
 
 /// Runs until SIGINT or SIGTERM.
@@ -163,6 +177,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
                     per_client: args.http_max_conns_per_client,
                     total: args.http_max_conns,
                 },
+                read_needs_token: args.acl_read == ReadAcl::Token,
             },
         },
         registry,

@@ -89,6 +89,9 @@ impl Client {
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
+            // Under the server's 10 s idle timeout, so a pooled connection
+            // is not reused just as the server closes it.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| ClientError::Decode(e.to_string()))?;
         Ok(Self {

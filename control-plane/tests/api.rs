@@ -1506,3 +1506,68 @@ mod connections {
         }
     }
 }
+
+/// `--acl-read token`: catalog, config and metrics reads need a valid
+/// token; the trust bundle and the probes stay open.
+#[tokio::test]
+async fn reads_need_a_token_with_acl_read_token() {
+    let api = start_with(
+        Arc::new(MemoryStore::new()),
+        false,
+        None,
+        ApiPolicy {
+            read_needs_token: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let token = api.token_for("user").await;
+    let (status, _) = api
+        .put("/v1/services/user/instances/u1", Some(&token), reg())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let get = |path: &str, token: Option<&str>| {
+        let mut req = api.http.get(api.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status();
+            (status, resp.text().await.unwrap())
+        }
+    };
+    for path in [
+        "/v1/services",
+        "/v1/services/user",
+        "/v1/services/user?index=1&wait=10ms",
+        "/v1/services/user/config",
+        "/metrics",
+    ] {
+        let (status, body) = get(path, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}: {body}");
+        assert!(body.contains("\"unauthorized\""), "{path}: {body}");
+        assert!(!body.contains("10.0.0.5"), "{path}: {body}");
+        let (status, body) = get(path, Some(&token)).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        let (status, _) = get(path, Some(ADMIN)).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+    }
+    let (status, body) = get("/v1/services/user", Some(&token)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("10.0.0.5"), "{body}");
+    let (status, _) = get("/v1/services", Some("sp_wrong")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    for path in ["/healthz", "/readyz"] {
+        let (status, body) = get(path, None).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
+    // No CA here: 503, but not 401.
+    let (status, body) = get("/v1/ca/roots", None).await;
+    assert_ne!(status, StatusCode::UNAUTHORIZED, "{body}");
+
+    // The default stays open.
+    let open = memory(false).await;
+    let (status, _) = open.get("/v1/services").await;
+    assert_eq!(status, StatusCode::OK);
+}

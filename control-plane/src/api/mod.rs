@@ -60,6 +60,9 @@ pub struct ApiPolicy {
     pub check_allow: Vec<ipnet::IpNet>,
     /// Connection limits.
     pub limits: ConnectionLimits,
+    /// Whether catalog, config and metrics reads need a token
+    /// (`--acl-read token`).
+    pub read_needs_token: bool,
 }
 
 /// Everything a handler needs.
@@ -224,6 +227,7 @@ pub fn router(state: ApiState) -> Router {
     let routes = writes_and_reads
         .merge(blocking)
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), read_acl))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
@@ -238,6 +242,25 @@ pub fn router(state: ApiState) -> Router {
 
 async fn not_found() -> ApiError {
     ApiError::not_found("no such route; see the API table in the README")
+}
+
+/// With `--acl-read token`, catalog, config and metrics reads need a valid
+/// token (any: the admin's or a service's). The trust bundle, `/healthz` and
+/// `/readyz` stay open, for sidecars bootstrapping and for probes.
+async fn read_acl(
+    State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let path = req.uri().path();
+    let guarded = state.policy.read_needs_token
+        && (req.method() == axum::http::Method::GET || req.method() == axum::http::Method::HEAD)
+        && (path == "/metrics" || path == "/v1/services" || path.starts_with("/v1/services/"));
+    if guarded && let Err(err) = auth::authenticate(&state, req.headers(), peer).await {
+        return err.into_response();
+    }
+    next.run(req).await
 }
 
 async fn observe(State(state): State<ApiState>, req: Request, next: Next) -> Response {
