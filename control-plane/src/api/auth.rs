@@ -101,6 +101,7 @@ const MAX_TRACKED: usize = 10_000;
 /// Failed authentications per client IP, as token buckets.
 #[derive(Debug, Default)]
 pub struct AuthFailures {
+    /// Allowance left and when it was counted, per client.
     buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
 }
 
@@ -115,8 +116,22 @@ impl AuthFailures {
             .min(FAILURE_BURST)
     }
 
+    /// The client an address counts for: an IPv6 client usually holds a
+    /// whole /64, so its addresses share one allowance.
+    fn client(ip: IpAddr) -> IpAddr {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let mut octets = v6.octets();
+                octets[8..].fill(0);
+                IpAddr::from(octets)
+            }
+            v4 => v4,
+        }
+    }
+
     /// `Err(retry_after)` while `ip` has used up its failures.
     pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
+        let ip = Self::client(ip);
         let buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         match buckets.get(&ip) {
             Some(&entry) => {
@@ -133,10 +148,20 @@ impl AuthFailures {
 
     /// Counts one failure of `ip`.
     pub fn fail(&self, ip: IpAddr) {
+        let ip = Self::client(ip);
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         if buckets.len() >= MAX_TRACKED && !buckets.contains_key(&ip) {
             buckets.retain(|_, e| Self::level(*e, now) < FAILURE_BURST);
+            if buckets.len() >= MAX_TRACKED {
+                // Failing from this many clients at once: memory stays
+                // bounded, at the price of those clients' counts.
+                tracing::warn!(
+                    clients = buckets.len(),
+                    "too many clients failing authentication; forgetting their counts"
+                );
+                buckets.clear();
+            }
         }
         let level = buckets
             .get(&ip)
@@ -210,5 +235,37 @@ pub async fn authenticate(
             failures.fail(ip);
             Err(ApiError::unauthorized("unknown token"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_are_limited_per_client_and_earned_back() {
+        let failures = AuthFailures::new();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        for _ in 0..10 {
+            assert!(failures.check(a).is_ok());
+            failures.fail(a);
+        }
+        let wait = failures.check(a).unwrap_err();
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
+        assert!(failures.check(b).is_ok(), "another client is not limited");
+        tokio::time::advance(wait).await;
+        assert!(failures.check(a).is_ok());
+        failures.fail(a);
+        assert!(failures.check(a).is_err(), "one earned back, one spent");
+        // Addresses of one IPv6 /64 share an allowance.
+        for i in 0..10 {
+            failures.fail(format!("2001:db8::{i}").parse().unwrap());
+        }
+        assert!(failures.check("2001:db8::ffff".parse().unwrap()).is_err());
+        assert!(failures.check("2001:db8:0:1::1".parse().unwrap()).is_ok());
     }
 }
