@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use signpost_control_plane::catalog::Catalog;
-use signpost_control_plane::store::{EtcdOptions, EtcdStore, Keys, Store};
+use signpost_control_plane::store::{EtcdStore, Keys, Store};
 use signpost_dns::{DnsConfig, DnsServer, default_allow_recursion, default_upstreams};
 use tokio_util::sync::CancellationToken;
 
@@ -47,6 +47,28 @@ pub struct DnsArgs {
     /// record that fits in 64 KiB.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub udp_answer_limit: Option<u16>,
+
+    /// Clients that get DNS answers at all (CIDRs, comma-separated); others
+    /// get REFUSED. Default: everyone.
+    #[arg(
+        long,
+        env = "SIGNPOST_ALLOW_QUERY",
+        value_delimiter = ',',
+        value_name = "CIDRS"
+    )]
+    pub allow_query: Vec<String>,
+}
+
+/// Parses CIDRs (a bare address is one host) for `flag`.
+fn parse_cidrs(flag: &str, raw: &[String]) -> Result<Vec<ipnet::IpNet>> {
+    raw.iter()
+        .map(|s| {
+            s.trim()
+                .parse()
+                .or_else(|_| s.trim().parse::<IpAddr>().map(ipnet::IpNet::from))
+                .with_context(|| format!("{flag} {s:?} is not a CIDR (e.g. 10.0.0.0/8)"))
+        })
+        .collect()
 }
 
 impl DnsArgs {
@@ -73,16 +95,12 @@ impl DnsArgs {
         let allow_recursion = if self.allow_recursion.is_empty() {
             default_allow_recursion()
         } else {
-            self.allow_recursion
-                .iter()
-                .map(|s| {
-                    s.parse()
-                        .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
-                        .with_context(|| {
-                            format!("--allow-recursion {s:?} is not a CIDR (e.g. 10.0.0.0/8)")
-                        })
-                })
-                .collect::<Result<Vec<_>>>()?
+            parse_cidrs("--allow-recursion", &self.allow_recursion)?
+        };
+        let allow_query = if self.allow_query.is_empty() {
+            None
+        } else {
+            Some(parse_cidrs("--allow-query", &self.allow_query)?)
         };
         Ok(DnsConfig {
             listen: self.listen,
@@ -93,6 +111,7 @@ impl DnsArgs {
             udp_sockets: self.udp_sockets,
             udp_answer_limit: self.udp_answer_limit,
             ns_address: (!self.listen.ip().is_unspecified()).then_some(self.listen.ip()),
+            allow_query,
             ..DnsConfig::default()
         })
     }
@@ -118,9 +137,14 @@ pub struct DnsReplicaArgs {
     #[arg(long, default_value = "/signpost/")]
     pub prefix: String,
 
-    /// Address for Prometheus metrics (`/metrics`), off when absent.
+    /// Address for Prometheus metrics (`/metrics`) and readiness
+    /// (`/readyz`: 503 until the catalog was read from etcd once), off when
+    /// absent.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
+
+    #[command(flatten)]
+    pub etcd_security: crate::etcd::EtcdSecurityArgs,
 
     #[command(flatten)]
     pub dns: DnsArgs,
@@ -130,12 +154,9 @@ pub struct DnsReplicaArgs {
 pub async fn run_replica(args: DnsReplicaArgs) -> Result<()> {
     let keys = Keys::new(&args.prefix);
     let store: Arc<dyn Store> = Arc::new(
-        EtcdStore::connect(EtcdOptions {
-            endpoints: args.etcd.clone(),
-            ..EtcdOptions::default()
-        })
-        .await
-        .with_context(|| format!("cannot use etcd at {}", args.etcd.join(",")))?,
+        EtcdStore::connect(args.etcd_security.options(&args.etcd, &args.prefix)?)
+            .await
+            .with_context(|| format!("cannot use etcd at {}", args.etcd.join(",")))?,
     );
     let catalog = Catalog::new(keys);
     let server = DnsServer::new(args.dns.config(&args.zone)?, catalog.clone())
@@ -144,9 +165,14 @@ pub async fn run_replica(args: DnsReplicaArgs) -> Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     server.register_metrics(&mut registry);
     let addr = server.local_addr();
-    let watch = tokio::spawn(catalog.clone().run(store, cancel.clone()));
+    let watch = tokio::spawn(catalog.clone().run(store.clone(), cancel.clone()));
     if let Some(metrics_addr) = args.metrics {
-        crate::metrics::serve(metrics_addr, registry, cancel.clone()).await?;
+        // Ready once the catalog was loaded: from then on DNS answers from
+        // it, also while etcd is away; before, names in the zone get
+        // SERVFAIL.
+        let loaded = catalog.clone();
+        let ready = move || loaded.snapshot().is_loaded();
+        crate::metrics::serve(metrics_addr, registry, ready, cancel.clone()).await?;
     }
     println!(
         "signpost dns (etcd: {}), zone {}",
@@ -160,12 +186,21 @@ pub async fn run_replica(args: DnsReplicaArgs) -> Result<()> {
         addr.port(),
         args.zone
     );
-    if !catalog.wait_synced(Duration::from_secs(3)).await {
-        eprintln!(
-            "warning: etcd does not answer yet; DNS answers from an empty catalog until it does"
-        );
-    }
+    // Serving before the first sync is safe: until then names in the zone
+    // are answered SERVFAIL, which no client caches as an answer.
     let dns = tokio::spawn(server.run(cancel.clone()));
+    if !catalog.wait_synced(Duration::from_secs(3)).await {
+        let checked = crate::etcd::check_reachable(
+            &*store,
+            &args.etcd,
+            "names in the zone are answered SERVFAIL",
+        )
+        .await;
+        if checked.is_err() {
+            cancel.cancel();
+        }
+        checked?;
+    }
     crate::server::shutdown_signal().await;
     cancel.cancel();
     let _ = watch.await;

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod cli;
 mod dns;
+mod etcd;
 mod logging;
 mod metrics;
 mod server;

@@ -14,7 +14,7 @@ use signpost_control_plane::api::certs::CertAuthority;
 use signpost_control_plane::api::{ApiPolicy, ConnectionLimits};
 use signpost_control_plane::catalog::Catalog;
 use signpost_control_plane::server::{ControlPlane, ControlPlaneOptions};
-use signpost_control_plane::store::{EtcdOptions, EtcdStore, Keys, MemoryStore, Store};
+use signpost_control_plane::store::{EtcdStore, Keys, MemoryStore, Store};
 use signpost_dns::DnsServer;
 use tokio_util::sync::CancellationToken;
 
@@ -92,6 +92,9 @@ pub struct ServerArgs {
     pub acl_read: ReadAcl,
 
     #[command(flatten)]
+    pub etcd_security: crate::etcd::EtcdSecurityArgs,
+
+    #[command(flatten)]
     pub dns: crate::dns::DnsArgs,
 }
 
@@ -139,10 +142,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let store: Arc<dyn Store> = if args.dev {
         Arc::new(MemoryStore::new())
     } else {
-        let opts = EtcdOptions {
-            endpoints: args.etcd.clone(),
-            ..EtcdOptions::default()
-        };
+        let opts = args.etcd_security.options(&args.etcd, &args.prefix)?;
         Arc::new(EtcdStore::connect(opts).await.with_context(|| {
             format!(
                 "cannot use etcd at {} (is etcd running? `signpost server --dev` needs none)",
@@ -192,10 +192,12 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     } else {
         println!("signpost server (etcd: {})", args.etcd.join(","));
         if !cp.catalog.wait_synced(Duration::from_secs(3)).await {
-            eprintln!(
-                "warning: etcd at {} does not answer yet; the API answers 503 to writes until it does",
-                args.etcd.join(",")
-            );
+            crate::etcd::check_reachable(
+                &*store,
+                &args.etcd,
+                "the API answers 503 to writes and DNS answers SERVFAIL",
+            )
+            .await?;
         }
     }
     println!("  API      http://{}", cp.api_addr);

@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use litemap::LiteMap;
 
-use crate::model::{Health, HealthStatus, Instance, InstanceId, ServiceConfig, ServiceName};
+use crate::model::{
+    Health, HealthStatus, Instance, InstanceId, Interner, ServiceConfig, ServiceName,
+};
 use crate::store::{KeyKind, KeyValue, Keys, LeaseId, Revision, Store, StoreError, WatchEvent};
 
 /// One instance with its health, as of a snapshot.
@@ -30,8 +32,10 @@ pub struct InstanceEntry {
     /// The instance record, shared with the catalog's state and every
     /// snapshot that holds it unchanged.
     pub instance: Arc<Instance>,
-    /// The latest check result, if the instance has a check that has run.
-    pub health: Option<Health>,
+    /// The latest check result, if the instance has a check that has run
+    /// (behind a pointer, shared with the catalog's state: most instances
+    /// have none).
+    pub health: Option<Arc<Health>>,
     /// Revision of the instance record's last write.
     pub mod_revision: Revision,
     /// The lease the record lives under (TTL registrations).
@@ -122,6 +126,14 @@ impl Default for Snapshot {
 }
 
 impl Snapshot {
+    /// Whether this snapshot was read from the store (or published by a
+    /// test), as opposed to the empty one a [`Catalog`] starts with: a DNS
+    /// server that has never loaded the catalog must not answer "no such
+    /// name" for the zone.
+    pub fn is_loaded(&self) -> bool {
+        self.built != SystemTime::UNIX_EPOCH
+    }
+
     /// A service by name.
     pub fn service(&self, name: &ServiceName) -> Option<&ServiceEntry> {
         self.services.get(name).map(|entry| &**entry)
@@ -145,7 +157,7 @@ type Record = (Arc<Instance>, Revision, Option<LeaseId>);
 #[derive(Debug, Clone, Default)]
 pub struct CatalogState {
     instances: BTreeMap<ServiceName, LiteMap<InstanceId, Record>>,
-    health: BTreeMap<ServiceName, LiteMap<InstanceId, Health>>,
+    health: BTreeMap<ServiceName, LiteMap<InstanceId, Arc<Health>>>,
     configs: BTreeMap<ServiceName, ServiceConfig>,
     /// Last revision that touched each service, kept after the service is
     /// gone so a blocking query on it sees the deletion.
@@ -158,6 +170,8 @@ pub struct CatalogState {
     totals: (usize, usize),
     /// Services changed since they were last built.
     dirty: BTreeSet<ServiceName>,
+    /// The tags, metadata and port names of every instance, each held once.
+    strings: Interner,
     revision: Revision,
 }
 
@@ -209,6 +223,7 @@ impl CatalogState {
                     if inst.id == id {
                         inst.id = id.clone();
                     }
+                    self.strings.intern_instance(&mut inst);
                     self.touch(&svc, kv.mod_revision);
                     let records = self.instances.entry(svc).or_default();
                     let new = records
@@ -230,7 +245,7 @@ impl CatalogState {
             KeyKind::Health(svc, id) => match serde_json::from_slice::<Health>(&kv.value) {
                 Ok(h) => {
                     self.touch(&svc, kv.mod_revision);
-                    self.health.entry(svc).or_default().insert(id, h);
+                    self.health.entry(svc).or_default().insert(id, Arc::new(h));
                 }
                 Err(err) => {
                     tracing::warn!(key = %kv.key, %err, "ignoring unreadable health record")
@@ -550,12 +565,17 @@ impl Catalog {
                         "watch revision compacted; reading the catalog again"
                     );
                 }
-                Err(err) => tracing::warn!(%err, retry_in = ?backoff, "catalog watch lost"),
+                // Warn when a synced watch is lost; the retries of one
+                // outage are not news (the store logs etcd coming back).
+                Err(err) if backoff == FIRST_RETRY => {
+                    tracing::warn!(%err, "catalog watch lost; retrying with backoff")
+                }
+                Err(err) => tracing::debug!(%err, retry_in = ?backoff, "catalog watch lost"),
                 Ok(()) => tracing::warn!(retry_in = ?backoff, "catalog watch ended"),
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(crate::store::jitter(backoff)) => {}
             }
             backoff = (backoff * 2).min(MAX_RETRY);
         }

@@ -121,7 +121,7 @@ pub async fn write(
     id: &InstanceId,
     status: HealthStatus,
     output: String,
-    current: Option<Health>,
+    current: Option<Arc<Health>>,
 ) -> Result<bool, StoreError> {
     let instance_key = keys.instance(svc, id);
     let Some(instance) = store.get(&instance_key).await? else {
@@ -337,7 +337,7 @@ impl HealthChecker {
                     let key = (svc.clone(), id.clone());
                     if states
                         .get(&key)
-                        .is_some_and(|st| check_of(new, id).as_ref() != Some(&st.check))
+                        .is_some_and(|st| check_of(new, id).as_deref() != Some(&st.check))
                     {
                         states.remove(&key);
                     }
@@ -455,7 +455,12 @@ impl HealthChecker {
         )
         .await
         {
-            tracing::warn!(service = %svc, id = %id, %err, "could not write health");
+            // An unreachable store is logged once by the store itself.
+            if err.is_unavailable() {
+                tracing::debug!(service = %svc, id = %id, %err, "could not write health");
+            } else {
+                tracing::warn!(service = %svc, id = %id, %err, "could not write health");
+            }
             // Try again at the next interval.
         }
     }

@@ -222,6 +222,154 @@ label_type!(
     "instance"
 );
 
+/// A string shared by its clones. Tags, metadata and port names repeat
+/// across a fleet's instances (`version=1.4.2` on hundreds of them), so the
+/// catalog holds each distinct one once ([`Interner`]) and an instance
+/// holds a pointer to it.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Text(std::sync::Arc<str>);
+
+impl Text {
+    /// The string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Text {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Text {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Text {
+    fn from(s: &str) -> Self {
+        Self(s.into())
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Self {
+        Self(s.into())
+    }
+}
+
+impl PartialEq<str> for Text {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for Text {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl fmt::Debug for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for Text {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Text;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Text, E> {
+                Ok(Text::from(s))
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
+/// The distinct [`Text`]s of a catalog, each held once.
+///
+/// Strings no instance holds any more are dropped when the set has doubled
+/// since it was last swept, so the sweep costs O(1) per string interned.
+#[derive(Debug, Clone, Default)]
+pub struct Interner {
+    set: std::collections::HashSet<Text>,
+    swept_at: usize,
+}
+
+/// Sets smaller than this are never swept: a sweep would free little.
+const INTERNER_SWEEP_FLOOR: usize = 1024;
+
+impl Interner {
+    /// The shared copy of `text`.
+    pub fn intern(&mut self, text: &Text) -> Text {
+        if let Some(known) = self.set.get(text.as_str()) {
+            return known.clone();
+        }
+        if self.set.len() >= INTERNER_SWEEP_FLOOR.max(2 * self.swept_at) {
+            // Held only by the set: no instance has it.
+            self.set.retain(|t| std::sync::Arc::strong_count(&t.0) > 1);
+            self.swept_at = self.set.len();
+        }
+        self.set.insert(text.clone());
+        text.clone()
+    }
+
+    /// Holds `instance`'s tags, metadata and port names once: replaces
+    /// each with the shared copy, in containers of their exact size.
+    pub fn intern_instance(&mut self, instance: &mut Instance) {
+        instance.tags = instance.tags.iter().map(|t| self.intern(t)).collect();
+        let meta: Vec<(Text, Text)> = instance
+            .meta
+            .iter()
+            .map(|(k, v)| (self.intern(k), self.intern(v)))
+            .collect();
+        instance.meta = LiteMap::from_sorted_store_unchecked(meta);
+        let ports: Vec<(Text, u16)> = instance
+            .ports
+            .iter()
+            .map(|(k, v)| (self.intern(k), *v))
+            .collect();
+        instance.ports = LiteMap::from_sorted_store_unchecked(ports);
+    }
+
+    /// Number of distinct strings held.
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+}
+
 /// Why a registration, a check or a service config was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValidationError {
@@ -587,13 +735,13 @@ pub struct Instance {
     pub port: u16,
     /// Named ports.
     #[serde(default)]
-    pub ports: BTreeMap<String, u16>,
+    pub ports: LiteMap<Text, u16>,
     /// Tags (DNS labels).
     #[serde(default)]
-    pub tags: Vec<String>,
+    pub tags: Vec<Text>,
     /// Metadata.
     #[serde(default)]
-    pub meta: LiteMap<String, String>,
+    pub meta: LiteMap<Text, Text>,
     /// Weight, 1 to 65535.
     pub weight: u16,
     /// Lease TTL, if the instance must heartbeat.
@@ -603,9 +751,10 @@ pub struct Instance {
         skip_serializing_if = "Option::is_none"
     )]
     pub ttl: Option<Duration>,
-    /// Active health check.
+    /// Active health check (boxed: most instances have none, and every
+    /// instance is held by every control plane and replica).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub check: Option<Check>,
+    pub check: Option<Box<Check>>,
     /// When it was registered.
     #[serde(with = "humantime_serde")]
     pub registered: SystemTime,
@@ -628,14 +777,14 @@ impl Registration {
         at_most("the number of named ports", self.ports.len(), MAX_PORTS)?;
         at_most("the number of tags", self.tags.len(), MAX_TAGS)?;
         at_most("the number of meta keys", self.meta.len(), MAX_META_KEYS)?;
-        let mut ports = BTreeMap::new();
+        let mut ports = LiteMap::new();
         for (name, value) in &self.ports {
-            let label = validate_label("port", name)?;
+            let label = Text::from(validate_label("port", name)?);
             ports.insert(label, port(format!("ports.{name}"), *value)?);
         }
         let mut tags = Vec::with_capacity(self.tags.len());
         for tag in &self.tags {
-            let tag = validate_label("tag", tag)?;
+            let tag = Text::from(validate_label("tag", tag)?);
             if !tags.contains(&tag) {
                 tags.push(tag);
             }
@@ -688,7 +837,8 @@ impl Registration {
             .check
             .as_ref()
             .map(|c| c.validate(address, main_port))
-            .transpose()?;
+            .transpose()?
+            .map(Box::new);
         let instance = Instance {
             service: service.clone(),
             id: id.clone(),
@@ -699,7 +849,7 @@ impl Registration {
             meta: self
                 .meta
                 .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
+                .map(|(k, v)| (Text::from(k.as_str()), Text::from(v.as_str())))
                 .collect(),
             weight,
             ttl,
@@ -1112,5 +1262,54 @@ mod tests {
         let back: Instance = serde_json::from_str(&json).unwrap();
         assert_eq!(back.ttl, inst.ttl);
         assert_eq!(back.check, inst.check);
+    }
+
+    #[test]
+    fn interned_instances_share_their_strings() {
+        let mut r = reg();
+        r.tags = vec!["v1".into()];
+        r.meta.insert("version".into(), "1.4.2".into());
+        r.ports.insert("http".into(), 8081);
+        let mut strings = Interner::default();
+        let mut a = validate(&r).unwrap();
+        // Equal strings, held apart until interned.
+        let mut b = a.clone();
+        b.tags = vec![Text::from("v1")];
+        b.meta = [(Text::from("version"), Text::from("1.4.2"))]
+            .into_iter()
+            .collect();
+        strings.intern_instance(&mut a);
+        strings.intern_instance(&mut b);
+        assert!(std::sync::Arc::ptr_eq(&a.tags[0].0, &b.tags[0].0));
+        let (ka, va) = a.meta.iter().next().unwrap();
+        let (kb, vb) = b.meta.iter().next().unwrap();
+        assert!(std::sync::Arc::ptr_eq(&ka.0, &kb.0));
+        assert!(std::sync::Arc::ptr_eq(&va.0, &vb.0));
+        assert_eq!(a, b);
+        assert_eq!(b.ports.get("http"), Some(&8081));
+        assert_eq!(strings.len(), 4);
+    }
+
+    #[test]
+    fn strings_no_instance_holds_are_swept() {
+        let mut strings = Interner::default();
+        // Held by nobody but the set once interned.
+        for i in 0..10 * INTERNER_SWEEP_FLOOR {
+            strings.intern(&Text::from(format!("v{i}")));
+        }
+        assert!(
+            strings.len() <= 2 * INTERNER_SWEEP_FLOOR,
+            "{}",
+            strings.len()
+        );
+        // A string still held survives every sweep.
+        let kept = strings.intern(&Text::from("kept"));
+        for i in 0..10 * INTERNER_SWEEP_FLOOR {
+            strings.intern(&Text::from(format!("w{i}")));
+        }
+        assert!(std::sync::Arc::ptr_eq(
+            &strings.intern(&Text::from("kept")).0,
+            &kept.0
+        ));
     }
 }

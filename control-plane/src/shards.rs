@@ -129,7 +129,17 @@ impl ShardHolder {
                 campaigns.remove(&shard);
                 leaders.insert(shard, leadership);
             }
+            let before = leaders.len();
             leaders.retain(|_, l| !l.lost.is_cancelled());
+            if leaders.len() < before {
+                // One line for the shards lost together (an etcd outage
+                // takes them all), not one per election.
+                tracing::warn!(
+                    lost = before - leaders.len(),
+                    held = leaders.len(),
+                    "health check shards lost"
+                );
+            }
             let members = match self.membership(&member_key, &mut membership).await {
                 Ok(members) => {
                     if !reachable {

@@ -33,6 +33,93 @@ pub struct EtcdProcess {
     client_port: u16,
     peer_port: u16,
     child: Option<Child>,
+    tls: Option<EtcdTlsFiles>,
+    /// Member name and `--initial-cluster`, when one of an [`EtcdCluster`].
+    cluster: Option<(String, String)>,
+}
+
+/// The certificates of an etcd started by [`EtcdProcess::spawn_tls`], as
+/// PEM files in its directory: a CA, etcd's server certificate (for
+/// 127.0.0.1) and a client certificate the CA signed.
+#[derive(Debug, Clone)]
+pub struct EtcdTlsFiles {
+    /// The CA certificate.
+    pub ca: PathBuf,
+    /// etcd's certificate and key.
+    pub server_cert: PathBuf,
+    /// etcd's key.
+    pub server_key: PathBuf,
+    /// A client certificate signed by the CA.
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
+}
+
+impl EtcdTlsFiles {
+    /// Writes a fresh CA, server and client certificate into `dir`.
+    ///
+    /// # Panics
+    ///
+    /// If a certificate cannot be made or written (test support only).
+    pub fn generate(dir: &Path) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair,
+        };
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "signpost test etcd CA");
+        let ca_key = KeyPair::generate().expect("CA key");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |name: &str, sans: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+            let mut params = CertificateParams::new(sans).expect("leaf params");
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate().expect("leaf key");
+            let cert = params.signed_by(&key, &issuer).expect("leaf certificate");
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(
+            "etcd",
+            vec!["127.0.0.1".into(), "localhost".into()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (client_cert, client_key) =
+            leaf("signpost", vec![], ExtendedKeyUsagePurpose::ClientAuth);
+        let files = Self {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server-key.pem"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client-key.pem"),
+        };
+        for (path, pem) in [
+            (&files.ca, ca_cert.pem()),
+            (&files.server_cert, server_cert),
+            (&files.server_key, server_key),
+            (&files.client_cert, client_cert),
+            (&files.client_key, client_key),
+        ] {
+            std::fs::write(path, pem).expect("write a test certificate");
+        }
+        files
+    }
+
+    /// The store's TLS options for these files (CA and client certificate).
+    ///
+    /// # Panics
+    ///
+    /// If the files cannot be read.
+    pub fn options(&self) -> crate::store::EtcdTls {
+        let read = |p: &Path| std::fs::read(p).expect("read a test certificate");
+        crate::store::EtcdTls {
+            ca_pem: read(&self.ca),
+            client: Some((read(&self.client_cert), read(&self.client_key))),
+        }
+    }
 }
 
 impl EtcdProcess {
@@ -60,14 +147,48 @@ impl EtcdProcess {
             client_port,
             peer_port,
             child: None,
+            tls: None,
+            cluster: None,
         };
         etcd.start().await;
         etcd
     }
 
-    /// The client URL, e.g. `http://127.0.0.1:41234`.
+    /// Like [`EtcdProcess::spawn`], serving clients over TLS and requiring
+    /// a client certificate signed by its CA (`--client-cert-auth`); see
+    /// [`EtcdProcess::tls_files`].
+    ///
+    /// # Panics
+    ///
+    /// As [`EtcdProcess::spawn`].
+    pub async fn spawn_tls() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("signpost-etcd-tls-")
+            .tempdir()
+            .expect("cannot create a temporary directory for etcd");
+        let (client_port, peer_port) = free_ports();
+        let tls = EtcdTlsFiles::generate(dir.path());
+        let mut etcd = Self {
+            dir,
+            client_port,
+            peer_port,
+            child: None,
+            tls: Some(tls),
+            cluster: None,
+        };
+        etcd.start().await;
+        etcd
+    }
+
+    /// The certificates, for an etcd from [`EtcdProcess::spawn_tls`].
+    pub fn tls_files(&self) -> Option<&EtcdTlsFiles> {
+        self.tls.as_ref()
+    }
+
+    /// The client URL, e.g. `http://127.0.0.1:41234` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// The directory holding etcd's data and its log.
@@ -107,13 +228,28 @@ impl EtcdProcess {
         if self.is_running() {
             return;
         }
+        self.launch();
+        self.wait_ready().await;
+    }
+
+    /// The peer URL.
+    fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
+    }
+
+    /// Starts the process without waiting for it.
+    fn launch(&mut self) {
         let log = self.open_log();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let client = self.endpoint();
         let data = self.dir.path().join("data");
+        let (name, initial_cluster) = self
+            .cluster
+            .clone()
+            .unwrap_or_else(|| ("signpost-test".to_string(), format!("signpost-test={peer}")));
         let mut cmd = Command::new(etcd_binary());
         cmd.arg("--name")
-            .arg("signpost-test")
+            .arg(name)
             .arg("--data-dir")
             .arg(&data)
             .arg("--listen-client-urls")
@@ -125,7 +261,7 @@ impl EtcdProcess {
             .arg("--initial-advertise-peer-urls")
             .arg(&peer)
             .arg("--initial-cluster")
-            .arg(format!("signpost-test={peer}"))
+            .arg(initial_cluster)
             // Heartbeat 50 ms / election 500 ms instead of 100 / 1000: the
             // member elects itself faster after a restart, and etcd's
             // minimum lease TTL (1.5 election timeouts) drops from 2 s to
@@ -139,8 +275,17 @@ impl EtcdProcess {
             .arg("--log-outputs")
             .arg("stderr")
             .arg("--log-level")
-            .arg("warn")
-            .stdin(Stdio::null())
+            .arg("warn");
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.server_cert)
+                .arg("--key-file")
+                .arg(&tls.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        cmd.stdin(Stdio::null())
             .stdout(
                 log.try_clone()
                     .expect("cannot duplicate the etcd log handle"),
@@ -156,7 +301,6 @@ impl EtcdProcess {
             Err(e) => panic!("cannot start etcd `{}`: {e}", etcd_binary()),
         };
         self.child = Some(child);
-        self.wait_ready().await;
     }
 
     fn open_log(&self) -> File {
@@ -179,7 +323,7 @@ impl EtcdProcess {
                     self.log_tail()
                 );
             }
-            if probe(&endpoint).await {
+            if probe(&endpoint, self.tls.as_ref()).await {
                 return;
             }
             if Instant::now() >= deadline {
@@ -199,6 +343,136 @@ impl EtcdProcess {
     }
 }
 
+/// A real etcd cluster of several members on loopback, each an
+/// [`EtcdProcess`] that can be killed (SIGKILL) and started again.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    members: Vec<EtcdProcess>,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members and waits (at most 10 s) until each answers.
+    ///
+    /// # Panics
+    ///
+    /// As [`EtcdProcess::spawn`].
+    pub async fn spawn(size: usize) -> Self {
+        let mut members: Vec<EtcdProcess> = (0..size)
+            .map(|_| {
+                let dir = tempfile::Builder::new()
+                    .prefix("signpost-etcd-member-")
+                    .tempdir_in(if Path::new("/dev/shm").is_dir() {
+                        Path::new("/dev/shm")
+                    } else {
+                        Path::new("/tmp")
+                    })
+                    .expect("cannot create a temporary directory for etcd");
+                let (client_port, peer_port) = free_ports();
+                EtcdProcess {
+                    dir,
+                    client_port,
+                    peer_port,
+                    child: None,
+                    tls: None,
+                    cluster: None,
+                }
+            })
+            .collect();
+        let initial: Vec<String> = members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| format!("m{i}={}", m.peer_url()))
+            .collect();
+        let initial = initial.join(",");
+        for (i, member) in members.iter_mut().enumerate() {
+            member.cluster = Some((format!("m{i}"), initial.clone()));
+            member.launch();
+        }
+        for member in &mut members {
+            member.wait_ready().await;
+        }
+        Self { members }
+    }
+
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(EtcdProcess::endpoint).collect()
+    }
+
+    /// Member `i`.
+    pub fn member(&mut self, i: usize) -> &mut EtcdProcess {
+        &mut self.members[i]
+    }
+
+    /// Starts the given members (stopped ones) together and waits until
+    /// each answers: members that lost quorum come back only together.
+    ///
+    /// # Panics
+    ///
+    /// As [`EtcdProcess::spawn`].
+    pub async fn start(&mut self, members: &[usize]) {
+        for &i in members {
+            if !self.members[i].is_running() {
+                self.members[i].launch();
+            }
+        }
+        for &i in members {
+            self.members[i].wait_ready().await;
+        }
+    }
+
+    /// The number of members.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether the cluster has no member.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The index of the current leader, as a running member reports it
+    /// (`None` while there is none).
+    pub async fn leader(&mut self) -> Option<usize> {
+        let endpoints = self.endpoints();
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            if !self.members[i].is_running() {
+                continue;
+            }
+            let status = async {
+                let mut client = etcd_client::Client::connect([endpoint], None).await.ok()?;
+                client.status().await.ok()
+            };
+            let Ok(Some(status)) = tokio::time::timeout(Duration::from_secs(1), status).await
+            else {
+                continue;
+            };
+            let leader = status.leader();
+            if leader == 0 {
+                continue;
+            }
+            // Ask the leader itself for its id, to map it to an index.
+            for (j, other) in endpoints.iter().enumerate() {
+                if !self.members[j].is_running() {
+                    continue;
+                }
+                let id = async {
+                    let mut client = etcd_client::Client::connect([other], None).await.ok()?;
+                    let s = client.status().await.ok()?;
+                    s.header().map(|h| h.member_id())
+                };
+                if let Ok(Some(id)) = tokio::time::timeout(Duration::from_secs(1), id).await
+                    && id == leader
+                {
+                    return Some(j);
+                }
+            }
+            return None;
+        }
+        None
+    }
+}
+
 impl Drop for EtcdProcess {
     fn drop(&mut self) {
         self.stop();
@@ -207,9 +481,20 @@ impl Drop for EtcdProcess {
 
 /// Whether etcd at `endpoint` answers a linearizable read, i.e. has a
 /// leader and serves clients.
-async fn probe(endpoint: &str) -> bool {
+async fn probe(endpoint: &str, tls: Option<&EtcdTlsFiles>) -> bool {
     let attempt = async {
-        let mut client = etcd_client::Client::connect([endpoint], None).await.ok()?;
+        let options = tls.map(|files| {
+            let tls = files.options();
+            let mut config = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(tls.ca_pem));
+            if let Some((cert, key)) = tls.client {
+                config = config.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            etcd_client::ConnectOptions::new().with_tls(config)
+        });
+        let mut client = etcd_client::Client::connect([endpoint], options)
+            .await
+            .ok()?;
         client.get("signpost-probe", None).await.ok()
     };
     matches!(

@@ -7,7 +7,6 @@
 //! Arguments: listen address, number of services, instances per service.
 //! Services are `svc0`..`svcN`, instances `i0`..`iM` on 10.x.y.z.
 
-use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use signpost_control_plane::catalog::{Catalog, CatalogState};
@@ -38,7 +37,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 id: InstanceId::new(&format!("i{i}"))?,
                 address: format!("10.{}.{}.{}", n >> 16 & 255, n >> 8 & 255, n & 255).parse()?,
                 port: 8080,
-                ports: BTreeMap::from([("http".to_string(), 8081)]),
+                ports: [("http".into(), 8081)].into_iter().collect(),
                 tags: vec!["v1".into()],
                 meta: Default::default(),
                 weight: 100,

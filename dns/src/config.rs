@@ -67,6 +67,10 @@ pub struct DnsConfig {
     /// set that does not fit is not sent, and TC makes the client ask again
     /// over TCP (RFC 2181 §9).
     pub udp_answer_limit: Option<u16>,
+    /// Clients that get answers at all (`--allow-query`); others get
+    /// REFUSED. `None`, the default, answers everyone, as an authoritative
+    /// server does.
+    pub allow_query: Option<Vec<IpNet>>,
 }
 
 impl Default for DnsConfig {
@@ -84,6 +88,7 @@ impl Default for DnsConfig {
             forward_timeout: DEFAULT_FORWARD_TIMEOUT,
             tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
             udp_answer_limit: None,
+            allow_query: None,
         }
     }
 }

@@ -44,9 +44,18 @@ pub(crate) struct Shared {
     pub(crate) max_udp_payload: u16,
     /// Records per set over UDP under `--udp-answer-limit`.
     pub(crate) udp_answer_limit: Option<u16>,
+    /// Who gets answers at all; `None` is everyone.
+    pub(crate) allow_query: Option<Vec<IpNet>>,
 }
 
 impl Shared {
+    /// Whether `ip` gets answers (`--allow-query`); others get REFUSED.
+    pub(crate) fn may_query(&self, ip: std::net::IpAddr) -> bool {
+        self.allow_query
+            .as_ref()
+            .is_none_or(|nets| nets.iter().any(|n| n.contains(&ip)))
+    }
+
     /// Whether `ip` may have names outside the zone resolved.
     pub(crate) fn may_recurse(&self, ip: std::net::IpAddr) -> bool {
         self.forwarder.is_some() && self.allow_recursion.iter().any(|n| n.contains(&ip))
@@ -155,6 +164,9 @@ impl Handler {
     /// The answer to `request`, before fitting it to the transport.
     async fn answer(&self, request: &Request, recursion: bool) -> Answer {
         let shared = &*self.0;
+        if !shared.may_query(request.src().ip()) {
+            return Answer::error(ResponseCode::Refused);
+        }
         if request.metadata.op_code != OpCode::Query {
             return Answer::error(ResponseCode::NotImp);
         }
@@ -180,6 +192,11 @@ impl Handler {
         {
             // The guard is dropped before any await below.
             let index = shared.index.load();
+            if !index.loaded && shared.zone.origin.zone_of(original.name()) {
+                // Never synced: "no such name" would be a lie that clients
+                // cache; SERVFAIL sends them to another server or a retry.
+                return Answer::error(ResponseCode::ServFail);
+            }
             let resolution = index.resolve(key.as_bytes(), qtype);
             if let Some(answer) =
                 with_rng(|rng| Answer::from_index(&resolution, &index, original.name(), rng))

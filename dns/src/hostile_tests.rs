@@ -67,7 +67,8 @@ pub(crate) fn handler() -> Handler {
         let mut inst = instance("user", &format!("u{i}"), &format!("10.0.0.{i}"), 8080);
         inst.tags = vec!["v2".into()];
         inst.ports.insert("http".into(), 8081);
-        inst.meta.insert("k".into(), "v".repeat(usize::from(i) * 4));
+        inst.meta
+            .insert("k".into(), "v".repeat(usize::from(i) * 4).into());
         c.put(&inst);
     }
     c.put(&instance("order", "o1", "fd00::1", 80));
@@ -86,6 +87,7 @@ pub(crate) fn handler() -> Handler {
         metrics: Metrics::default(),
         max_udp_payload: 1232,
         udp_answer_limit: None,
+        allow_query: None,
     }))
 }
 

@@ -40,11 +40,11 @@ use hickory_proto::serialize::binary::{
     BinDecodable, BinDecoder, BinEncodable, BinEncoder, NameEncoding,
 };
 use imbl::ordmap::DiffItem;
-use imbl::shared_ptr::DefaultSharedPtr;
 use signpost_control_plane::catalog::{InstanceEntry, ServiceEntry, Snapshot};
-use signpost_control_plane::model::ServiceName;
+use signpost_control_plane::model::{ServiceName, Text};
 use signpost_control_plane::store::Revision;
 use smallvec::{SmallVec, smallvec};
+use triomphe::ThinArc;
 
 use crate::name::{KeyMap, NameKey, is_at_or_below, key_of};
 use crate::wire::{self, Chunk, Owner, WireRecord};
@@ -105,56 +105,87 @@ pub(crate) enum Data {
         /// Port.
         port: u16,
         /// Target, shared by every record that names the instance.
-        target: Arc<Target>,
+        target: Target,
     },
     /// A TXT record: the instance's metadata ([`Target::txt`]).
-    Txt(Arc<Target>),
+    Txt(Target),
     /// A PTR record, no glue.
-    Ptr(Arc<Target>),
+    Ptr(Target),
     /// A record of the zone's own (SOA, NS and its glue), kept whole.
     Whole(Arc<Whole>),
 }
 
 /// A name records point at: an instance (SRV and reverse PTR targets) or a
-/// service (the DNS-SD enumeration).
+/// service (the DNS-SD enumeration), with its address (an SRV's glue) and,
+/// for an instance, its TXT RDATA. One allocation behind a thin pointer:
+/// the index holds one per instance, shared by every record that names it.
+#[derive(Debug, Clone)]
+pub(crate) struct Target(ThinArc<TargetHead, u8>);
+
+/// What a [`Target`] holds besides its bytes (the name, then the TXT).
 #[derive(Debug)]
-pub(crate) struct Target {
-    /// The name, lower-case wire form.
-    pub(crate) name: NameKey,
-    /// Where the zone's labels start in `name`, if it is in the zone: a
-    /// PTR target is compressed to the zone there.
-    pub(crate) zone_at: Option<u8>,
+pub(crate) struct TargetHead {
     /// Its address, the glue of an SRV that targets it.
-    pub(crate) address: IpAddr,
-    /// An instance's TXT RDATA (its metadata, the character-strings as on
-    /// the wire), kept here with the rest of what the index holds of it.
-    txt: Option<Box<[u8]>>,
+    address: IpAddr,
+    /// Where the zone's labels start in the name, if it is in the zone: a
+    /// PTR target is compressed to the zone there.
+    zone_at: Option<u8>,
+    /// The name's length in the bytes.
+    name_len: u8,
 }
 
 impl Target {
-    fn new(name: &Name, origin_key: &[u8], address: IpAddr) -> Self {
+    /// `name`, with `txt` as its TXT RDATA (empty for none).
+    fn new(name: &Name, origin_key: &[u8], address: IpAddr, txt: &[u8]) -> Self {
         let name = key_of(name);
         let zone_at = name
             .len()
             .checked_sub(origin_key.len())
             .filter(|&at| name[at..] == *origin_key && crate::wire::on_label_boundary(&name, at))
             .and_then(|at| u8::try_from(at).ok());
-        Self {
-            name,
-            zone_at,
+        // A name key is at most 255 bytes (`KeyBuf`).
+        let name_len = u8::try_from(name.len()).unwrap_or(u8::MAX);
+        let head = TargetHead {
             address,
-            txt: None,
-        }
+            zone_at,
+            name_len,
+        };
+        let bytes = name[..usize::from(name_len)].iter().chain(txt).copied();
+        Self(ThinArc::from_header_and_iter(
+            head,
+            bytes.collect::<Vec<u8>>().into_iter(),
+        ))
     }
 
-    /// The TXT RDATA, empty if none.
+    fn head(&self) -> &TargetHead {
+        &self.0.header.header
+    }
+
+    /// The name, lower-case wire form.
+    pub(crate) fn name(&self) -> &[u8] {
+        &self.0.slice[..usize::from(self.head().name_len)]
+    }
+
+    /// Where the zone's labels start in [`Target::name`], if it is in the
+    /// zone.
+    pub(crate) fn zone_at(&self) -> Option<u8> {
+        self.head().zone_at
+    }
+
+    /// Its address.
+    pub(crate) fn address(&self) -> IpAddr {
+        self.head().address
+    }
+
+    /// The TXT RDATA (an instance's metadata, the character-strings as on
+    /// the wire), empty if none.
     pub(crate) fn txt(&self) -> &[u8] {
-        self.txt.as_deref().unwrap_or_default()
+        &self.0.slice[usize::from(self.head().name_len)..]
     }
 
     /// The name as hickory's.
     fn to_name(&self) -> Name {
-        name_of_key(&self.name)
+        name_of_key(self.name())
     }
 }
 
@@ -221,7 +252,7 @@ impl Data {
             Data::Srv { target, .. } => vec![Record::from_rdata(
                 target.to_name(),
                 ttl,
-                address_rdata(target.address),
+                address_rdata(target.address()),
             )],
             Data::Whole(w) => w.glue.clone(),
             _ => Vec::new(),
@@ -238,10 +269,13 @@ impl Data {
                 Data::A(_) => 4,
                 Data::Aaaa(_) => 16,
                 Data::Srv { target, .. } => {
-                    6 + target.name.len() + target.name.len() + 10 + address_len(target.address)
+                    6 + target.name().len()
+                        + target.name().len()
+                        + 10
+                        + address_len(target.address())
                 }
                 Data::Txt(target) => target.txt().len(),
-                Data::Ptr(target) => target.name.len(),
+                Data::Ptr(target) => target.name().len(),
                 Data::Whole(w) => return w.wire_len,
             }
     }
@@ -262,7 +296,7 @@ fn character_strings(rdata: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// (RFC 6763 §6). A pair longer than a character-string (255 bytes) is
 /// left out: DNS cannot carry it in one string, and split it would read as
 /// two pairs; the API still has it.
-fn meta_txt<'m>(meta: impl Iterator<Item = (&'m String, &'m String)>) -> Option<Box<[u8]>> {
+fn meta_txt<'m>(meta: impl Iterator<Item = (&'m Text, &'m Text)>) -> Vec<u8> {
     let mut rdata = Vec::new();
     for (k, v) in meta {
         let Ok(len) = u8::try_from(k.len() + 1 + v.len()) else {
@@ -273,7 +307,7 @@ fn meta_txt<'m>(meta: impl Iterator<Item = (&'m String, &'m String)>) -> Option<
         rdata.push(b'=');
         rdata.extend_from_slice(v.as_bytes());
     }
-    (!rdata.is_empty()).then(|| rdata.into())
+    rdata
 }
 
 /// The records of one type at one name.
@@ -334,6 +368,9 @@ pub(crate) struct Index {
     pub(crate) revision: Revision,
     /// When the snapshot was built (for the age metric).
     pub(crate) built: SystemTime,
+    /// Whether the snapshot came from the store ([`Snapshot::is_loaded`]);
+    /// until then, names in the zone are answered SERVFAIL.
+    pub(crate) loaded: bool,
     /// SOA record, for the authority section of negative answers.
     pub(crate) soa: Record,
     /// TTL of every record but the SOA.
@@ -349,9 +386,6 @@ pub(crate) struct Index {
     /// with the previous index, like the maps below: a new index copies
     /// nothing of the services that did not change.
     pub(crate) services: Services,
-    /// Every service's part, in name order: what the enumeration is built
-    /// from.
-    ordered: imbl::OrdMap<Box<[u8]>, Arc<ServicePart>>,
     /// The catalog's services this index was built from, to tell what the
     /// next snapshot changed ([`imbl::OrdMap::diff`] skips what is shared).
     from: imbl::OrdMap<ServiceName, Arc<ServiceEntry>>,
@@ -366,28 +400,78 @@ pub(crate) struct Index {
     reverse: Reverse,
 }
 
-/// Reverse names of instance addresses: each a PTR set (an address may be
-/// shared by instances of several services).
-type Reverse = imbl::GenericHashMap<NameKey, Arc<RecordSet>, KeyHasherBuilder, DefaultSharedPtr>;
+/// Reverse names of instance addresses, by address: each a PTR set (an
+/// address may be shared by instances of several services). Keyed by the
+/// address rather than the name, so that an entry allocates nothing of its
+/// own; a query's name is read back into an address ([`reverse_address`]).
+/// A B-tree, not a hash trie: the trie's nodes keep a slot for each of
+/// 32 hash values, mostly empty near the leaves, which cost several times
+/// the entries they held.
+type Reverse = imbl::OrdMap<IpAddr, RecordSet>;
 
-type KeyHasherBuilder = std::hash::BuildHasherDefault<crate::name::KeyHasher>;
+/// The services of an index by name (the catalog's, shared: a service's
+/// label costs the index nothing of its own), in name order (the DNS-SD
+/// enumeration's). A B-tree, as [`Reverse`].
+pub(crate) type Services = imbl::OrdMap<ServiceName, Arc<ServicePart>>;
 
-/// The services of an index by label.
-pub(crate) type Services =
-    imbl::GenericHashMap<Box<[u8]>, Arc<ServicePart>, KeyHasherBuilder, DefaultSharedPtr>;
-
-/// The names of one service (or of the zone's own), sorted by key: a
-/// service's few names take their exact size, where a hash table would
-/// round up to a power of two and keep an eighth free.
+/// The names of one service (or of the zone's own), sorted by key. Each
+/// is kept without the suffix every name of the set shares (`<svc>.Z`, or
+/// `Z`), and the keys are packed one after another in one allocation: a
+/// service's names are a few short labels in front of its own.
 #[derive(Debug, Default)]
-pub(crate) struct Names(Box<[(NameKey, Node)]>);
+pub(crate) struct Names {
+    /// The keys' prefixes (wire-form labels), in order, back to back.
+    keys: Box<[u8]>,
+    /// For each name, where its prefix ends in `keys`, and its node.
+    nodes: Box<[(u32, Node)]>,
+}
 
 impl Names {
-    fn get(&self, key: &[u8]) -> Option<&Node> {
-        self.0
-            .binary_search_by(|(k, _)| (**k).cmp(key))
-            .ok()
-            .map(|i| &self.0[i].1)
+    /// From `(prefix, node)` pairs.
+    fn new(mut nodes: Vec<(&[u8], Node)>) -> Self {
+        nodes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let mut keys = Vec::with_capacity(nodes.iter().map(|(k, _)| k.len()).sum());
+        let nodes = nodes
+            .into_iter()
+            .map(|(prefix, node)| {
+                keys.extend_from_slice(prefix);
+                // A name is at most 255 bytes, so a service's few names
+                // are far below 4 GiB.
+                (u32::try_from(keys.len()).unwrap_or(u32::MAX), node)
+            })
+            .collect();
+        Self {
+            keys: keys.into(),
+            nodes,
+        }
+    }
+
+    /// The prefix of the `i`th name.
+    fn prefix(&self, i: usize) -> &[u8] {
+        let start = i.checked_sub(1).map_or(0, |p| self.nodes[p].0 as usize);
+        let end = self.nodes[i].0 as usize;
+        self.keys.get(start..end).unwrap_or_default()
+    }
+
+    /// The node of the name whose key, without the set's suffix, is
+    /// `prefix`.
+    fn get(&self, prefix: &[u8]) -> Option<&Node> {
+        let (mut lo, mut hi) = (0, self.nodes.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            match self.prefix(mid).cmp(prefix) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(&self.nodes[mid].1),
+            }
+        }
+        None
+    }
+
+    /// Every name, as (prefix, node), in prefix order.
+    #[allow(dead_code)] // the zone transfer's walk
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], &Node)> {
+        (0..self.nodes.len()).map(|i| (self.prefix(i), &self.nodes[i].1))
     }
 }
 
@@ -410,7 +494,7 @@ pub(crate) struct ServicePart {
 fn ptr_service(item: &Item) -> &[u8] {
     match &item.data {
         Data::Ptr(target) => {
-            let name = &target.name[..];
+            let name = target.name();
             let first = usize::from(name.first().copied().unwrap_or(0));
             let second = name.get(1 + first).map_or(0, |&l| usize::from(l));
             name.get(2 + first..2 + first + second).unwrap_or(&[])
@@ -423,12 +507,14 @@ fn ptr_service(item: &Item) -> &[u8] {
 /// services came in.
 fn reverse_set(mut items: Vec<Item>) -> RecordSet {
     items.sort_by(|a, b| match (&a.data, &b.data) {
-        (Data::Ptr(a), Data::Ptr(b)) => a.name.cmp(&b.name),
+        (Data::Ptr(a), Data::Ptr(b)) => a.name().cmp(b.name()),
         _ => std::cmp::Ordering::Equal,
     });
     RecordSet {
         rtype: RecordType::PTR,
-        items: items.into(),
+        // Collected, not converted: a vector's buffer would be kept (with
+        // its spare room) even for the one record that fits inline.
+        items: items.into_iter().collect(),
     }
 }
 
@@ -441,35 +527,81 @@ fn update_reverse(
     old: Option<&ServicePart>,
     new: Option<&ServicePart>,
 ) {
-    let key = |ip: &IpAddr| key_of(&Name::from(*ip));
-    let mut now: std::collections::BTreeMap<NameKey, Vec<Item>> = Default::default();
+    let mut now: std::collections::BTreeMap<IpAddr, Vec<Item>> = Default::default();
     for (ip, item) in new.map_or(&[][..], |p| &p.reverse[..]) {
-        now.entry(key(ip)).or_default().push(item.clone());
+        now.entry(*ip).or_default().push(item.clone());
     }
     let gone = old
         .map_or(&[][..], |p| &p.reverse[..])
         .iter()
-        .map(|(ip, _)| key(ip))
-        .filter(|key| !now.contains_key(key))
+        .map(|(ip, _)| *ip)
+        .filter(|ip| !now.contains_key(ip))
         .collect::<std::collections::BTreeSet<_>>();
-    let others = |set: Option<&Arc<RecordSet>>| -> Vec<Item> {
+    let others = |set: Option<&RecordSet>| -> Vec<Item> {
         set.iter()
             .flat_map(|s| &s.items)
             .filter(|item| ptr_service(item) != label)
             .cloned()
             .collect()
     };
-    for key in gone {
-        let rest = others(reverse.get(&key));
+    for ip in gone {
+        let rest = others(reverse.get(&ip));
         if rest.is_empty() {
-            reverse.remove(&key);
+            reverse.remove(&ip);
         } else {
-            reverse.insert(key, Arc::new(reverse_set(rest)));
+            reverse.insert(ip, reverse_set(rest));
         }
     }
-    for (key, mut items) in now {
-        items.extend(others(reverse.get(&key)));
-        reverse.insert(key, Arc::new(reverse_set(items)));
+    for (ip, mut items) in now {
+        items.extend(others(reverse.get(&ip)));
+        reverse.insert(ip, reverse_set(items));
+    }
+}
+
+/// The address whose reverse name has the key `key`: `d.c.b.a.in-addr.arpa.`
+/// with decimal octets as [`Name::from`] writes them (no leading zeros), or
+/// the 32 nibbles of `ip6.arpa.` (lower-case, as keys are). Any other form
+/// is no reverse name of ours.
+fn reverse_address(key: &[u8]) -> Option<IpAddr> {
+    let mut labels: [&[u8]; 34] = [&[]; 34];
+    let mut count = 0;
+    let mut at = 0;
+    loop {
+        let len = usize::from(*key.get(at)?);
+        if len == 0 {
+            break;
+        }
+        *labels.get_mut(count)? = key.get(at + 1..at + 1 + len)?;
+        count += 1;
+        at += 1 + len;
+    }
+    let labels = &labels[..count];
+    match labels {
+        [d, c, b, a, in_addr, arpa] if *in_addr == b"in-addr" && *arpa == b"arpa" => {
+            let octet = |label: &[u8]| -> Option<u8> {
+                if label.is_empty() || label.len() > 3 || (label.len() > 1 && label[0] == b'0') {
+                    return None;
+                }
+                std::str::from_utf8(label).ok()?.parse().ok()
+            };
+            Some(IpAddr::from([octet(a)?, octet(b)?, octet(c)?, octet(d)?]))
+        }
+        [nibbles @ .., ip6, arpa] if nibbles.len() == 32 && *ip6 == b"ip6" && *arpa == b"arpa" => {
+            let mut octets = [0u8; 16];
+            for (i, label) in nibbles.iter().rev().enumerate() {
+                let [digit] = label else {
+                    return None;
+                };
+                let value = match digit {
+                    b'0'..=b'9' => digit - b'0',
+                    b'a'..=b'f' => digit - b'a' + 10,
+                    _ => return None,
+                };
+                octets[i / 2] |= if i % 2 == 0 { value << 4 } else { value };
+            }
+            Some(IpAddr::from(octets))
+        }
+        _ => None,
     }
 }
 
@@ -555,7 +687,10 @@ impl Builder<'_> {
 
     /// The names built, their vectors trimmed: an index holds many small
     /// services for a long time.
-    fn finish(mut self) -> (Names, Vec<(IpAddr, Item)>) {
+    ///
+    /// Every name built ends in `suffix` (`<svc>.Z` for a service's part,
+    /// `Z` for the zone's own names), which the names are kept without.
+    fn finish(mut self, suffix: usize) -> (Names, Vec<(IpAddr, Item)>) {
         let mut nodes: Vec<(NameKey, Node)> = self.nodes.into_iter().collect();
         for (_, node) in &mut nodes {
             for set in &mut node.sets {
@@ -563,9 +698,17 @@ impl Builder<'_> {
             }
             node.sets.shrink_to_fit();
         }
-        nodes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let names = Names::new(
+            nodes
+                .iter_mut()
+                .map(|(key, node)| {
+                    let prefix = &key[..key.len().saturating_sub(suffix)];
+                    (prefix, std::mem::take(node))
+                })
+                .collect(),
+        );
         self.reverse.shrink_to_fit();
-        (Names(nodes.into_boxed_slice()), self.reverse)
+        (names, self.reverse)
     }
 }
 
@@ -654,16 +797,17 @@ fn build_service(
     b.touch(&svc_name);
     let browse = browse_name(origin).map(|_| Item {
         weight: 1,
-        data: Data::Ptr(Arc::new(Target::new(
+        data: Data::Ptr(Target::new(
             &svc_name,
             origin_key,
             IpAddr::from([0, 0, 0, 0]),
-        ))),
+            &[],
+        )),
     });
 
     // Each instance's own name, address record, metadata and reverse name;
     // its target is shared by every SRV record that names it.
-    let mut target_of: HashMap<&str, Arc<Target>> = HashMap::new();
+    let mut target_of: HashMap<&str, Target> = HashMap::new();
     for (id, e) in &entry.instances {
         let Some(inst_name) = child(&svc_name, id.as_str()) else {
             continue;
@@ -674,11 +818,9 @@ fn build_service(
             u32::from(e.instance.weight),
             address_data(address),
         );
-        let target = Arc::new(Target {
-            txt: meta_txt(e.instance.meta.iter()),
-            ..Target::new(&inst_name, origin_key, address)
-        });
-        if target.txt.is_some() {
+        let txt = meta_txt(e.instance.meta.iter());
+        let target = Target::new(&inst_name, origin_key, address, &txt);
+        if !txt.is_empty() {
             b.add(&inst_name, 1, Data::Txt(target.clone()));
         }
         b.reverse.push((
@@ -713,7 +855,7 @@ fn build_service(
     let mut tags: Vec<&str> = entry
         .instances
         .values()
-        .flat_map(|e| e.instance.tags.iter().map(String::as_str))
+        .flat_map(|e| e.instance.tags.iter().map(Text::as_str))
         .collect();
     tags.sort_unstable();
     tags.dedup();
@@ -741,7 +883,7 @@ fn build_service(
     let mut ports: Vec<&str> = entry
         .instances
         .values()
-        .flat_map(|e| e.instance.ports.keys().map(String::as_str))
+        .flat_map(|e| e.instance.ports.keys().map(Text::as_str))
         .collect();
     ports.sort_unstable();
     ports.dedup();
@@ -762,7 +904,8 @@ fn build_service(
         }
     }
 
-    let (nodes, reverse) = b.finish();
+    // Every name here ends in `<svc>.Z`.
+    let (nodes, reverse) = b.finish(1 + svc.len() + origin_key.len());
     Some(ServicePart {
         nodes,
         browse,
@@ -784,8 +927,9 @@ enum Place<'k> {
     /// The apex.
     Apex,
     /// Below it, under this label of the apex (a service's, or the
-    /// zone's own such as `ns` and `_udp`).
-    Below(&'k [u8]),
+    /// zone's own such as `ns` and `_udp`), which starts (its length byte)
+    /// at this offset of the key.
+    Below(&'k [u8], usize),
 }
 
 /// Where `key` is relative to the zone whose key is `zone`, on label
@@ -797,7 +941,7 @@ fn service_label<'k>(key: &'k [u8], zone: &[u8]) -> Place<'k> {
         if key[at..] == *zone {
             return match previous {
                 None => Place::Apex,
-                Some((start, len)) => Place::Below(&key[start..start + len]),
+                Some((start, len)) => Place::Below(&key[start..start + len], start - 1),
             };
         }
         let len = usize::from(key[at]);
@@ -841,13 +985,8 @@ impl Index {
         let origin_key = key_of(origin);
         let ttl = secs(zone.ttl);
 
-        let (mut services, mut ordered, mut reverse, from) = match previous {
-            Some(p) => (
-                p.services.clone(),
-                p.ordered.clone(),
-                p.reverse.clone(),
-                p.from.clone(),
-            ),
+        let (mut services, mut reverse, from) = match previous {
+            Some(p) => (p.services.clone(), p.reverse.clone(), p.from.clone()),
             None => Default::default(),
         };
         for change in from.diff(&snapshot.services) {
@@ -858,21 +997,15 @@ impl Index {
                 } => (svc, Some(entry)),
                 DiffItem::Remove(svc, _) => (svc, None),
             };
-            let label: Box<[u8]> = svc.as_str().as_bytes().into();
             let part = entry
                 .and_then(|entry| build_service(zone, &origin_key, svc.as_str(), entry))
                 .map(Arc::new);
             let old = match &part {
-                Some(part) => {
-                    ordered.insert(label.clone(), part.clone());
-                    services.insert(label.clone(), part.clone())
-                }
-                None => {
-                    ordered.remove(&label);
-                    services.remove(&label)
-                }
+                Some(part) => services.insert(svc.clone(), part.clone()),
+                None => services.remove(svc),
             };
-            update_reverse(&mut reverse, &label, old.as_deref(), part.as_deref());
+            let label = svc.as_str().as_bytes();
+            update_reverse(&mut reverse, label, old.as_deref(), part.as_deref());
         }
 
         let mut b = Builder::new(zone, &origin_key);
@@ -901,7 +1034,7 @@ impl Index {
         // `ns.Z` is the server itself, unless a service took that name: the
         // service's records win (its users asked for them), and the NS then
         // goes without glue.
-        let ns_is_service = services.contains_key(&b"ns"[..]);
+        let ns_is_service = services.contains_key("ns");
         let ns_glue = match zone.ns_address {
             Some(ip) if !ns_is_service => {
                 let glue = Record::from_rdata(ns_name.clone(), ttl, address_rdata(ip));
@@ -923,17 +1056,18 @@ impl Index {
             b.touch(browse);
         }
 
+        let zone_nodes = b.finish(origin_key.len()).0;
         Index {
             soa_wire: wire::encode_record(&soa, Owner::Zone, &origin_key),
             origin_key,
             revision: snapshot.revision,
             built: snapshot.built,
+            loaded: snapshot.is_loaded(),
             soa_len: encoded_len(&soa),
             soa,
-            zone_nodes: b.finish().0,
+            zone_nodes,
             ttl,
             services,
-            ordered,
             from: snapshot.services.clone(),
             browse_key: browse_name.as_ref().map(key_of),
             browse: OnceLock::new(),
@@ -945,7 +1079,11 @@ impl Index {
     fn browse(&self) -> &Node {
         self.browse.get_or_init(|| {
             let mut node = Node::default();
-            for item in self.ordered.values().filter_map(|part| part.browse.clone()) {
+            for item in self
+                .services
+                .values()
+                .filter_map(|part| part.browse.clone())
+            {
                 push_item(&mut node, RecordType::PTR, item);
             }
             node
@@ -954,23 +1092,28 @@ impl Index {
 
     /// The node of the name whose key is `key`.
     fn lookup(&self, key: &[u8]) -> Lookup<'_> {
-        let nodes = match service_label(key, &self.origin_key) {
+        // A service's names are kept without `<svc>.Z`, the zone's own
+        // without `Z`.
+        let zone_prefix = || &key[..key.len() - self.origin_key.len()];
+        let (nodes, prefix) = match service_label(key, &self.origin_key) {
             Place::Outside => {
-                return self
-                    .reverse
-                    .get(key)
-                    .map_or(Lookup::Outside, |set| Lookup::Reverse(set));
+                return reverse_address(key)
+                    .and_then(|ip| self.reverse.get(&ip))
+                    .map_or(Lookup::Outside, Lookup::Reverse);
             }
-            Place::Apex => &self.zone_nodes,
-            Place::Below(label) => match self.services.get(label) {
-                Some(part) => &part.nodes,
+            Place::Apex => (&self.zone_nodes, zone_prefix()),
+            Place::Below(label, at) => match std::str::from_utf8(label)
+                .ok()
+                .and_then(|label| self.services.get(label))
+            {
+                Some(part) => (&part.nodes, &key[..at]),
                 None if self.browse_key.as_deref() == Some(key) => {
                     return Lookup::Node(self.browse());
                 }
-                None => &self.zone_nodes,
+                None => (&self.zone_nodes, zone_prefix()),
             },
         };
-        nodes.get(key).map_or(Lookup::NxDomain, Lookup::Node)
+        nodes.get(prefix).map_or(Lookup::NxDomain, Lookup::Node)
     }
 
     /// How to answer `qtype`, any type but ANY, at the name whose key is
@@ -1015,5 +1158,62 @@ fn select_sets(node: &Node, qtype: RecordType) -> Vec<&RecordSet> {
         node.sets.iter().collect()
     } else {
         node.set(qtype).into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> NameKey {
+        key_of(&Name::from_ascii(s).unwrap())
+    }
+
+    #[test]
+    fn reverse_names_read_back_into_their_addresses() {
+        for ip in [
+            "10.0.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "fd00::6",
+            "2001:db8::1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(reverse_address(&key_of(&Name::from(ip))), Some(ip), "{ip}");
+        }
+        assert_eq!(
+            reverse_address(&key("4.3.2.1.IN-ADDR.ARPA.")),
+            Some(IpAddr::from([1, 2, 3, 4]))
+        );
+        // Not the form an address's reverse name takes: no answer of ours.
+        for other in [
+            "04.3.2.1.in-addr.arpa.",
+            "256.3.2.1.in-addr.arpa.",
+            "3.2.1.in-addr.arpa.",
+            "5.4.3.2.1.in-addr.arpa.",
+            "x.3.2.1.in-addr.arpa.",
+            "4.3.2.1.in-addr.arpa.example.",
+            "0.0.ip6.arpa.",
+            "user.xingren.host.",
+        ] {
+            assert_eq!(reverse_address(&key(other)), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn names_find_each_prefix_and_nothing_else() {
+        let names = Names::new(vec![
+            (&b"\x02u1"[..], Node::default()),
+            (&b""[..], Node::default()),
+            (&b"\x02v1\x03tag"[..], Node::default()),
+            (&b"\x03tag"[..], Node::default()),
+        ]);
+        for prefix in [&b"\x02u1"[..], b"", b"\x02v1\x03tag", b"\x03tag"] {
+            assert!(names.get(prefix).is_some(), "{prefix:?}");
+        }
+        for prefix in [&b"\x02u2"[..], b"\x02u", b"\x02v1"] {
+            assert!(names.get(prefix).is_none(), "{prefix:?}");
+        }
+        assert_eq!(names.iter().count(), 4);
     }
 }

@@ -143,6 +143,7 @@ impl DnsServer {
             metrics,
             max_udp_payload: config.max_udp_payload,
             udp_answer_limit: config.udp_answer_limit,
+            allow_query: config.allow_query,
         });
         tracing::info!(
             addr = %local_addr,
@@ -406,7 +407,146 @@ fn bind_udp(addr: SocketAddr, reuse_port: bool) -> Result<std::net::UdpSocket, D
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+    use hickory_proto::rr::RecordType;
     use signpost_control_plane::store::Keys;
+    use std::net::IpAddr;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Asks `server` for `name` A from a socket bound to `from`, over UDP
+    /// (the fast path) or TCP (hickory's), and returns the reply.
+    async fn ask(server: SocketAddr, from: IpAddr, name: &str, tcp: bool) -> Message {
+        let mut msg = Message::new(7, MessageType::Query, OpCode::Query);
+        msg.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        let bytes = msg.to_vec().unwrap();
+        let reply = async {
+            if tcp {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind(SocketAddr::new(from, 0)).unwrap();
+                let mut stream = socket.connect(server).await.unwrap();
+                let len = u16::try_from(bytes.len()).unwrap().to_be_bytes();
+                stream
+                    .write_all(&[&len[..], &bytes].concat())
+                    .await
+                    .unwrap();
+                let mut len = [0u8; 2];
+                stream.read_exact(&mut len).await.unwrap();
+                let mut buf = vec![0; usize::from(u16::from_be_bytes(len))];
+                stream.read_exact(&mut buf).await.unwrap();
+                buf
+            } else {
+                let socket = tokio::net::UdpSocket::bind(SocketAddr::new(from, 0))
+                    .await
+                    .unwrap();
+                socket.send_to(&bytes, server).await.unwrap();
+                let mut buf = vec![0; 4096];
+                let n = socket.recv(&mut buf).await.unwrap();
+                buf.truncate(n);
+                buf
+            }
+        };
+        let reply = tokio::time::timeout(Duration::from_secs(3), reply)
+            .await
+            .expect("no DNS reply within 3 s");
+        Message::from_vec(&reply).unwrap()
+    }
+
+    fn test_server(catalog: Arc<Catalog>, allow_query: Option<Vec<ipnet::IpNet>>) -> DnsServer {
+        let config = DnsConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            udp_sockets: 1,
+            allow_query,
+            ..DnsConfig::default()
+        };
+        DnsServer::new(config, catalog).unwrap()
+    }
+
+    fn loaded(catalog: &Catalog) {
+        let mut c = crate::table_tests::Catalog::new();
+        c.put(&crate::table_tests::instance("user", "u1", "10.0.0.1", 80));
+        catalog.publish(c.state_mut());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_that_never_synced_answers_servfail_for_the_zone() {
+        let catalog = Catalog::new(Keys::default());
+        let server = test_server(catalog.clone(), None);
+        let addr = server.local_addr();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(server.run(cancel.clone()));
+        let me: IpAddr = "127.0.0.1".parse().unwrap();
+        for tcp in [false, true] {
+            for name in [
+                "user.xingren.host.",
+                "nothing.xingren.host.",
+                "xingren.host.",
+            ] {
+                let reply = ask(addr, me, name, tcp).await;
+                assert_eq!(
+                    reply.metadata.response_code,
+                    ResponseCode::ServFail,
+                    "{name} tcp={tcp}"
+                );
+                assert!(reply.answers.is_empty());
+            }
+            // Outside the zone (no upstream here): as before, REFUSED.
+            let reply = ask(addr, me, "example.com.", tcp).await;
+            assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+        }
+        loaded(&catalog);
+        // The index is rebuilt off the receive loops: poll, with a deadline.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        let mut answered = false;
+        while !answered && tokio::time::Instant::now() < deadline {
+            answered = true;
+            for tcp in [false, true] {
+                let reply = ask(addr, me, "user.xingren.host.", tcp).await;
+                answered &= reply.metadata.response_code == ResponseCode::NoError
+                    && reply.answers.len() == 1;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(answered, "no answer after the first snapshot");
+        for tcp in [false, true] {
+            let reply = ask(addr, me, "nothing.xingren.host.", tcp).await;
+            assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
+        }
+        cancel.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clients_outside_allow_query_are_refused() {
+        let catalog = Catalog::new(Keys::default());
+        loaded(&catalog);
+        let only = vec!["127.0.0.2/32".parse().unwrap()];
+        let server = test_server(catalog, Some(only));
+        let addr = server.local_addr();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(server.run(cancel.clone()));
+        let outsider: IpAddr = "127.0.0.1".parse().unwrap();
+        let allowed: IpAddr = "127.0.0.2".parse().unwrap();
+        for tcp in [false, true] {
+            for name in ["user.xingren.host.", "xingren.host.", "example.com."] {
+                let reply = ask(addr, outsider, name, tcp).await;
+                assert_eq!(
+                    reply.metadata.response_code,
+                    ResponseCode::Refused,
+                    "{name} tcp={tcp}"
+                );
+                assert!(reply.answers.is_empty());
+            }
+            let reply = ask(addr, allowed, "user.xingren.host.", tcp).await;
+            assert_eq!(
+                reply.metadata.response_code,
+                ResponseCode::NoError,
+                "tcp={tcp}"
+            );
+            assert_eq!(reply.answers.len(), 1, "tcp={tcp}");
+        }
+        cancel.cancel();
+        task.await.unwrap().unwrap();
+    }
 
     #[test]
     fn zones_are_lower_case_fqdns() {

@@ -92,6 +92,11 @@ impl Catalog {
     pub(crate) fn snapshot(&mut self) -> Snapshot {
         self.state.snapshot()
     }
+
+    /// The state, to publish into a live catalog.
+    pub(crate) fn state_mut(&mut self) -> &mut CatalogState {
+        &mut self.state
+    }
 }
 
 pub(crate) fn instance(svc: &str, id: &str, addr: &str, port: u16) -> Instance {
@@ -100,7 +105,7 @@ pub(crate) fn instance(svc: &str, id: &str, addr: &str, port: u16) -> Instance {
         id: InstanceId::new(id).unwrap(),
         address: addr.parse().unwrap(),
         port,
-        ports: BTreeMap::new(),
+        ports: Default::default(),
         tags: Vec::new(),
         meta: Default::default(),
         weight: 100,
@@ -632,7 +637,8 @@ fn a_record_too_big_for_udp_is_tc() {
     let mut c = Catalog::new();
     let mut fat = instance("fat", "f1", "10.0.3.1", 80);
     for i in 0..6 {
-        fat.meta.insert(format!("k{i}"), "x".repeat(200));
+        fat.meta
+            .insert(format!("k{i}").into(), "x".repeat(200).into());
     }
     c.put(&fat);
     let index = Index::build(&c.snapshot(), &zone(None));
@@ -761,11 +767,11 @@ fn incremental_builds_answer_like_full_builds() {
         );
     }
     // The unchanged service is shared, not rebuilt.
-    let order = |i: &Index| i.services.get(&b"order"[..]).cloned().unwrap();
+    let order = |i: &Index| i.services.get("order").cloned().unwrap();
     assert!(Arc::ptr_eq(&order(&first), &order(&incremental)));
     assert!(!Arc::ptr_eq(
-        &first.services.get(&b"user"[..]).cloned().unwrap(),
-        &incremental.services.get(&b"user"[..]).cloned().unwrap()
+        &first.services.get("user").cloned().unwrap(),
+        &incremental.services.get("user").cloned().unwrap()
     ));
     // The PTR of the shared address names both instances.
     let ptr = answer(&incremental, "1.1.0.10.in-addr.arpa.", RecordType::PTR);
@@ -924,7 +930,7 @@ fn a_meta_pair_longer_than_a_character_string_is_left_out_of_txt() {
     let mut c = Catalog::new();
     let mut inst = instance("user", "u1", "10.0.0.1", 80);
     inst.meta.insert("version".into(), "1.2.3".into());
-    inst.meta.insert("notes".into(), "x".repeat(300));
+    inst.meta.insert("notes".into(), "x".repeat(300).into());
     c.put(&inst);
     let index = Index::build(&c.snapshot(), &zone(None));
     let a = answer(&index, "u1.user.xingren.host.", RecordType::TXT);

@@ -307,9 +307,9 @@ fn fixed_in(out: &mut Vec<u8>, rtype: RecordType, ttl: u32, rdlen: usize) {
 /// A PTR target as written: compressed to the zone in the question when
 /// the question holds it (`zone_at`) and the target ends in it.
 fn ptr_target(target: &Target, zone_at: Option<u16>) -> (&[u8], Option<u16>) {
-    match (zone_at, target.zone_at) {
-        (Some(pointer), Some(prefix)) => (&target.name[..usize::from(prefix)], Some(pointer)),
-        _ => (&target.name, None),
+    match (zone_at, target.zone_at()) {
+        (Some(pointer), Some(prefix)) => (&target.name()[..usize::from(prefix)], Some(pointer)),
+        _ => (target.name(), None),
     }
 }
 
@@ -320,7 +320,7 @@ impl Data {
         let rdlen = match self {
             Data::A(_) => 4,
             Data::Aaaa(_) => 16,
-            Data::Srv { target, .. } => 6 + target.name.len(),
+            Data::Srv { target, .. } => 6 + target.name().len(),
             Data::Txt(target) => target.txt().len(),
             Data::Ptr(target) => match ptr_target(target, zone_at) {
                 (name, Some(_)) => name.len() + 2,
@@ -358,12 +358,12 @@ impl Data {
                 port,
                 target,
             } => {
-                fixed_in(out, rtype, ttl, 6 + target.name.len());
+                fixed_in(out, rtype, ttl, 6 + target.name().len());
                 out.extend_from_slice(&SRV_PRIORITY.to_be_bytes());
                 out.extend_from_slice(&weight.to_be_bytes());
                 out.extend_from_slice(&port.to_be_bytes());
                 // SRV targets are never compressed (RFC 2782).
-                out.extend_from_slice(&target.name);
+                out.extend_from_slice(target.name());
             }
             Data::Txt(target) => {
                 let rdata = target.txt();
@@ -402,9 +402,9 @@ impl Data {
                 let owner_len = if owner_at <= MAX_POINTER {
                     2
                 } else {
-                    target.name.len()
+                    target.name().len()
                 };
-                let (rtype, address): (RecordType, &[u8]) = match &target.address {
+                let (rtype, address): (RecordType, &[u8]) = match &target.address() {
                     std::net::IpAddr::V4(ip) => (RecordType::A, &ip.octets()[..]),
                     std::net::IpAddr::V6(ip) => (RecordType::AAAA, &ip.octets()[..]),
                 };
@@ -414,7 +414,7 @@ impl Data {
                 if owner_at <= MAX_POINTER {
                     out.extend_from_slice(&(0xC000 | owner_at as u16).to_be_bytes());
                 } else {
-                    out.extend_from_slice(&target.name);
+                    out.extend_from_slice(target.name());
                 }
                 fixed_in(out, rtype, ttl, address.len());
                 out.extend_from_slice(address);

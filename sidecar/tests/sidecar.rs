@@ -127,7 +127,10 @@ async fn two_sidecars_register_talk_and_leave() {
     assert_eq!(view.instances.len(), 1);
     let instance = &view.instances[0];
     assert_eq!(instance.instance.port, user.inbound.port());
-    assert_eq!(instance.instance.ports["http"], user.inbound.port());
+    assert_eq!(
+        instance.instance.ports.get("http").copied(),
+        Some(user.inbound.port())
+    );
     assert_eq!(instance.instance.ttl, Some(Duration::from_secs(3)));
     support::eventually(
         Duration::from_secs(10),

@@ -17,7 +17,9 @@ use super::error::ApiError;
 use super::extract::JsonBody;
 use super::{ApiState, INDEX_HEADER};
 use crate::catalog::{InstanceEntry, Snapshot};
-use crate::model::{HealthStatus, Instance, InstanceId, Registration, ServiceConfig, ServiceName};
+use crate::model::{
+    HealthStatus, Instance, InstanceId, Registration, ServiceConfig, ServiceName, Text,
+};
 use crate::store::StoreError;
 
 /// Longest a blocking query may wait (Consul's cap is 10 minutes; 5 keeps
@@ -397,16 +399,16 @@ pub async fn list_services(State(state): State<ApiState>) -> Response {
         .services
         .iter()
         .map(|(name, entry)| {
-            let tags: BTreeSet<String> = entry
+            let tags: BTreeSet<&str> = entry
                 .instances
                 .values()
-                .flat_map(|e| e.instance.tags.iter().cloned())
+                .flat_map(|e| e.instance.tags.iter().map(Text::as_str))
                 .collect();
             ServiceSummary {
                 name: name.clone(),
                 healthy: entry.healthy_count(),
                 total: entry.instances.len(),
-                tags: tags.into_iter().collect(),
+                tags: tags.into_iter().map(String::from).collect(),
             }
         })
         .collect();

@@ -16,6 +16,23 @@
 //! and keep-alives are idempotent, and a retried lease grant at worst leaks a
 //! lease that nobody renews, which etcd expires after its TTL.
 //!
+//! # Backing off
+//!
+//! When every endpoint has been tried and none answers (etcd is down, or
+//! has no quorum), the store stops switching endpoints for a while, with
+//! exponential backoff and jitter up to [`MAX_SWITCH_BACKOFF`]: operations
+//! meanwhile fail at once on the current connection, so callers get their
+//! 503 fast and a fleet of replicas does not storm etcd as it comes back.
+//! Losing and regaining etcd are logged once each, not per operation.
+//!
+//! # Security
+//!
+//! Write access to etcd is control of the mesh (tokens, CA roots, every
+//! instance), so production etcd runs with TLS, client certificates and
+//! authentication: [`EtcdOptions::tls`] and [`EtcdOptions::credentials`].
+//! Credentials are presented lazily, on the first operation of each
+//! connection, so that a store still starts while etcd is down.
+//!
 //! # Bounded time
 //!
 //! Every operation is bounded by `op_timeout` with `tokio::time::timeout`,
@@ -27,26 +44,31 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaderKey, PutOptions,
-    ResignOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchResponse,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    LeaderKey, PutOptions, ResignOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    WatchResponse,
 };
+use tokio::sync::OnceCell;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use super::{
-    KeyValue, Leadership, LeaseId, Revision, Store, StoreError, WatchBatch, WatchEvent,
+    Backoff, KeyValue, Leadership, LeaseId, Revision, Store, StoreError, WatchBatch, WatchEvent,
     WatchStream, lease_seconds,
 };
 
-/// The key `ping` reads: any key works, a count-only read of one key is the
-/// cheapest request that still needs a leader (it is linearizable).
-const PING_KEY: &str = "\0signpost/ping";
+/// The key `ping` reads by default: any key works, a count-only read of one
+/// key is the cheapest request that still needs a leader (it is
+/// linearizable). With etcd authentication, use a key the user may read
+/// ([`EtcdOptions::ping_key`]).
+pub const PING_KEY: &str = "\0signpost/ping";
 
 /// How to reach etcd.
 #[derive(Debug, Clone)]
@@ -59,7 +81,58 @@ pub struct EtcdOptions {
     pub op_timeout: Duration,
     /// Keys per page of a range read ([`Store::range_pages`]).
     pub page_size: usize,
+    /// TLS to etcd; the endpoints must then be `https://`.
+    pub tls: Option<EtcdTls>,
+    /// A user to authenticate as, when etcd has authentication enabled.
+    pub credentials: Option<EtcdCredentials>,
+    /// The key [`Store::ping`] reads (never written): with authentication,
+    /// one under the prefix the user may read, e.g. `/signpost/ping`.
+    pub ping_key: String,
 }
+
+/// TLS to etcd: the CA that signed etcd's certificates, and the client
+/// certificate to present when etcd runs with `--client-cert-auth`.
+#[derive(Clone)]
+pub struct EtcdTls {
+    /// PEM certificate(s) of the CA that signed etcd's server certificates.
+    pub ca_pem: Vec<u8>,
+    /// PEM certificate chain and PEM private key of this client.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("client_certificate", &self.client.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// An etcd user and its password.
+#[derive(Clone)]
+pub struct EtcdCredentials {
+    /// The user name.
+    pub user: String,
+    /// The password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for EtcdCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdCredentials")
+            .field("user", &self.user)
+            .field("password", &"<hidden>")
+            .finish()
+    }
+}
+
+/// The longest pause between endpoint switches once every endpoint has
+/// failed: etcd back (or a quorum regained) is noticed within about this
+/// long, and an outage costs a few reconnects per replica, not hundreds.
+pub const MAX_SWITCH_BACKOFF: Duration = Duration::from_secs(2);
+
+/// The first such pause.
+const FIRST_SWITCH_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Keys per page of a range read: with instance records at most 16 KiB,
 /// a page stays well under [`MAX_MESSAGE`].
@@ -81,6 +154,9 @@ impl Default for EtcdOptions {
             connect_timeout: Duration::from_secs(1),
             op_timeout: Duration::from_secs(3),
             page_size: PAGE_SIZE,
+            tls: None,
+            credentials: None,
+            ping_key: PING_KEY.to_string(),
         }
     }
 }
@@ -109,6 +185,11 @@ impl std::fmt::Debug for EtcdStore {
 struct Inner {
     opts: EtcdOptions,
     current: Mutex<Current>,
+    /// Whether the last operation reached etcd: losing and regaining it
+    /// are logged once each.
+    reachable: AtomicBool,
+    /// Clients built by failovers, for tests and the curious.
+    reconnects: AtomicU64,
 }
 
 /// The client in use. `generation` changes with every failover, so that
@@ -117,6 +198,14 @@ struct Current {
     generation: u64,
     index: usize,
     client: Client,
+    /// Set once the client has authenticated (when credentials are given).
+    authenticated: Arc<OnceCell<()>>,
+    /// Switches since etcd last answered; past one round of the
+    /// endpoints, switching backs off.
+    failed_switches: u32,
+    /// No switch before this instant (backing off).
+    hold_until: Option<Instant>,
+    backoff: Backoff,
 }
 
 impl EtcdStore {
@@ -125,6 +214,45 @@ impl EtcdStore {
     pub async fn connect(opts: EtcdOptions) -> Result<Self, StoreError> {
         if opts.endpoints.is_empty() {
             return Err(StoreError::Other("no etcd endpoint given".to_string()));
+        }
+        for endpoint in &opts.endpoints {
+            match (endpoint.starts_with("https://"), opts.tls.is_some()) {
+                (true, false) => {
+                    return Err(StoreError::Other(format!(
+                        "etcd endpoint {endpoint} is https:// but no CA was given to check \
+                         its certificate (--etcd-cacert)"
+                    )));
+                }
+                (false, true) => {
+                    return Err(StoreError::Other(format!(
+                        "etcd endpoint {endpoint} is not https:// but TLS options were given \
+                         (--etcd-cacert, --etcd-cert): use https:// URLs"
+                    )));
+                }
+                _ => {}
+            }
+        }
+        if let Some(tls) = &opts.tls {
+            // tonic reports a bad PEM only at connect time, deep in a
+            // transport error; check it now, where the flag can be named.
+            if !contains_pem_certificate(&tls.ca_pem) {
+                return Err(StoreError::Other(
+                    "the etcd CA (--etcd-cacert) holds no PEM certificate".to_string(),
+                ));
+            }
+            if let Some((cert, key)) = &tls.client {
+                if !contains_pem_certificate(cert) {
+                    return Err(StoreError::Other(
+                        "the etcd client certificate (--etcd-cert) holds no PEM certificate"
+                            .to_string(),
+                    ));
+                }
+                if !String::from_utf8_lossy(key).contains("PRIVATE KEY-----") {
+                    return Err(StoreError::Other(
+                        "the etcd client key (--etcd-key) holds no PEM private key".to_string(),
+                    ));
+                }
+            }
         }
         // Build a client for every endpoint once, so a bad URL is reported
         // now rather than at failover time. Building does no I/O.
@@ -142,9 +270,21 @@ impl EtcdStore {
                     generation: 0,
                     index: 0,
                     client,
+                    authenticated: Arc::new(OnceCell::new()),
+                    failed_switches: 0,
+                    hold_until: None,
+                    backoff: Backoff::new(FIRST_SWITCH_BACKOFF, MAX_SWITCH_BACKOFF),
                 }),
+                reachable: AtomicBool::new(true),
+                reconnects: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// How many times the store has built a new connection to fail over
+    /// (bounded by the backoff while etcd is away).
+    pub fn reconnects(&self) -> u64 {
+        self.inner.reconnects.load(Ordering::Relaxed)
     }
 
     /// The options this store was built with.
@@ -186,13 +326,59 @@ impl EtcdStore {
 /// under a watch; not more often, and not while idle, because etcd hangs up
 /// on clients that ping more than every 5 s or without an open stream.
 fn connect_options(opts: &EtcdOptions) -> ConnectOptions {
-    ConnectOptions::new()
+    let options = ConnectOptions::new()
         .with_connect_timeout(opts.connect_timeout)
         .with_keep_alive(Duration::from_secs(10), opts.op_timeout)
         .with_keep_alive_while_idle(false)
         // A member cut off from its cluster refuses watches and keep-alives
         // instead of serving stale data; we then fail over.
         .with_require_leader(true)
+        // etcd's simple tokens expire (5 min by default): authenticate
+        // again when one is refused. The credentials themselves are set on
+        // first use, see `Inner::authenticate`.
+        .with_auto_token_refresh(true);
+    match &opts.tls {
+        Some(tls) => {
+            let mut config =
+                TlsOptions::new().ca_certificate(Certificate::from_pem(tls.ca_pem.clone()));
+            if let Some((cert, key)) = &tls.client {
+                config = config.identity(Identity::from_pem(cert.clone(), key.clone()));
+            }
+            options.with_tls(config)
+        }
+        None => options,
+    }
+}
+
+fn contains_pem_certificate(pem: &[u8]) -> bool {
+    String::from_utf8_lossy(pem).contains("-----BEGIN CERTIFICATE-----")
+}
+
+/// A gRPC status's message and the errors under it: a failed connection
+/// is "transport error" at the top, and the cause (refused, a certificate
+/// the server did not accept) is what an operator needs.
+fn status_text(status: &tonic::Status) -> String {
+    with_causes(
+        status.message().to_string(),
+        std::error::Error::source(status),
+    )
+}
+
+/// An error with its sources, `a: b: c`, for the same reason.
+fn with_sources(e: &dyn std::error::Error) -> String {
+    with_causes(e.to_string(), e.source())
+}
+
+fn with_causes(mut text: String, mut source: Option<&(dyn std::error::Error + 'static)>) -> String {
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
 }
 
 async fn build_client(endpoint: &str, opts: &EtcdOptions) -> Result<Client, StoreError> {
@@ -215,14 +401,20 @@ fn map_err(e: etcd_client::Error) -> StoreError {
             // "request timed out". Cancelled and Unknown: a connection torn
             // down mid-request. All mean "try again, maybe elsewhere".
             Code::Unavailable | Code::Cancelled | Code::Unknown => {
-                StoreError::Unavailable(status.message().to_string())
+                StoreError::Unavailable(status_text(&status))
             }
             Code::DeadlineExceeded => {
                 StoreError::Unavailable(format!("etcd deadline exceeded: {}", status.message()))
             }
+            Code::PermissionDenied | Code::Unauthenticated => StoreError::Other(format!(
+                "etcd refused the request ({:?}: {}): check --etcd-user and its role's \
+                 permissions on the key prefix",
+                status.code(),
+                status.message()
+            )),
             _ => StoreError::Other(format!("{:?}: {}", status.code(), status.message())),
         },
-        E::TransportError(_) | E::IoError(_) => StoreError::Unavailable(e.to_string()),
+        E::TransportError(_) | E::IoError(_) => StoreError::Unavailable(with_sources(&e)),
         other => StoreError::Other(other.to_string()),
     }
 }
@@ -289,17 +481,108 @@ fn to_key_value(kv: &etcd_client::KeyValue) -> KeyValue {
 }
 
 impl Inner {
-    fn client(&self) -> (u64, Client) {
+    fn client(&self) -> (u64, Client, Arc<OnceCell<()>>) {
         let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        (current.generation, current.client.clone())
+        (
+            current.generation,
+            current.client.clone(),
+            current.authenticated.clone(),
+        )
+    }
+
+    /// The current client, authenticated if credentials are configured.
+    async fn ready_client(&self) -> (u64, Result<Client, StoreError>) {
+        let (generation, client, authenticated) = self.client();
+        let ready = tokio::time::timeout(
+            self.opts.op_timeout,
+            self.authenticate(&client, &authenticated),
+        )
+        .await
+        .unwrap_or(Err(StoreError::Timeout(self.opts.op_timeout)));
+        (generation, ready.map(|()| client))
+    }
+
+    /// Authenticates `client` once (its clones share the token).
+    async fn authenticate(
+        &self,
+        client: &Client,
+        authenticated: &OnceCell<()>,
+    ) -> Result<(), StoreError> {
+        let Some(creds) = &self.opts.credentials else {
+            return Ok(());
+        };
+        authenticated
+            .get_or_try_init(|| async {
+                let mut client = client.clone();
+                let user = Some((creds.user.clone(), creds.password.clone()));
+                match client.update_user(user).await {
+                    Ok(()) => Ok(()),
+                    Err(etcd_client::Error::GRpcStatus(status))
+                        if status.code() == Code::FailedPrecondition =>
+                    {
+                        // etcd without authentication refuses to
+                        // authenticate; requests go through anyway.
+                        tracing::warn!(
+                            user = %creds.user,
+                            "etcd has authentication disabled; --etcd-user is not used"
+                        );
+                        Ok(())
+                    }
+                    Err(etcd_client::Error::GRpcStatus(status))
+                        if status.code() == Code::InvalidArgument =>
+                    {
+                        Err(StoreError::Other(format!(
+                            "etcd refused user {:?}: {} (check --etcd-user and \
+                             --etcd-password-file)",
+                            creds.user,
+                            status.message()
+                        )))
+                    }
+                    Err(e) => Err(map_err(e)),
+                }
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Notes that etcd answered: ends any backoff, and says so once.
+    fn reached(&self) {
+        if self.reachable.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        current.failed_switches = 0;
+        current.hold_until = None;
+        current.backoff.reset();
+        let endpoint = self.opts.endpoints.get(current.index).cloned();
+        drop(current);
+        if self.reachable.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        tracing::info!(endpoint = ?endpoint, "etcd: reachable again");
+    }
+
+    /// Notes that an operation could not reach etcd, saying so once.
+    fn unreachable(&self, error: &StoreError) {
+        if self.reachable.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                endpoints = ?self.opts.endpoints,
+                %error,
+                "etcd: unreachable; operations fail until it answers, reconnecting with backoff"
+            );
+        }
     }
 
     /// Moves to the next endpoint with a fresh connection, unless another
-    /// operation already did since `failed` was handed out.
+    /// operation already did since `failed` was handed out, or the store is
+    /// backing off after a whole round of endpoints failed.
     async fn fail_over(&self, failed: u64) {
         let next = {
             let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
             if current.generation != failed {
+                return;
+            }
+            if current.hold_until.is_some_and(|t| Instant::now() < t) {
                 return;
             }
             (current.index + 1) % self.opts.endpoints.len()
@@ -309,16 +592,32 @@ impl Inner {
             Ok(client) => {
                 let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
                 if current.generation == failed {
+                    let failed_switches = current.failed_switches + 1;
+                    // Every endpoint tried since etcd last answered: wait
+                    // before the next round.
+                    let hold_until = (failed_switches as usize >= self.opts.endpoints.len())
+                        .then(|| Instant::now() + current.backoff.next_wait());
+                    let backoff = current.backoff.clone();
                     *current = Current {
                         generation: failed + 1,
                         index: next,
                         client,
+                        authenticated: Arc::new(OnceCell::new()),
+                        failed_switches,
+                        hold_until,
+                        backoff,
                     };
-                    tracing::info!(endpoint = %endpoint, "etcd: switched endpoint");
+                    self.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(endpoint = %endpoint, ?hold_until, "etcd: switched endpoint");
                 }
             }
             Err(e) => {
-                tracing::warn!(endpoint = %endpoint, error = %e, "etcd: cannot switch endpoint")
+                tracing::debug!(endpoint = %endpoint, error = %e, "etcd: cannot switch endpoint");
+                let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+                if current.generation == failed {
+                    let wait = current.backoff.next_wait();
+                    current.hold_until = Some(Instant::now() + wait);
+                }
             }
         }
     }
@@ -348,14 +647,25 @@ impl Inner {
             } else {
                 (deadline - now) / 2
             };
-            let (generation, client) = self.client();
-            match tokio::time::timeout(slice, op(client)).await {
-                Ok(Ok(v)) => return Ok(v),
+            let (generation, client, authenticated) = self.client();
+            let try_op = async {
+                self.authenticate(&client, &authenticated).await?;
+                op(client.clone()).await
+            };
+            match tokio::time::timeout(slice, try_op).await {
+                Ok(Ok(v)) => {
+                    self.reached();
+                    return Ok(v);
+                }
                 Ok(Err(e)) if e.is_unavailable() => {
                     tracing::debug!(op = what, attempt, error = %e, "etcd: unreachable, failing over");
                     last = e;
                 }
-                Ok(Err(e)) => return Err(e),
+                Ok(Err(e)) => {
+                    // A refusal is an answer: etcd is there.
+                    self.reached();
+                    return Err(e);
+                }
                 Err(_) => {
                     tracing::debug!(op = what, attempt, ?slice, "etcd: slow, failing over");
                     last = StoreError::Timeout(budget);
@@ -363,7 +673,8 @@ impl Inner {
             }
             self.fail_over(generation).await;
         }
-        tracing::warn!(op = what, error = %last, "etcd operation failed");
+        tracing::debug!(op = what, error = %last, "etcd operation failed");
+        self.unreachable(&last);
         Err(last)
     }
 }
@@ -643,8 +954,23 @@ impl Store for EtcdStore {
             lost.clone(),
             stop,
         ));
+        // Short waits: a campaign retried late is a checker missing after
+        // etcd comes back; the cap keeps an outage to about one retry per
+        // second per election.
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(1));
         loop {
-            let (generation, mut client) = self.inner.client();
+            let (generation, client) = self.inner.ready_client().await;
+            let mut client = match client {
+                Ok(client) => client,
+                Err(e) if e.is_unavailable() => {
+                    self.inner.fail_over(generation).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_wait()) => continue,
+                        _ = lost.cancelled() => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            };
             // Not bounded by op_timeout: it waits for the current leader to
             // go. It ends early when our lease cannot be renewed.
             let attempt = tokio::select! {
@@ -666,7 +992,10 @@ impl Store for EtcdStore {
                 Err(e) if e.is_unavailable() => {
                     tracing::debug!(election = name, error = %e, "campaign interrupted; retrying");
                     self.inner.fail_over(generation).await;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_wait()) => {}
+                        _ = lost.cancelled() => return Err(e),
+                    }
                 }
                 Err(e) => return Err(e),
             }
@@ -674,10 +1003,11 @@ impl Store for EtcdStore {
     }
 
     async fn ping(&self) -> Result<Revision, StoreError> {
+        let key = self.inner.opts.ping_key.as_str();
         self.inner
             .run("ping", |mut c| async move {
                 let resp = c
-                    .get(PING_KEY, Some(GetOptions::new().with_count_only()))
+                    .get(key, Some(GetOptions::new().with_count_only()))
                     .await
                     .map_err(map_err)?;
                 header_revision(resp.header())
@@ -796,13 +1126,23 @@ async fn keep_lease_alive(
                 return;
             }
             Ok(Err(e)) if Instant::now() < expires => {
-                tracing::warn!(lease = format_args!("{lease:x}"), error = %e, "cannot renew election lease; retrying");
+                // The store logs losing etcd once; this repeats each period.
+                tracing::debug!(lease = format_args!("{lease:x}"), error = %e, "cannot renew election lease; retrying");
             }
             Ok(Err(_)) | Err(_) => {
-                tracing::warn!(
-                    lease = format_args!("{lease:x}"),
-                    "election lease not renewed for its TTL; leadership lost"
-                );
+                // With etcd unreachable every election goes at once, and
+                // the store has said so; otherwise this one is news.
+                if store.inner.reachable.load(Ordering::Relaxed) {
+                    tracing::warn!(
+                        lease = format_args!("{lease:x}"),
+                        "election lease not renewed for its TTL; leadership lost"
+                    );
+                } else {
+                    tracing::debug!(
+                        lease = format_args!("{lease:x}"),
+                        "election lease not renewed for its TTL; leadership lost"
+                    );
+                }
                 lost.cancel();
                 return;
             }
@@ -833,16 +1173,27 @@ impl Drop for Resigner {
         runtime.spawn(async move {
             if let Some(leader) = leader {
                 let op_timeout = store.inner.opts.op_timeout;
-                let (_, mut client) = store.inner.client();
-                let resign = client.resign(Some(ResignOptions::new().with_leader(leader)));
+                let resign = async {
+                    let (_, client) = store.inner.ready_client().await;
+                    client?
+                        .resign(Some(ResignOptions::new().with_leader(leader)))
+                        .await
+                        .map_err(map_err)
+                };
                 if let Ok(Err(e)) = tokio::time::timeout(op_timeout, resign).await {
                     tracing::debug!(error = %e, "resign failed; revoking the lease anyway");
                 }
             }
             // Revoking deletes the candidate key too, whether or not the
             // resign went through.
-            if let Err(e) = store.revoke_lease(lease).await {
-                tracing::warn!(lease = format_args!("{lease:x}"), error = %e, "cannot revoke election lease; it will expire");
+            match store.revoke_lease(lease).await {
+                Ok(()) => {}
+                Err(e) if e.is_unavailable() => {
+                    tracing::debug!(lease = format_args!("{lease:x}"), error = %e, "cannot revoke election lease; it will expire");
+                }
+                Err(e) => {
+                    tracing::warn!(lease = format_args!("{lease:x}"), error = %e, "cannot revoke election lease; it will expire");
+                }
             }
         });
     }
@@ -861,6 +1212,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             op_timeout: Duration::from_secs(3),
             page_size: PAGE_SIZE,
+            ..EtcdOptions::default()
         }
     }
 
@@ -1122,6 +1474,210 @@ mod tests {
         assert_eq!(store.get("/down/k").await.unwrap().unwrap().value, b"1");
         assert!(store.keep_alive(lease).await.unwrap() > Duration::ZERO);
         store.put("/down/k2", b"2".to_vec(), None).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_with_client_certificates() {
+        let etcd = EtcdProcess::spawn_tls().await;
+        let files = etcd.tls_files().unwrap();
+        let good = EtcdStore::connect(EtcdOptions {
+            tls: Some(files.options()),
+            ..opts(vec![etcd.endpoint()])
+        })
+        .await
+        .unwrap();
+        let rev = good.put("/tls/k", b"v".to_vec(), None).await.unwrap();
+        assert_eq!(good.get("/tls/k").await.unwrap().unwrap().value, b"v");
+        assert_eq!(good.ping().await.unwrap(), rev);
+
+        // The right CA but no client certificate: etcd refuses the
+        // handshake, the store says so and never hangs.
+        let anonymous = EtcdStore::connect(EtcdOptions {
+            tls: Some(EtcdTls {
+                client: None,
+                ..files.options()
+            }),
+            ..opts(vec![etcd.endpoint()])
+        })
+        .await
+        .unwrap();
+        let started = Instant::now();
+        let err = anonymous.put("/tls/k", vec![], None).await.unwrap_err();
+        assert!(err.is_unavailable(), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(4));
+
+        // A CA that did not sign etcd's certificate.
+        let other = tempfile::tempdir().unwrap();
+        let stranger = crate::testing::EtcdTlsFiles::generate(other.path());
+        let untrusting = EtcdStore::connect(EtcdOptions {
+            tls: Some(EtcdTls {
+                ca_pem: stranger.options().ca_pem,
+                ..files.options()
+            }),
+            ..opts(vec![etcd.endpoint()])
+        })
+        .await
+        .unwrap();
+        let err = untrusting.ping().await.unwrap_err();
+        assert!(err.to_string().contains("certificate"), "{err}");
+        assert_eq!(good.get("/tls/k").await.unwrap().unwrap().value, b"v");
+
+        // Plain HTTP to it, and TLS to an http:// URL, are refused up front.
+        let plain = etcd.endpoint().replace("https://", "http://");
+        let err = EtcdStore::connect(EtcdOptions {
+            tls: Some(files.options()),
+            ..opts(vec![plain])
+        })
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("use https://"), "{err}");
+        let err = EtcdStore::connect(opts(vec![etcd.endpoint()]))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("--etcd-cacert"), "{err}");
+        let err = EtcdStore::connect(EtcdOptions {
+            tls: Some(EtcdTls {
+                ca_pem: b"not a certificate".to_vec(),
+                client: None,
+            }),
+            ..opts(vec![etcd.endpoint()])
+        })
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("--etcd-cacert"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn authentication_with_a_user_limited_to_the_prefix() {
+        use etcd_client::{Permission, PermissionType};
+        let etcd = EtcdProcess::spawn().await;
+        let mut admin = Client::connect([etcd.endpoint()], None).await.unwrap();
+        admin.user_add("root", "root-secret", None).await.unwrap();
+        admin.user_grant_role("root", "root").await.unwrap();
+        admin.role_add("signpost").await.unwrap();
+        admin
+            .role_grant_permission(
+                "signpost",
+                Permission::new(PermissionType::Readwrite, "/signpost/").with_prefix(),
+            )
+            .await
+            .unwrap();
+        admin
+            .user_add("signpost", "signpost-secret", None)
+            .await
+            .unwrap();
+        admin.user_grant_role("signpost", "signpost").await.unwrap();
+        admin.auth_enable().await.unwrap();
+
+        let as_user = |user: &str, password: &str| EtcdOptions {
+            credentials: Some(EtcdCredentials {
+                user: user.to_string(),
+                password: password.to_string(),
+            }),
+            ping_key: "/signpost/ping".to_string(),
+            ..opts(vec![etcd.endpoint()])
+        };
+        let store = EtcdStore::connect(as_user("signpost", "signpost-secret"))
+            .await
+            .unwrap();
+        let lease = store.grant_lease(Duration::from_secs(30)).await.unwrap();
+        let rev = store
+            .put("/signpost/k", b"v".to_vec(), Some(lease))
+            .await
+            .unwrap();
+        assert_eq!(store.ping().await.unwrap(), rev);
+        let mut watch = store.watch("/signpost/", rev).await.unwrap();
+        let batch =
+            tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut watch))
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+        assert_eq!(batch.revision, rev);
+        let leader = store
+            .campaign("/signpost/election/auth", "a", Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert!(!leader.lost.is_cancelled());
+        // The elected compactor's request: allowed to a non-root user.
+        store.compact(rev).await.unwrap();
+
+        // Outside its prefix: refused, with a message naming the cause.
+        let err = store.put("/other/k", vec![], None).await.unwrap_err();
+        assert!(!err.is_unavailable(), "{err}");
+        assert!(err.to_string().contains("permission denied"), "{err}");
+
+        // A wrong password, and no user at all.
+        let wrong = EtcdStore::connect(as_user("signpost", "guess"))
+            .await
+            .unwrap();
+        let err = wrong.put("/signpost/k", vec![], None).await.unwrap_err();
+        assert!(
+            err.to_string().contains("etcd refused user \"signpost\""),
+            "{err}"
+        );
+        let anonymous = EtcdStore::connect(EtcdOptions {
+            ping_key: "/signpost/ping".to_string(),
+            ..opts(vec![etcd.endpoint()])
+        })
+        .await
+        .unwrap();
+        let err = anonymous
+            .put("/signpost/k", vec![], None)
+            .await
+            .unwrap_err();
+        assert!(!err.is_unavailable(), "{err}");
+        assert_eq!(store.get("/signpost/k").await.unwrap().unwrap().value, b"v");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outage_costs_few_reconnects_and_recovers() {
+        let mut etcd = EtcdProcess::spawn().await;
+        let store = EtcdStore::connect(opts(vec![etcd.endpoint(), dead_endpoint()]))
+            .await
+            .unwrap();
+        store.put("/outage/k", b"1".to_vec(), None).await.unwrap();
+        etcd.stop();
+        // 20 callers, each retrying every 20 ms for 5 s: thousands of
+        // failed operations.
+        let outage = Duration::from_secs(5);
+        let started = Instant::now();
+        let callers: Vec<_> = (0..20)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut failed = 0u32;
+                    while started.elapsed() < outage {
+                        if store.ping().await.is_err() {
+                            failed += 1;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    failed
+                })
+            })
+            .collect();
+        let mut failed = 0;
+        for caller in callers {
+            failed += caller.await.unwrap();
+        }
+        let reconnects = store.reconnects();
+        assert!(failed > 1000, "only {failed} failed operations");
+        // Backoff 0.1, 0.2, 0.4, 0.8, 1.6, 2, 2 s (each at least half):
+        // at most about a dozen switches in 5 s, not one per operation.
+        assert!(
+            (2..=14).contains(&reconnects),
+            "{reconnects} reconnects for {failed} failed operations"
+        );
+        etcd.start().await;
+        let back = eventually(
+            MAX_SWITCH_BACKOFF * 3,
+            Duration::from_millis(100),
+            || async { store.ping().await.is_ok() },
+        )
+        .await;
+        assert!(back, "store did not recover after etcd came back");
+        assert_eq!(store.get("/outage/k").await.unwrap().unwrap().value, b"1");
     }
 
     #[tokio::test]

@@ -19,7 +19,7 @@ mod memory;
 #[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
 
-pub use etcd::{EtcdOptions, EtcdStore};
+pub use etcd::{EtcdCredentials, EtcdOptions, EtcdStore, EtcdTls};
 pub use keys::{KeyKind, Keys};
 pub use memory::MemoryStore;
 
@@ -246,6 +246,7 @@ pub async fn while_leading<F, Fut>(
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(2));
     loop {
         let leadership = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -253,6 +254,7 @@ pub async fn while_leading<F, Fut>(
         };
         match leadership {
             Ok(leadership) => {
+                backoff.reset();
                 tracing::info!(%candidate, "{role} elected");
                 tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -261,18 +263,91 @@ pub async fn while_leading<F, Fut>(
                 }
             }
             Err(err) => {
-                tracing::warn!(%err, "{role} campaign failed; retrying");
+                // The store logs losing and regaining etcd once; a warning
+                // per retry would repeat it every second of an outage.
+                if err.is_unavailable() {
+                    tracing::debug!(%err, "{role} campaign failed; retrying");
+                } else {
+                    tracing::warn!(%err, "{role} campaign failed; retrying");
+                }
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(backoff.next_wait()) => {}
                 }
+                continue;
             }
         }
     }
+}
+
+/// Exponential backoff with jitter, for loops that retry a store that
+/// cannot be reached: each wait doubles up to `max`, and is drawn between
+/// half of it and all of it, so that replicas (and the tasks of one
+/// replica) that lost etcd together do not all come back in the same
+/// instant.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    first: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    /// Starts at `first`, doubling up to `max`.
+    pub fn new(first: Duration, max: Duration) -> Self {
+        Self {
+            first,
+            max,
+            next: first,
+        }
+    }
+
+    /// The wait before the next retry; later waits are longer.
+    pub fn next_wait(&mut self) -> Duration {
+        let full = self.next;
+        self.next = (self.next * 2).min(self.max);
+        jitter(full)
+    }
+
+    /// Back to the first wait, after a success.
+    pub fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
+/// A duration drawn uniformly between half of `full` and `full`.
+pub(crate) fn jitter(full: Duration) -> Duration {
+    let half = full / 2;
+    half + half.mul_f64(rand::random::<f64>())
 }
 
 /// Rounds a TTL up to whole seconds, at least one (etcd leases count seconds).
 pub fn lease_seconds(ttl: Duration) -> i64 {
     let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
     i64::try_from(secs.max(1)).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let waits: Vec<Duration> = (0..8).map(|_| b.next_wait()).collect();
+        let full = [100u64, 200, 400, 800, 1600, 2000, 2000, 2000];
+        for (wait, full) in waits.iter().zip(full) {
+            let full = Duration::from_millis(full);
+            assert!(*wait >= full / 2 && *wait <= full, "{wait:?} for {full:?}");
+        }
+        // Jitter: eight draws are not all the same fraction of their step.
+        let fractions: Vec<u128> = waits
+            .iter()
+            .zip(full)
+            .map(|(w, f)| w.as_micros() * 1000 / u128::from(f * 1000))
+            .collect();
+        assert!(fractions.windows(2).any(|w| w[0] != w[1]), "{fractions:?}");
+        b.reset();
+        assert!(b.next_wait() <= Duration::from_millis(100));
+    }
 }

@@ -148,6 +148,10 @@ impl UdpLoop {
         if !can_answer(src) {
             return;
         }
+        // Refusals are rare and not worth a fast path of their own.
+        if !self.shared.may_query(src.ip()) {
+            return self.fallback(packet, src);
+        }
         let start = Instant::now();
         let q = match parse(packet, &st.zone_key, st.origin_labels) {
             Parsed::Fast(q) => q,
@@ -169,6 +173,11 @@ impl UdpLoop {
         };
         let slot = st.dsts.len();
         let index = self.shared.index.load();
+        if !index.loaded {
+            // Before the first sync the hickory path answers (SERVFAIL).
+            drop(index);
+            return self.fallback(packet, src);
+        }
         let out = &mut st.outs[slot];
         let answered = respond(packet, &q, &index, cx, &mut st.rng, &mut st.scratch, out);
         drop(index);

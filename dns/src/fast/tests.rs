@@ -68,7 +68,8 @@ fn catalog() -> Catalog {
     }
     let mut fat = instance("fat", "f1", "10.0.3.1", 80);
     for i in 0..6 {
-        fat.meta.insert(format!("k{i}"), "x".repeat(200));
+        fat.meta
+            .insert(format!("k{i}").into(), "x".repeat(200).into());
     }
     c.put(&fat);
     c
@@ -90,6 +91,7 @@ fn shared_with(forwarder: Option<Forwarder>, udp_answer_limit: Option<u16>) -> A
         metrics: Metrics::default(),
         max_udp_payload: 1232,
         udp_answer_limit,
+        allow_query: None,
     })
 }
 

@@ -2,7 +2,6 @@
 //! a server on an ephemeral loopback port, and small DNS clients.
 #![allow(dead_code)] // each test file uses its own subset
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -91,7 +90,7 @@ pub fn instance(svc: &str, id: &str, addr: &str, port: u16) -> Instance {
         id: InstanceId::new(id).unwrap(),
         address: addr.parse().unwrap(),
         port,
-        ports: BTreeMap::new(),
+        ports: Default::default(),
         tags: Vec::new(),
         meta: Default::default(),
         weight: 100,
