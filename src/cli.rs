@@ -67,11 +67,13 @@ pub struct RegisterArgs {
     /// instance stays until deregistered.
     #[arg(long)]
     pub ttl: Option<String>,
-    /// HTTP health check URL.
-    #[arg(long, conflicts_with = "check_tcp")]
+    /// HTTP health check: a path ("/health", probed on the instance's
+    /// address and port) or a URL on the instance's address.
+    #[arg(long, conflicts_with = "check_tcp", value_name = "PATH|URL")]
     pub check_http: Option<String>,
-    /// TCP health check host:port.
-    #[arg(long)]
+    /// TCP health check: ":PORT" or "ADDRESS:PORT" with the instance's
+    /// address.
+    #[arg(long, value_name = ":PORT|ADDRESS:PORT")]
     pub check_tcp: Option<String>,
     /// Health check interval (default 10s).
     #[arg(long)]
@@ -95,6 +97,7 @@ pub async fn register(a: RegisterArgs) -> Result<()> {
         Some(CheckSpec {
             http: a.check_http.clone(),
             tcp: a.check_tcp.clone(),
+            port: None,
             interval: a.check_interval.clone(),
             timeout: None,
         })
@@ -262,6 +265,12 @@ pub async fn instances(a: InstancesArgs) -> Result<()> {
 pub enum TokenCommand {
     /// Create a token that may register a service and get its certificate.
     Create(TokenCreateArgs),
+    /// List service tokens: accessor, service, created, expires (never the
+    /// tokens themselves).
+    List(ClientArgs),
+    /// Revoke a token by its accessor; every control plane refuses it within
+    /// a second.
+    Revoke(TokenRevokeArgs),
 }
 
 /// `signpost token create`.
@@ -270,6 +279,10 @@ pub struct TokenCreateArgs {
     /// The service the token acts for.
     #[arg(long)]
     pub service: String,
+    /// How long the token is accepted ("720h", 1m to 87600h); without it,
+    /// until revoked.
+    #[arg(long)]
+    pub ttl: Option<String>,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -278,11 +291,61 @@ pub struct TokenCreateArgs {
 /// capture it.
 pub async fn token_create(a: TokenCreateArgs) -> Result<()> {
     let svc = ServiceName::new(&a.service)?;
-    let reply = a.client.client()?.create_token(&svc).await?;
+    let reply = a.client.client()?.create_token(&svc, a.ttl.clone()).await?;
     println!("{}", reply.token);
+    let expires = reply
+        .expires
+        .map(|e| format!(", expires {}", humantime::format_rfc3339_seconds(e)))
+        .unwrap_or_default();
     eprintln!(
-        "token for service {} (shown once; only its hash is stored)",
-        reply.service
+        "token for service {} (accessor {}{expires}; shown once, only its hash is stored)",
+        reply.service, reply.accessor
     );
+    Ok(())
+}
+
+/// `signpost token list`.
+pub async fn token_list(a: ClientArgs) -> Result<()> {
+    let list = a.client()?.list_tokens().await?;
+    if list.tokens.is_empty() {
+        println!("no service tokens");
+        return Ok(());
+    }
+    let now = SystemTime::now();
+    let rows: Vec<Vec<String>> = list
+        .tokens
+        .iter()
+        .map(|t| {
+            vec![
+                t.accessor.clone(),
+                t.service.to_string(),
+                humantime::format_rfc3339_seconds(t.created).to_string(),
+                match t.expires {
+                    None => "never".into(),
+                    Some(e) if e <= now => {
+                        format!("{} (expired)", humantime::format_rfc3339_seconds(e))
+                    }
+                    Some(e) => humantime::format_rfc3339_seconds(e).to_string(),
+                },
+            ]
+        })
+        .collect();
+    print_table(&["ACCESSOR", "SERVICE", "CREATED", "EXPIRES"], &rows);
+    Ok(())
+}
+
+/// `signpost token revoke`.
+#[derive(Debug, Args)]
+pub struct TokenRevokeArgs {
+    /// The token's accessor (from `signpost token list`).
+    pub accessor: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `signpost token revoke ACCESSOR`.
+pub async fn token_revoke(a: TokenRevokeArgs) -> Result<()> {
+    a.client.client()?.revoke_token(&a.accessor).await?;
+    println!("revoked token {}", a.accessor);
     Ok(())
 }

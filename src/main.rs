@@ -123,6 +123,8 @@ fn main() -> ExitCode {
             Command::Services(a) => cli::services(a).await,
             Command::Instances(a) => cli::instances(a).await,
             Command::Token(cli::TokenCommand::Create(a)) => cli::token_create(a).await,
+            Command::Token(cli::TokenCommand::List(a)) => cli::token_list(a).await,
+            Command::Token(cli::TokenCommand::Revoke(a)) => cli::token_revoke(a).await,
             Command::Ca(CaCommand::Init { dir }) => ca_init(&dir),
         }
     });

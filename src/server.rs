@@ -11,6 +11,7 @@ use prometheus_client::registry::Registry;
 use signpost_certs::Ca;
 use signpost_control_plane::api::auth::AuthConfig;
 use signpost_control_plane::api::certs::CertAuthority;
+use signpost_control_plane::api::{ApiPolicy, ConnectionLimits};
 use signpost_control_plane::catalog::Catalog;
 use signpost_control_plane::server::{ControlPlane, ControlPlaneOptions};
 use signpost_control_plane::store::{EtcdStore, Keys, MemoryStore, Store};
@@ -65,11 +66,45 @@ pub struct ServerArgs {
     #[arg(long, default_value = "1h", value_parser = compaction_retention)]
     pub etcd_compaction: Duration,
 
+    /// Networks health checks may probe besides the instance's own
+    /// address, comma-separated CIDRs (default: none, a check probes only
+    /// its instance).
+    #[arg(long, value_delimiter = ',', value_name = "CIDRS")]
+    pub check_allow: Vec<ipnet::IpNet>,
+
+    /// How long an API client may take to send a request's headers, and
+    /// how long an idle keep-alive connection is kept.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http_header_timeout: Duration,
+
+    /// Open API connections per client IP (as Consul's
+    /// http_max_conns_per_client); more are closed at once.
+    #[arg(long, default_value_t = 200)]
+    pub http_max_conns_per_client: usize,
+
+    /// Open API connections in all; more are closed at once.
+    #[arg(long, default_value_t = 10_000)]
+    pub http_max_conns: usize,
+
+    /// Who may read the catalog, service configs and metrics over the API:
+    /// `open` (anyone who reaches it) or `token` (a valid token, any).
+    #[arg(long, value_enum, default_value = "open")]
+    pub acl_read: ReadAcl,
+
     #[command(flatten)]
     pub etcd_security: crate::etcd::EtcdSecurityArgs,
 
     #[command(flatten)]
     pub dns: crate::dns::DnsArgs,
+}
+
+/// `--acl-read`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReadAcl {
+    /// Reads need no token (as Consul's default_policy=allow).
+    Open,
+    /// Reads need a valid token (as Consul's default_policy=deny).
+    Token,
 }
 
 /// Runs until SIGINT or SIGTERM.
@@ -135,6 +170,15 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             candidate,
             ca: ca.clone(),
             compaction: (!args.etcd_compaction.is_zero()).then_some(args.etcd_compaction),
+            api_policy: ApiPolicy {
+                check_allow: args.check_allow.clone(),
+                limits: ConnectionLimits {
+                    header_read_timeout: args.http_header_timeout,
+                    per_client: args.http_max_conns_per_client,
+                    total: args.http_max_conns,
+                },
+                read_needs_token: args.acl_read == ReadAcl::Token,
+            },
         },
         registry,
         Some(catalog),

@@ -43,13 +43,15 @@ pub struct InstanceEntry {
 }
 
 impl InstanceEntry {
-    /// Healthy unless its latest check result is critical. An instance
-    /// without a check, or whose check has not run yet, is healthy: a
-    /// TTL-registered instance proves itself by heartbeating.
+    /// Healthy when its latest health record is passing. Without a record,
+    /// an instance with a check is not healthy until a probe passes (as
+    /// Consul's checks start critical), and one without a check is healthy:
+    /// a TTL-registered instance proves itself by heartbeating.
     pub fn is_healthy(&self) -> bool {
-        self.health
-            .as_ref()
-            .is_none_or(|h| h.status == HealthStatus::Passing)
+        match &self.health {
+            Some(h) => h.status == HealthStatus::Passing,
+            None => self.instance.check.is_none(),
+        }
     }
 
     /// The health status as shown to users.

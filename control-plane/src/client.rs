@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::api::services::{HealthReport, HeartbeatReply, ServiceList, ServiceView};
-use crate::api::{TokenReply, TokenRequest};
+use crate::api::{TokenList, TokenReply, TokenRequest};
 use crate::model::{Instance, InstanceId, Registration, ServiceConfig, ServiceName};
 
 /// Why an API call failed.
@@ -89,6 +89,9 @@ impl Client {
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
+            // Under the server's 10 s idle timeout, so a pooled connection
+            // is not reused just as the server closes it.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| ClientError::Decode(e.to_string()))?;
         Ok(Self {
@@ -253,11 +256,32 @@ impl Client {
             .await
     }
 
-    /// Creates a service token (admin).
-    pub async fn create_token(&self, svc: &ServiceName) -> Result<TokenReply, ClientError> {
+    /// Creates a service token (admin), valid for `ttl` (`"720h"`) or
+    /// until revoked.
+    pub async fn create_token(
+        &self,
+        svc: &ServiceName,
+        ttl: Option<String>,
+    ) -> Result<TokenReply, ClientError> {
         let req = self.http.post(self.url("/v1/tokens")).json(&TokenRequest {
             service: svc.clone(),
+            ttl,
         });
         Ok(self.call(req, Self::TIMEOUT).await?.0)
+    }
+
+    /// Lists service tokens (admin): accessors, never the tokens.
+    pub async fn list_tokens(&self) -> Result<TokenList, ClientError> {
+        let req = self.http.get(self.url("/v1/tokens"));
+        Ok(self.call(req, Self::TIMEOUT).await?.0)
+    }
+
+    /// Revokes the token with `accessor` (admin).
+    pub async fn revoke_token(&self, accessor: &str) -> Result<(), ClientError> {
+        let req = self
+            .http
+            .delete(self.url(&format!("/v1/tokens/{accessor}")));
+        let _: Option<serde_json::Value> = self.call(req, Self::TIMEOUT).await?.0;
+        Ok(())
     }
 }

@@ -429,7 +429,8 @@ impl HealthChecker {
         } else if st.failures >= FAILURES_TO_CRITICAL {
             HealthStatus::Critical
         } else {
-            // One failure: keep what was there (unknown stays unreported).
+            // One failure: keep what was there (no record yet stays
+            // critical, as a checked instance starts).
             return;
         };
         // Write on change of status or output only: a steady state costs

@@ -381,6 +381,9 @@ pub enum ValidationError {
         "address {0:?} is not an IP address (e.g. 10.0.0.5 or fd00::5): Signpost serves addresses, not host names"
     )]
     Address(String),
+    /// `address` is an IP no instance can be reached at.
+    #[error("address {0} is {1}: register the address callers should connect to")]
+    AddressKind(IpAddr, &'static str),
     /// A port is out of range.
     #[error("{field} {value} is out of range: ports are 1 to 65535")]
     Port {
@@ -404,7 +407,9 @@ pub enum ValidationError {
     #[error("ttl {0:?} is out of range: a ttl is 1s to 24h")]
     TtlRange(String),
     /// A check names neither or both of `http` and `tcp`.
-    #[error("check needs exactly one of \"http\" (a URL) or \"tcp\" (host:port)")]
+    #[error(
+        "check needs exactly one of \"http\" (a path like \"/health\", or a URL on the instance's address) or \"tcp\" (\":PORT\" or \"ADDRESS:PORT\"); \"port\" goes only with an http path"
+    )]
     CheckKind,
     /// A check target is not usable.
     #[error("check target {0:?} is not valid: {1}")]
@@ -418,6 +423,14 @@ pub enum ValidationError {
         value: String,
         /// The rule broken.
         rule: &'static str,
+    },
+    /// Text holds a control character.
+    #[error("{what} contains the control character {ch:?}: control characters are not allowed")]
+    Control {
+        /// What held it (`meta key "k"`, `meta value of "k"`).
+        what: String,
+        /// The first one found.
+        ch: char,
     },
     /// A metadata key or value cannot be served as a TXT string.
     #[error("meta {0:?}: {1}")]
@@ -452,6 +465,36 @@ fn truncated(text: &str) -> String {
     match text.char_indices().nth(32) {
         Some((end, _)) => format!("{}…", &text[..end]),
         None => text.to_string(),
+    }
+}
+
+/// Refuses addresses no caller could use: unspecified (`0.0.0.0`, `::`),
+/// multicast, broadcast and link-local (`169.254.0.0/16`, `fe80::/10`, which
+/// mean something else on every host's links). IPv4-mapped IPv6 addresses
+/// are judged as the IPv4 address they carry.
+pub fn check_address(address: IpAddr) -> Result<(), ValidationError> {
+    let refuse = |rule| Err(ValidationError::AddressKind(address, rule));
+    match address.to_canonical() {
+        IpAddr::V4(v4) if v4.is_unspecified() => refuse("unspecified (0.0.0.0)"),
+        IpAddr::V4(v4) if v4.is_broadcast() => refuse("the broadcast address"),
+        IpAddr::V4(v4) if v4.is_multicast() => refuse("multicast (224.0.0.0/4)"),
+        IpAddr::V4(v4) if v4.is_link_local() => refuse("link-local (169.254.0.0/16)"),
+        IpAddr::V6(v6) if v6.is_unspecified() => refuse("unspecified (::)"),
+        IpAddr::V6(v6) if v6.is_multicast() => refuse("multicast (ff00::/8)"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => refuse("link-local (fe80::/10)"),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses control characters (newlines, NUL, escape sequences) in text
+/// that ends up in DNS TXT records, logs and terminals.
+fn no_control(what: &str, text: &str) -> Result<(), ValidationError> {
+    match text.chars().find(|c| c.is_control()) {
+        Some(ch) => Err(ValidationError::Control {
+            what: what.to_string(),
+            ch,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -505,16 +548,25 @@ pub struct Registration {
     pub check: Option<CheckSpec>,
 }
 
-/// A health check as a client writes it.
+/// A health check as a client writes it. It probes the instance itself:
+/// `http` is a path (`"/health"`, probed on the instance's address and
+/// `port`, default its main port) or a URL whose host is the instance's
+/// address; `tcp` is `":PORT"` or `"ADDRESS:PORT"` with the instance's
+/// address. Other hosts are refused unless the server allows them
+/// (`--check-allow`); host names are refused, since what they resolve to
+/// can change after the check was accepted.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckSpec {
-    /// `GET` this URL; 2xx is passing.
+    /// `GET` this path or URL; 2xx is passing.
     #[serde(default)]
     pub http: Option<String>,
-    /// Connect to this `host:port`; a connection is passing.
+    /// Connect to this `:port` or `address:port`; a connection is passing.
     #[serde(default)]
     pub tcp: Option<String>,
+    /// The port an `http` path is probed on (default the instance's port).
+    #[serde(default)]
+    pub port: Option<i64>,
     /// How often (default 10s, at least 1s).
     #[serde(default)]
     pub interval: Option<String>,
@@ -533,6 +585,28 @@ pub enum CheckTarget {
     Tcp(String),
 }
 
+impl CheckTarget {
+    /// The IP address the probe connects to, when the target names one
+    /// (every target accepted since checks must name their instance's
+    /// address; older records may hold a host name).
+    pub fn ip(&self) -> Option<IpAddr> {
+        match self {
+            CheckTarget::Http(url) => {
+                let uri: http::Uri = url.parse().ok()?;
+                let host = uri.host()?;
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse()
+                    .ok()
+            }
+            CheckTarget::Tcp(hostport) => hostport
+                .parse::<std::net::SocketAddr>()
+                .ok()
+                .map(|a| a.ip()),
+        }
+    }
+}
+
 /// A validated health check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Check {
@@ -548,38 +622,73 @@ pub struct Check {
 }
 
 impl CheckSpec {
-    /// Validates the check.
-    pub fn validate(&self) -> Result<Check, ValidationError> {
+    /// Validates the check of an instance at `address`, main port `port`,
+    /// and makes its target absolute. The target's host is an IP address;
+    /// whether it may differ from `address` is the server's call
+    /// ([`CheckTarget::ip`]).
+    pub fn validate(&self, address: IpAddr, port: u16) -> Result<Check, ValidationError> {
+        let target_err =
+            |target: &str, rule| ValidationError::CheckTarget(target.to_string(), rule);
+        if self.port.is_some() && !self.http.as_deref().is_some_and(|h| h.starts_with('/')) {
+            return Err(ValidationError::CheckKind);
+        }
         let target = match (&self.http, &self.tcp) {
+            (Some(path), None) if path.starts_with('/') => {
+                let port = match self.port {
+                    Some(p) => self::port("check.port", p)?,
+                    None => port,
+                };
+                let url = format!("http://{}{path}", std::net::SocketAddr::new(address, port));
+                let uri: http::Uri = url
+                    .parse()
+                    .map_err(|_| target_err(path, "not a URL path"))?;
+                if uri.path_and_query().map(|p| p.as_str()) != Some(path.as_str()) {
+                    return Err(target_err(path, "not a URL path"));
+                }
+                CheckTarget::Http(url)
+            }
             (Some(url), None) => {
                 let uri: http::Uri = url
                     .parse()
-                    .map_err(|_| ValidationError::CheckTarget(url.clone(), "not a URL"))?;
+                    .map_err(|_| target_err(url, "not a URL or a path starting with '/'"))?;
                 if uri.scheme_str() != Some("http") {
-                    return Err(ValidationError::CheckTarget(
-                        url.clone(),
-                        "only http:// URLs can be probed",
+                    return Err(target_err(url, "only http:// URLs can be probed"));
+                }
+                let Some(authority) = uri.authority() else {
+                    return Err(target_err(url, "the URL has no host"));
+                };
+                if authority.as_str().contains('@') {
+                    return Err(target_err(
+                        url,
+                        "a user name or password in a check URL is not allowed (it would be shown to every reader of the catalog)",
                     ));
                 }
-                if uri.host().is_none() {
-                    return Err(ValidationError::CheckTarget(
-                        url.clone(),
-                        "the URL has no host",
+                let target = CheckTarget::Http(url.clone());
+                if target.ip().is_none() {
+                    return Err(target_err(
+                        url,
+                        "the host must be the instance's IP address, not a host name (or give a path: \"/health\")",
                     ));
                 }
-                CheckTarget::Http(url.clone())
+                target
             }
             (None, Some(hostport)) => {
-                let ok = hostport
-                    .rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
-                if !ok {
-                    return Err(ValidationError::CheckTarget(
-                        hostport.clone(),
-                        "expected host:port",
-                    ));
-                }
-                CheckTarget::Tcp(hostport.clone())
+                let absolute = match hostport.strip_prefix(':') {
+                    Some(p) => match p.parse::<u16>() {
+                        Ok(p) if p != 0 => std::net::SocketAddr::new(address, p).to_string(),
+                        _ => return Err(target_err(hostport, "expected :PORT or ADDRESS:PORT")),
+                    },
+                    None => match hostport.parse::<std::net::SocketAddr>() {
+                        Ok(a) if a.port() != 0 => a.to_string(),
+                        _ => {
+                            return Err(target_err(
+                                hostport,
+                                "expected :PORT or ADDRESS:PORT with the instance's IP address",
+                            ));
+                        }
+                    },
+                };
+                CheckTarget::Tcp(absolute)
             }
             _ => return Err(ValidationError::CheckKind),
         };
@@ -663,6 +772,7 @@ impl Registration {
             .trim()
             .parse()
             .map_err(|_| ValidationError::Address(self.address.clone()))?;
+        check_address(address)?;
         let main_port = port("port", self.port)?;
         at_most("the number of named ports", self.ports.len(), MAX_PORTS)?;
         at_most("the number of tags", self.tags.len(), MAX_TAGS)?;
@@ -690,6 +800,8 @@ impl Registration {
                 value.len(),
                 MAX_META_VALUE_BYTES,
             )?;
+            no_control(&format!("meta key {:?}", truncated(key)), key)?;
+            no_control(&format!("meta value of {:?}", truncated(key)), value)?;
             if key.is_empty() || key.contains('=') {
                 return Err(ValidationError::Meta(
                     key.clone(),
@@ -724,7 +836,7 @@ impl Registration {
         let check = self
             .check
             .as_ref()
-            .map(CheckSpec::validate)
+            .map(|c| c.validate(address, main_port))
             .transpose()?
             .map(Box::new);
         let instance = Instance {
@@ -819,6 +931,18 @@ pub struct TokenRecord {
     /// When it was created.
     #[serde(with = "humantime_serde")]
     pub created: SystemTime,
+    /// A non-secret id to list and revoke the token by. Records made before
+    /// accessors existed have none; they are known by the start of their
+    /// key's hash instead (see [`crate::tokens::TokenCache`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub accessor: String,
+    /// When it stops being accepted, if it was made with a `ttl`.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expires: Option<SystemTime>,
 }
 
 #[cfg(test)]
@@ -955,13 +1079,62 @@ mod tests {
     }
 
     #[test]
+    fn unusable_addresses_and_control_characters_are_refused() {
+        for bad in [
+            "0.0.0.0",
+            "::",
+            "255.255.255.255",
+            "224.0.0.1",
+            "239.1.2.3",
+            "ff02::1",
+            "169.254.169.254",
+            "fe80::1",
+            "::ffff:169.254.1.1",
+            "::ffff:0.0.0.0",
+        ] {
+            let mut r = reg();
+            r.address = bad.into();
+            let err = validate(&r).unwrap_err();
+            assert!(
+                matches!(err, ValidationError::AddressKind(..)),
+                "{bad}: {err:?}"
+            );
+        }
+        for good in ["10.0.0.1", "127.0.0.1", "fd00::5", "2001:db8::1", "::1"] {
+            let mut r = reg();
+            r.address = good.into();
+            assert!(validate(&r).is_ok(), "{good}");
+        }
+        for (k, v) in [
+            ("k", "a\nb"),
+            ("k", "\u{1b}[31m"),
+            ("k\u{0}", "v"),
+            ("k", "\u{7f}"),
+        ] {
+            let mut r = reg();
+            r.meta.insert(k.into(), v.into());
+            let err = validate(&r).unwrap_err();
+            assert!(matches!(err, ValidationError::Control { .. }), "{err:?}");
+            assert!(err.to_string().contains("control character"), "{err}");
+        }
+        let mut r = reg();
+        r.tags = vec!["a\tb".into()];
+        assert!(matches!(validate(&r), Err(ValidationError::Name(_))));
+        // Non-ASCII text that is not control is fine.
+        let mut r = reg();
+        r.meta.insert("zone".into(), "Zürich 東京".into());
+        assert!(validate(&r).is_ok());
+    }
+
+    #[test]
     fn checks_validate() {
-        let ok = CheckSpec {
+        let addr: IpAddr = "10.0.0.5".parse().unwrap();
+        let v = |spec: CheckSpec| spec.validate(addr, 8080);
+        let ok = v(CheckSpec {
             http: Some("http://10.0.0.5:8080/health".into()),
             interval: Some("5s".into()),
             ..Default::default()
-        }
-        .validate()
+        })
         .unwrap();
         assert_eq!(ok.interval, Duration::from_secs(5));
         assert_eq!(ok.timeout, DEFAULT_CHECK_TIMEOUT);
@@ -971,37 +1144,100 @@ mod tests {
             tcp: Some("a:1".into()),
             ..Default::default()
         };
-        assert_eq!(both.validate(), Err(ValidationError::CheckKind));
+        assert_eq!(v(both), Err(ValidationError::CheckKind));
+        assert_eq!(v(CheckSpec::default()), Err(ValidationError::CheckKind));
+        for (http, tcp) in [
+            (None, Some("nohost")),
+            (None, Some("db.internal:5432")),
+            (None, Some(":0")),
+            (Some("https://10.0.0.5/"), None),
+            (Some("http://app.internal/health"), None),
+            (Some("http://admin:s3cret@10.0.0.5:8080/health"), None),
+            (Some("health"), None),
+        ] {
+            let spec = CheckSpec {
+                http: http.map(String::from),
+                tcp: tcp.map(String::from),
+                ..Default::default()
+            };
+            let err = v(spec).unwrap_err();
+            assert!(
+                matches!(err, ValidationError::CheckTarget(..)),
+                "{http:?} {tcp:?}: {err:?}"
+            );
+            if http.is_some_and(|h| h.contains('@')) {
+                assert!(err.to_string().contains("password"), "{err}");
+            }
+        }
+        // Relative targets are made absolute on the instance's address.
+        let path = v(CheckSpec {
+            http: Some("/health?deep=1".into()),
+            ..Default::default()
+        })
+        .unwrap();
         assert_eq!(
-            CheckSpec::default().validate(),
+            path.target,
+            CheckTarget::Http("http://10.0.0.5:8080/health?deep=1".into())
+        );
+        let other_port = v(CheckSpec {
+            http: Some("/ready".into()),
+            port: Some(9000),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            other_port.target,
+            CheckTarget::Http("http://10.0.0.5:9000/ready".into())
+        );
+        let tcp = v(CheckSpec {
+            tcp: Some(":5432".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(tcp.target, CheckTarget::Tcp("10.0.0.5:5432".into()));
+        assert_eq!(tcp.target.ip(), Some(addr));
+        let v6 = CheckSpec {
+            http: Some("/h".into()),
+            ..Default::default()
+        }
+        .validate("fd00::5".parse().unwrap(), 80)
+        .unwrap();
+        assert_eq!(v6.target, CheckTarget::Http("http://[fd00::5]:80/h".into()));
+        assert_eq!(v6.target.ip(), "fd00::5".parse().ok());
+        // `port` only goes with a path.
+        assert_eq!(
+            v(CheckSpec {
+                tcp: Some(":1".into()),
+                port: Some(2),
+                ..Default::default()
+            }),
             Err(ValidationError::CheckKind)
         );
-        let bad_tcp = CheckSpec {
-            tcp: Some("nohost".into()),
-            ..Default::default()
-        };
-        assert!(matches!(
-            bad_tcp.validate(),
-            Err(ValidationError::CheckTarget(..))
-        ));
-        let https = CheckSpec {
-            http: Some("https://a/".into()),
-            ..Default::default()
-        };
-        assert!(matches!(
-            https.validate(),
-            Err(ValidationError::CheckTarget(..))
-        ));
         let long_timeout = CheckSpec {
-            tcp: Some("a:1".into()),
+            tcp: Some("10.0.0.5:1".into()),
             interval: Some("1s".into()),
             timeout: Some("5s".into()),
             ..Default::default()
         };
         assert!(matches!(
-            long_timeout.validate(),
+            v(long_timeout),
             Err(ValidationError::CheckTiming { .. })
         ));
+    }
+
+    #[test]
+    fn old_check_records_still_load() {
+        // As stored before checks had to name their instance's address.
+        let json = r#"{"service":"user","id":"u1","address":"10.0.0.5","port":80,"weight":100,
+            "check":{"http":"http://app.internal:8080/health","interval":"10s","timeout":"2s"},
+            "registered":"2026-01-01T00:00:00Z"}"#;
+        let inst: Instance = serde_json::from_str(json).unwrap();
+        let check = inst.check.unwrap();
+        assert_eq!(
+            check.target,
+            CheckTarget::Http("http://app.internal:8080/health".into())
+        );
+        assert_eq!(check.target.ip(), None);
     }
 
     #[test]

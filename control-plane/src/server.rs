@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::auth::AuthConfig;
 use crate::api::certs::CertAuthority;
-use crate::api::{self, ApiMetrics, ApiState};
+use crate::api::{self, ApiMetrics, ApiPolicy, ApiState};
 use crate::catalog::Catalog;
 use crate::compactor::Compactor;
 use crate::health::HealthChecker;
@@ -48,6 +48,8 @@ pub struct ControlPlaneOptions {
     /// History the store keeps: one elected control plane compacts older
     /// revisions away (see [`crate::compactor`]). `None`: no compaction.
     pub compaction: Option<std::time::Duration>,
+    /// API settings from the server's flags.
+    pub api_policy: ApiPolicy,
 }
 
 /// A running control plane.
@@ -101,6 +103,12 @@ impl ControlPlane {
             &mut registry,
         );
         tasks.push(tokio::spawn(checker.run(cancel.clone())));
+        let token_cache = crate::tokens::TokenCache::new();
+        tasks.push(tokio::spawn(token_cache.clone().run(
+            opts.store.clone(),
+            opts.keys.clone(),
+            cancel.clone(),
+        )));
         let state = ApiState {
             store: opts.store,
             catalog: catalog.clone(),
@@ -109,6 +117,9 @@ impl ControlPlane {
             registry: Arc::new(registry),
             metrics,
             ca: opts.ca.clone(),
+            policy: Arc::new(opts.api_policy),
+            tokens: token_cache,
+            auth_failures: Arc::new(crate::api::auth::AuthFailures::new()),
         };
         if let Some(ca) = opts.ca {
             let (store, keys) = (state.store.clone(), state.keys.clone());

@@ -58,6 +58,13 @@ async fn health_of(api: &str, id: &str) -> Option<String> {
     let list = v.as_array().or_else(|| v["instances"].as_array())?;
     list.iter()
         .find(|i| i["id"] == id)
+        // Only what a probe wrote: a checked instance is critical from
+        // the start, before any replica probed it.
+        .filter(|i| {
+            i["health"]["output"]
+                .as_str()
+                .is_some_and(|o| o.contains("TCP connect"))
+        })
         .and_then(|i| i["health"]["status"].as_str().map(String::from))
 }
 

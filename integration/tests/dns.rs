@@ -369,3 +369,146 @@ fn server_refuses_to_start_without_admin_token() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--admin-token-file"));
 }
+
+/// A checked instance starts critical: out of DNS until a probe passes. One
+/// whose target is dead never appears; one whose app comes up appears after
+/// its first passing probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checked_instances_enter_dns_on_their_first_passing_probe() {
+    let c = cluster().await;
+    let dead_port = free_port();
+    let late_port = free_port();
+    c.register(
+        "web",
+        "dead",
+        json!({"address": "127.0.0.2", "port": dead_port,
+               "check": {"tcp": format!(":{dead_port}"), "interval": "1s", "timeout": "500ms"}}),
+    )
+    .await;
+    c.register(
+        "web",
+        "late",
+        json!({"address": "127.0.0.1", "port": late_port,
+               "check": {"tcp": format!(":{late_port}"), "interval": "1s", "timeout": "500ms"}}),
+    )
+    .await;
+    // Registered (both listed, critical) but in DNS neither, for several
+    // probes' time.
+    let view: serde_json::Value = c
+        .http
+        .get(format!("{}/v1/services/web", c.api))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let instances = view["instances"].as_array().unwrap();
+    assert_eq!(instances.len(), 2, "{view}");
+    assert!(
+        instances
+            .iter()
+            .all(|i| i["health"]["status"] == "critical"),
+        "{view}"
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        assert_eq!(
+            dig_short(c.dns, "web.xingren.host", "A", false),
+            Vec::<String>::new(),
+            "a checked instance is in DNS before any probe passed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The app comes up: after its next probe it is served; the dead one
+    // still never is.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", late_port))
+        .await
+        .unwrap();
+    let accept = tokio::spawn(async move { while listener.accept().await.is_ok() {} });
+    let up = std::time::Instant::now();
+    eventually(
+        "the live instance enters DNS",
+        Duration::from_secs(5),
+        || async {
+            let answers = dig_short(c.dns, "web.xingren.host", "A", false);
+            assert!(
+                !answers.contains(&"127.0.0.2".to_string()),
+                "the dead instance is in DNS: {answers:?}"
+            );
+            answers == ["127.0.0.1"]
+        },
+    )
+    .await;
+    eprintln!("served {:?} after its app came up", up.elapsed());
+    for _ in 0..10 {
+        assert_eq!(
+            dig_short(c.dns, "web.xingren.host", "A", false),
+            ["127.0.0.1"]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    accept.abort();
+}
+
+/// `signpost token create --ttl`, `token list` (accessors, never the
+/// secret) and `token revoke`, against a real server on etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_creates_lists_and_revokes_tokens() {
+    let c = cluster().await;
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(signpost_bin())
+            .args(args)
+            .env("SIGNPOST_ADDR", &c.api)
+            .env("SIGNPOST_TOKEN", ADMIN)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, token, err) = run(&["token", "create", "--service", "user", "--ttl", "720h"]);
+    assert_eq!(code, Some(0), "{err}");
+    let token = token.trim().to_string();
+    let accessor = err
+        .split("accessor ")
+        .nth(1)
+        .and_then(|rest| rest.split([',', ';']).next())
+        .unwrap_or_else(|| panic!("no accessor in {err:?}"))
+        .to_string();
+    let (code, list, err) = run(&["token", "list"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        list.contains("ACCESSOR") && list.contains("EXPIRES"),
+        "{list}"
+    );
+    let row = list
+        .lines()
+        .find(|l| l.starts_with(&accessor))
+        .unwrap_or_else(|| panic!("{accessor} not in {list}"));
+    assert!(row.contains("user") && !row.contains("never"), "{row}");
+    assert!(!list.contains(&token), "the list shows the secret: {list}");
+    // The token works, is revoked, then is refused.
+    let register = |token: String| {
+        let http = c.http.clone();
+        let api = c.api.clone();
+        async move {
+            http.put(format!("{api}/v1/services/user/instances/u1"))
+                .bearer_auth(token)
+                .json(&json!({"address": "10.4.0.1", "port": 80}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(register(token.clone()).await, 200);
+    let (code, out, err) = run(&["token", "revoke", &accessor]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(register(token.clone()).await, 401);
+    let (code, _, err) = run(&["token", "revoke", &accessor]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no token has accessor"), "{err}");
+}

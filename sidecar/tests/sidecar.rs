@@ -43,6 +43,7 @@ async fn control_plane(cancel: &CancellationToken) -> String {
             },
             candidate: "test".into(),
             compaction: None,
+            api_policy: Default::default(),
             ca: Some(Arc::new(CertAuthority {
                 ca,
                 zone: ZONE.into(),

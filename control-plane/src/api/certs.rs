@@ -105,13 +105,13 @@ pub async fn issue(
     JsonBody(req): JsonBody<CertRequest>,
 ) -> Result<Json<CertReply>, ApiError> {
     let ca = ca_of(&state)?;
-    let principal = authenticate(&state.auth, &*state.store, &state.keys, &headers, peer).await?;
+    let principal = authenticate(&state, &headers, peer).await?;
     let service = match (principal, req.service) {
         (Principal::Service(own), None) => own,
         (Principal::Service(own), Some(asked)) if asked == own => own,
         (Principal::Service(own), Some(asked)) => {
             return Err(ApiError::forbidden(format!(
-                "this token belongs to service {own:?} and cannot get a certificate for {asked:?}"
+                "this token belongs to service {own} and cannot get a certificate for {asked}"
             )));
         }
         (Principal::Admin, Some(asked)) => asked,

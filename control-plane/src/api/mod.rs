@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -51,6 +51,20 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Header carrying the blocking-query index.
 pub const INDEX_HEADER: &str = "x-signpost-index";
 
+/// What the server's flags decide about the API (`signpost server
+/// --check-allow ...`); the default is the contract's.
+#[derive(Debug, Clone, Default)]
+pub struct ApiPolicy {
+    /// Networks a health check may probe besides its own instance's
+    /// address (`--check-allow`); empty: only the instance itself.
+    pub check_allow: Vec<ipnet::IpNet>,
+    /// Connection limits.
+    pub limits: ConnectionLimits,
+    /// Whether catalog, config and metrics reads need a token
+    /// (`--acl-read token`).
+    pub read_needs_token: bool,
+}
+
 /// Everything a handler needs.
 #[derive(Clone)]
 pub struct ApiState {
@@ -68,6 +82,17 @@ pub struct ApiState {
     pub metrics: ApiMetrics,
     /// The mesh CA, when this control plane issues certificates.
     pub ca: Option<Arc<certs::CertAuthority>>,
+    /// The server's API settings.
+    pub policy: Arc<ApiPolicy>,
+    /// The service tokens, from the store's watch.
+    pub tokens: Arc<tokens::TokenCache>,
+    /// Failed authentications by client IP.
+    pub auth_failures: Arc<auth::AuthFailures>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    limit: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -87,6 +112,8 @@ pub struct ApiMetrics {
     instances: Gauge,
     healthy: Gauge,
     synced: Gauge,
+    connections: Gauge,
+    refused: Family<RefusedLabels, Counter>,
 }
 
 impl ApiMetrics {
@@ -100,7 +127,19 @@ impl ApiMetrics {
             instances: Gauge::default(),
             healthy: Gauge::default(),
             synced: Gauge::default(),
+            connections: Gauge::default(),
+            refused: Family::default(),
         };
+        registry.register(
+            "signpost_api_connections",
+            "Open API connections",
+            m.connections.clone(),
+        );
+        registry.register(
+            "signpost_api_connections_refused",
+            "API connections closed at once for being past a limit (per_client or total)",
+            m.refused.clone(),
+        );
         registry.register(
             "signpost_api_requests",
             "API requests by method, route and status",
@@ -172,7 +211,8 @@ pub fn router(state: ApiState) -> Router {
             "/v1/services/{svc}/config",
             put(services::put_config).get(services::get_config),
         )
-        .route("/v1/tokens", post(create_token))
+        .route("/v1/tokens", post(create_token).get(list_tokens))
+        .route("/v1/tokens/{accessor}", delete(revoke_token))
         .route("/v1/certs", post(certs::issue))
         .route("/v1/ca/roots", get(certs::roots))
         .route("/healthz", get(healthz))
@@ -184,17 +224,43 @@ pub fn router(state: ApiState) -> Router {
     ));
     // Blocking queries wait up to MAX_WAIT, so they sit outside the timeout.
     let blocking = Router::new().route("/v1/services/{svc}", get(services::get_service));
-    writes_and_reads
+    let routes = writes_and_reads
         .merge(blocking)
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), read_acl))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
-        .with_state(state)
+        .layer(middleware::from_fn(error::limit_headers))
+        .with_state(state);
+    // Around the whole router rather than its routes, so that answers the
+    // routing itself makes (405 with its `Allow`) pass through it too.
+    Router::new()
+        .fallback_service(routes)
+        .layer(middleware::from_fn(error::json_errors))
 }
 
 async fn not_found() -> ApiError {
     ApiError::not_found("no such route; see the API table in the README")
+}
+
+/// With `--acl-read token`, catalog, config and metrics reads need a valid
+/// token (any: the admin's or a service's). The trust bundle, `/healthz` and
+/// `/readyz` stay open, for sidecars bootstrapping and for probes.
+async fn read_acl(
+    State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let path = req.uri().path();
+    let guarded = state.policy.read_needs_token
+        && (req.method() == axum::http::Method::GET || req.method() == axum::http::Method::HEAD)
+        && (path == "/metrics" || path == "/v1/services" || path.starts_with("/v1/services/"));
+    if guarded && let Err(err) = auth::authenticate(&state, req.headers(), peer).await {
+        return err.into_response();
+    }
+    next.run(req).await
 }
 
 async fn observe(State(state): State<ApiState>, req: Request, next: Next) -> Response {
@@ -222,17 +288,191 @@ async fn observe(State(state): State<ApiState>, req: Request, next: Next) -> Res
     resp
 }
 
-/// Serves the API on `listener` until `cancel` fires.
+/// Limits on the API's connections, as Consul's `http_max_conns_per_client`
+/// and a web server's header timeout: a client cannot hold the API with
+/// idle or half-sent connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// How long a connection may take to send a request's headers, and how
+    /// long an idle keep-alive connection waits for its next request (hyper
+    /// runs one timer for both: it starts whenever the connection waits for
+    /// a request head). Once the headers are in, a request (a blocking
+    /// query) may take as long as it needs.
+    pub header_read_timeout: Duration,
+    /// Open connections per client IP; more are closed at once.
+    pub per_client: usize,
+    /// Open connections in all; more are closed at once.
+    pub total: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            // 10 s: a client on a slow link sends a few hundred bytes of
+            // headers in far less, and a scanner holding sockets open is let
+            // go quickly.
+            header_read_timeout: Duration::from_secs(10),
+            // Consul's default `http_max_conns_per_client`.
+            per_client: 200,
+            // Well under the file descriptors a server is usually given.
+            total: 10_000,
+        }
+    }
+}
+
+/// How long shutdown waits for requests in flight (a blocking query may
+/// otherwise hold it for minutes).
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
+
+/// Open connections per client IP, and in all.
+#[derive(Default)]
+struct ConnectionCounts {
+    per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    total: std::sync::atomic::AtomicUsize,
+}
+
+/// One admitted connection; counted until dropped.
+struct Admitted {
+    counts: Arc<ConnectionCounts>,
+    ip: std::net::IpAddr,
+}
+
+impl ConnectionCounts {
+    /// Admits a connection from `ip`, or says which limit it is past.
+    fn admit(
+        self: &Arc<Self>,
+        ip: std::net::IpAddr,
+        limits: &ConnectionLimits,
+    ) -> Result<Admitted, &'static str> {
+        use std::sync::atomic::Ordering;
+        let mut per_ip = self
+            .per_ip
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.total.load(Ordering::Relaxed) >= limits.total {
+            return Err("total");
+        }
+        let open = per_ip.entry(ip).or_insert(0);
+        if *open >= limits.per_client {
+            return Err("per_client");
+        }
+        *open += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Ok(Admitted {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        let mut per_ip = self
+            .counts
+            .per_ip
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(open) = per_ip.get_mut(&self.ip) {
+            *open -= 1;
+            if *open == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+        self.counts.total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves the API on `listener` until `cancel` fires, within the state's
+/// [`ConnectionLimits`]; then drains requests in flight for up to 10 s.
 pub async fn serve(
     listener: TcpListener,
     state: ApiState,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    let limits = state.policy.limits;
+    let metrics = state.metrics.clone();
+    let app = router(state);
+    let counts = Arc::new(ConnectionCounts::default());
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // Past error::MAX_HEADERS the API answers 431 in JSON; hyper's own
+        // (bare) 431 is for twice as many.
+        .max_headers(error::MAX_HEADERS * 2);
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(err) => {
+                    // Out of file descriptors, most likely: let some close.
+                    tracing::warn!(%err, "cannot accept an API connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let admitted = match counts.admit(peer.ip(), &limits) {
+            Ok(admitted) => admitted,
+            Err(limit) => {
+                metrics
+                    .refused
+                    .get_or_create(&RefusedLabels { limit })
+                    .inc();
+                tracing::debug!(%peer, limit, "API connection refused: past the connection limit");
+                drop(stream);
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                app.clone().oneshot(req)
+            });
+        let conn = http.serve_connection(TokioIo::new(stream), service);
+        metrics.connections.inc();
+        let connections = metrics.connections.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = cancel.cancelled() => {
+                    // Finish the request in flight, then close.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(err) = result {
+                tracing::debug!(%peer, %err, "API connection ended");
+            }
+            connections.dec();
+            drop(admitted);
+        });
+    }
+    drop(listener);
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_DRAIN, tracker.wait())
         .await
+        .is_err()
+    {
+        tracing::info!("API requests still in flight after {SHUTDOWN_DRAIN:?}; closing them");
+    }
+    Ok(())
 }
+
+/// Shortest `ttl` of a token.
+pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(60);
+/// Longest `ttl` of a token (ten years; without `ttl` a token never
+/// expires).
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// `POST /v1/tokens` body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -240,6 +480,9 @@ pub async fn serve(
 pub struct TokenRequest {
     /// The service the token may act for.
     pub service: ServiceName,
+    /// How long the token is accepted (`"720h"`); absent: until revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
 }
 
 /// `POST /v1/tokens` answer. The token is shown once; only its hash is kept.
@@ -249,6 +492,38 @@ pub struct TokenReply {
     pub service: ServiceName,
     /// The token.
     pub token: String,
+    /// Its non-secret id, to list and revoke it by.
+    #[serde(default)]
+    pub accessor: String,
+    /// When it expires, if it does.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expires: Option<std::time::SystemTime>,
+}
+
+/// One row of `GET /v1/tokens`: never the token, nor its hash.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// The accessor id.
+    pub accessor: String,
+    /// The service it acts for.
+    pub service: ServiceName,
+    /// When it was made.
+    #[serde(with = "humantime_serde")]
+    pub created: std::time::SystemTime,
+    /// When it expires, if it does.
+    #[serde(default, with = "humantime_serde")]
+    pub expires: Option<std::time::SystemTime>,
+}
+
+/// `GET /v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenList {
+    /// Every service token, oldest first.
+    pub tokens: Vec<TokenInfo>,
 }
 
 async fn create_token(
@@ -257,28 +532,100 @@ async fn create_token(
     headers: HeaderMap,
     JsonBody(req): JsonBody<TokenRequest>,
 ) -> Result<(StatusCode, axum::Json<TokenReply>), ApiError> {
-    auth::authenticate(&state.auth, &*state.store, &state.keys, &headers, peer)
+    auth::authenticate(&state, &headers, peer)
         .await?
         .must_be_admin("creating tokens")?;
+    let created = std::time::SystemTime::now();
+    let expires = match &req.ttl {
+        None => None,
+        Some(raw) => {
+            let ttl = crate::model::parse_duration("ttl", raw)
+                .map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?;
+            if !(MIN_TOKEN_TTL..=MAX_TOKEN_TTL).contains(&ttl) {
+                return Err(ApiError::bad_request(
+                    "invalid_body",
+                    format!(
+                        "ttl {raw:?} is out of range: a token's ttl is 1m to 87600h (ten years)"
+                    ),
+                ));
+            }
+            Some(created + ttl)
+        }
+    };
     let token = tokens::generate();
     let record = TokenRecord {
         service: req.service.clone(),
-        created: std::time::SystemTime::now(),
+        created,
+        accessor: tokens::generate_accessor(),
+        expires,
     };
     let value = serde_json::to_vec(&record)
         .map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?;
+    let hash = tokens::hash(&token);
     state
         .store
-        .put(&state.keys.token(&tokens::hash(&token)), value, None)
+        .put(&state.keys.token(&hash), value, None)
         .await?;
-    tracing::info!(service = %req.service, "service token created");
+    tracing::info!(service = %req.service, accessor = %record.accessor, "service token created");
+    // Usable here as soon as it is answered (read your writes).
+    state
+        .tokens
+        .wait_for(Duration::from_secs(1), |t| t.get(&hash).is_some())
+        .await;
     Ok((
         StatusCode::CREATED,
         axum::Json(TokenReply {
             service: req.service,
             token,
+            accessor: record.accessor,
+            expires,
         }),
     ))
+}
+
+async fn list_tokens(
+    State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<axum::Json<TokenList>, ApiError> {
+    auth::authenticate(&state, &headers, peer)
+        .await?
+        .must_be_admin("listing tokens")?;
+    let tokens = state
+        .tokens
+        .list()
+        .into_iter()
+        .map(|t| TokenInfo {
+            accessor: t.record.accessor,
+            service: t.record.service,
+            created: t.record.created,
+            expires: t.record.expires,
+        })
+        .collect();
+    Ok(axum::Json(TokenList { tokens }))
+}
+
+async fn revoke_token(
+    State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(accessor): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    auth::authenticate(&state, &headers, peer)
+        .await?
+        .must_be_admin("revoking tokens")?;
+    let Some(known) = state.tokens.by_accessor(&accessor) else {
+        return Err(ApiError::not_found(format!(
+            "no token has accessor {accessor:?} (`signpost token list` shows them)"
+        )));
+    };
+    state.store.delete(&[state.keys.token(&known.hash)]).await?;
+    tracing::info!(service = %known.record.service, %accessor, "service token revoked");
+    state
+        .tokens
+        .wait_for(Duration::from_secs(1), |t| t.get(&known.hash).is_none())
+        .await;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn healthz() -> &'static str {
@@ -288,19 +635,14 @@ async fn healthz() -> &'static str {
 /// Ready while the store answers: a control plane that cannot write should be
 /// taken out of a load balancer.
 async fn readyz(State(state): State<ApiState>) -> Response {
+    let not_ready = |message: String| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message).into_response()
+    };
     match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
         Ok(Ok(_)) if state.catalog.is_synced() => (StatusCode::OK, "ready\n").into_response(),
-        Ok(Ok(_)) => (StatusCode::SERVICE_UNAVAILABLE, "catalog not synced yet\n").into_response(),
-        Ok(Err(err)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("store unreachable: {err}\n"),
-        )
-            .into_response(),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store did not answer within 2s\n",
-        )
-            .into_response(),
+        Ok(Ok(_)) => not_ready("catalog not synced yet".into()),
+        Ok(Err(err)) => not_ready(format!("store unreachable: {err}")),
+        Err(_) => not_ready("store did not answer within 2s".into()),
     }
 }
 

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use axum::Json;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -37,7 +38,7 @@ async fn principal(
     headers: &HeaderMap,
     peer: SocketAddr,
 ) -> Result<Principal, ApiError> {
-    authenticate(&state.auth, &*state.store, &state.keys, headers, peer).await
+    authenticate(state, headers, peer).await
 }
 
 /// An instance as the API shows it: the record plus its health.
@@ -46,7 +47,8 @@ pub struct InstanceView {
     /// The instance record.
     #[serde(flatten)]
     pub instance: Instance,
-    /// Its health (`passing` when it has no check or the check has not run).
+    /// Its health (`passing` without a check; with one, `critical` until a
+    /// probe passes).
     pub health: HealthView,
 }
 
@@ -73,11 +75,11 @@ impl From<&InstanceEntry> for InstanceView {
             instance: Instance::clone(&e.instance),
             health: HealthView {
                 status: e.status(),
-                output: e
-                    .health
-                    .as_ref()
-                    .map(|h| h.output.clone())
-                    .unwrap_or_default(),
+                output: match (&e.health, &e.instance.check) {
+                    (Some(h), _) => h.output.clone(),
+                    (None, Some(_)) => "no probe has passed yet".to_string(),
+                    (None, None) => String::new(),
+                },
                 since: e.health.as_ref().map(|h| h.since),
             },
         }
@@ -155,6 +157,7 @@ pub async fn register(
     let (svc, id) = names(&svc, &id)?;
     principal(&state, &headers, peer).await?.may_write(&svc)?;
     let instance = body.validate(&svc, &id)?;
+    check_target_allowed(&state, &instance)?;
     let key = state.keys.instance(&svc, &id);
     let value = serde_json::to_vec(&instance)
         .map_err(|e| ApiError::bad_request("invalid_registration", e.to_string()))?;
@@ -176,6 +179,30 @@ pub async fn register(
     tracing::info!(service = %svc, id = %id, address = %instance.address, port = instance.port, ttl = ?instance.ttl, "registered");
     visible(&state, &svc, |snap| snap.revision >= revision).await;
     Ok(with_index(revision, Json(instance)))
+}
+
+/// A check probes its own instance, or a network the server allows
+/// (`--check-allow`): otherwise a token could have the control plane probe
+/// anything it can reach, and publish the result.
+fn check_target_allowed(state: &ApiState, instance: &Instance) -> Result<(), ApiError> {
+    let Some(check) = &instance.check else {
+        return Ok(());
+    };
+    let target = match &check.target {
+        crate::model::CheckTarget::Http(t) | crate::model::CheckTarget::Tcp(t) => t,
+    };
+    match check.target.ip() {
+        Some(ip) if ip == instance.address => Ok(()),
+        Some(ip) if state.policy.check_allow.iter().any(|net| net.contains(&ip)) => Ok(()),
+        _ => Err(ApiError::bad_request(
+            "check_target",
+            format!(
+                "check target {target} is not the instance's address {}: a check probes its own instance \
+                 (give a path like \"/health\" or \":PORT\"), unless the server allows other networks with --check-allow",
+                instance.address
+            ),
+        )),
+    }
 }
 
 /// Answer of a heartbeat.
@@ -296,29 +323,53 @@ pub async fn report_health(
     }
 }
 
-/// Query of `GET /v1/services/{svc}`.
+/// Query of `GET /v1/services/{svc}`, as sent: both are parsed by
+/// [`BlockingQuery::parse`] so a bad value gets a message naming it.
 #[derive(Debug, Default, Deserialize)]
 pub struct BlockingQuery {
     /// Return once the service's index passes this.
-    pub index: Option<i64>,
+    pub index: Option<String>,
     /// For at most this long (`30s`).
     pub wait: Option<String>,
+}
+
+impl BlockingQuery {
+    /// The index (if any) and the wait, or 400 `invalid_query`.
+    fn parse(&self) -> Result<(Option<i64>, Duration), ApiError> {
+        let index = match &self.index {
+            None => None,
+            Some(raw) => match raw.trim().parse::<i64>() {
+                Ok(i) if i >= 0 => Some(i),
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "invalid_query",
+                        format!(
+                            "index {raw:?} is not an index: send the X-Signpost-Index of a previous answer (a whole number, 0 or more)"
+                        ),
+                    ));
+                }
+            },
+        };
+        let wait = match &self.wait {
+            Some(raw) => crate::model::parse_duration("wait", raw)
+                .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?
+                .min(MAX_WAIT),
+            None => DEFAULT_WAIT,
+        };
+        Ok((index, wait))
+    }
 }
 
 /// `GET /v1/services/{svc}`, blocking when `index` is given.
 pub async fn get_service(
     State(state): State<ApiState>,
     Path(svc): Path<String>,
-    Query(q): Query<BlockingQuery>,
+    query: Result<Query<BlockingQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let svc = ServiceName::new(&svc)?;
-    if let Some(index) = q.index {
-        let wait = match &q.wait {
-            Some(raw) => crate::model::parse_duration("wait", raw)
-                .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?
-                .min(MAX_WAIT),
-            None => DEFAULT_WAIT,
-        };
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let (index, wait) = q.parse()?;
+    if let Some(index) = index {
         let catalog = &state.catalog;
         catalog
             .wait_service(&svc, wait, |_| catalog.service_index(&svc) > index)
