@@ -413,9 +413,85 @@ pub(crate) struct Index {
 type Reverse = imbl::OrdMap<IpAddr, RecordSet>;
 
 /// The services of an index by name (the catalog's, shared: a service's
-/// label costs the index nothing of its own), in name order (the DNS-SD
-/// enumeration's). A B-tree, as [`Reverse`].
-pub(crate) type Services = imbl::OrdMap<ServiceName, Arc<ServicePart>>;
+/// label costs the index nothing of its own).
+///
+/// A persistent B-tree keyed by a hash of the name: every query looks a
+/// service up here, and comparing hashes stored in the node itself visits
+/// a few cache lines per level, where comparing names would follow a
+/// pointer per comparison. (A hash trie would need no comparisons, but its
+/// nodes keep a slot for each of 32 hash values, mostly empty near the
+/// leaves.) Names whose hashes collide share a bucket.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Services(imbl::OrdMap<u64, ServiceBucket>);
+
+/// The services whose names hash alike: almost always one.
+type ServiceBucket = SmallVec<[(ServiceName, Arc<ServicePart>); 1]>;
+
+impl Services {
+    fn hash(name: &[u8]) -> u64 {
+        use std::hash::Hasher;
+        let mut hasher = crate::name::KeyHasher::default();
+        hasher.write(name);
+        hasher.finish()
+    }
+
+    /// The part of the service named `name` (a label, lower-case).
+    pub(crate) fn get(&self, name: &str) -> Option<&Arc<ServicePart>> {
+        self.get_bytes(name.as_bytes())
+    }
+
+    fn get_bytes(&self, name: &[u8]) -> Option<&Arc<ServicePart>> {
+        self.0
+            .get(&Self::hash(name))?
+            .iter()
+            .find(|(n, _)| n.as_str().as_bytes() == name)
+            .map(|(_, part)| part)
+    }
+
+    /// Whether a service is named `name`.
+    pub(crate) fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Sets the part of `name`, returning the one it replaces.
+    fn insert(&mut self, name: ServiceName, part: Arc<ServicePart>) -> Option<Arc<ServicePart>> {
+        let bucket = self
+            .0
+            .entry(Self::hash(name.as_str().as_bytes()))
+            .or_default();
+        match bucket.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, old)) => Some(std::mem::replace(old, part)),
+            None => {
+                bucket.push((name, part));
+                None
+            }
+        }
+    }
+
+    /// Removes the part of `name`, returning it.
+    fn remove(&mut self, name: &ServiceName) -> Option<Arc<ServicePart>> {
+        let hash = Self::hash(name.as_str().as_bytes());
+        let bucket = self.0.get_mut(&hash)?;
+        let at = bucket.iter().position(|(n, _)| n == name)?;
+        let (_, part) = bucket.remove(at);
+        if bucket.is_empty() {
+            self.0.remove(&hash);
+        }
+        Some(part)
+    }
+
+    /// Whether there is none.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Every service's part, in no particular order.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &Arc<ServicePart>> {
+        self.0
+            .values()
+            .flat_map(|bucket| bucket.iter().map(|(_, part)| part))
+    }
+}
 
 /// The names of one service (or of the zone's own), sorted by key. Each
 /// is kept without the zone's labels, which every name shares, and the
@@ -1149,12 +1225,18 @@ impl Index {
     /// `_services._dns-sd._udp.Z`: a PTR to every service.
     fn browse(&self) -> &Node {
         self.browse.get_or_init(|| {
-            let mut node = Node::default();
-            for item in self
+            let mut items: Vec<Item> = self
                 .services
                 .values()
                 .filter_map(|part| part.browse.clone())
-            {
+                .collect();
+            // In name order, whatever order the services are kept in.
+            items.sort_by(|a, b| match (&a.data, &b.data) {
+                (Data::Ptr(a), Data::Ptr(b)) => a.name().cmp(b.name()),
+                _ => std::cmp::Ordering::Equal,
+            });
+            let mut node = Node::default();
+            for item in items {
                 push_item(&mut node, RecordType::PTR, item);
             }
             node
@@ -1189,9 +1271,7 @@ impl Index {
 
     /// The part of the service whose label is `label`.
     fn service(&self, label: &[u8]) -> Option<&Arc<ServicePart>> {
-        // Service names are ASCII; other bytes name no service.
-        let name = std::str::from_utf8(label).ok()?;
-        self.services.get(name)
+        self.services.get_bytes(label)
     }
 
     /// How to answer `qtype`, any type but ANY, at the name whose key is
@@ -1294,10 +1374,10 @@ impl Index {
                 }
                 DiffItem::Update { new: (svc, _), .. } => svc,
             };
-            if let Some(part) = old.services.get(svc) {
+            if let Some(part) = old.services.get(svc.as_str()) {
                 before.extend(full(old, &part.nodes));
             }
-            if let Some(part) = self.services.get(svc) {
+            if let Some(part) = self.services.get(svc.as_str()) {
                 after.extend(full(self, &part.nodes));
             }
         }
@@ -1355,6 +1435,32 @@ mod tests {
         ] {
             assert_eq!(reverse_address(&key(other)), None, "{other}");
         }
+    }
+
+    #[test]
+    fn services_are_found_replaced_and_removed_by_name() {
+        let part = || {
+            Arc::new(ServicePart {
+                nodes: Names::default(),
+                browse: None,
+                reverse: Vec::new(),
+            })
+        };
+        let name = |s: &str| ServiceName::new(s).unwrap();
+        let mut services = Services::default();
+        let user = part();
+        assert!(services.insert(name("user"), user.clone()).is_none());
+        assert!(services.insert(name("order"), part()).is_none());
+        assert!(Arc::ptr_eq(services.get("user").unwrap(), &user));
+        assert!(services.get("use").is_none() && services.get("users").is_none());
+        let replaced = services.insert(name("user"), part()).unwrap();
+        assert!(Arc::ptr_eq(&replaced, &user));
+        assert_eq!(services.values().count(), 2);
+        assert!(services.remove(&name("user")).is_some());
+        assert!(services.remove(&name("user")).is_none());
+        assert!(!services.contains_key("user") && services.contains_key("order"));
+        assert!(services.remove(&name("order")).is_some());
+        assert!(services.is_empty());
     }
 
     #[test]
