@@ -210,3 +210,35 @@ pub async fn wait_http_ok(url: &str, timeout: Duration) {
     })
     .await;
 }
+
+/// A `signpost server` on `etcd`, its API and DNS on free loopback ports,
+/// its admin token `token` written to `dir/admin.token`, with `extra` flags;
+/// returns it and its API's base URL. Callers wait for `/readyz` as they
+/// need.
+pub fn spawn_server(
+    etcd: &EtcdProcess,
+    dir: &Path,
+    token: &str,
+    extra: &[&str],
+) -> (Process, String) {
+    let token_file = dir.join("admin.token");
+    std::fs::write(&token_file, token).expect("write the admin token");
+    let api_port = free_port();
+    let mut args: Vec<String> = [
+        "server",
+        "--etcd",
+        &etcd.endpoint(),
+        "--api",
+        &format!("127.0.0.1:{api_port}"),
+        "--dns",
+        &format!("127.0.0.1:{}", free_port()),
+        "--admin-token-file",
+        &token_file.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let server = Process::spawn("signpost-server", &signpost_bin(), &args, dir);
+    (server, format!("http://127.0.0.1:{api_port}"))
+}

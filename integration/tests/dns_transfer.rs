@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use signpost_integration::{
-    EtcdProcess, Process, dig, eventually, free_port, signpost_bin, wait_http_ok,
+    EtcdProcess, Process, dig, eventually, free_port, signpost_bin, spawn_server, wait_http_ok,
 };
 
 const ADMIN: &str = "transfer-admin-token-0123456789abcdef";
@@ -19,26 +19,8 @@ fn args(list: &[&str]) -> Vec<String> {
 async fn a_replica_serves_zone_transfers_and_tells_its_id() {
     let etcd = EtcdProcess::spawn().await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("admin.token"), ADMIN).unwrap();
+    let (_server, api) = spawn_server(&etcd, dir.path(), ADMIN, &[]);
     let bin = signpost_bin();
-    let api_port = free_port();
-    let api = format!("http://127.0.0.1:{api_port}");
-    let _server = Process::spawn(
-        "signpost-server",
-        &bin,
-        &args(&[
-            "server",
-            "--etcd",
-            &etcd.endpoint(),
-            "--api",
-            &format!("127.0.0.1:{api_port}"),
-            "--dns",
-            &format!("127.0.0.1:{}", free_port()),
-            "--admin-token-file",
-            &dir.path().join("admin.token").display().to_string(),
-        ]),
-        dir.path(),
-    );
     let dns_port = free_port().to_string();
     let _replica = Process::spawn(
         "signpost-dns",

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 use signpost_integration::netns::{self, Network};
 use signpost_integration::{
-    EtcdProcess, Process, eventually, free_port, signpost_bin, wait_http_ok,
+    EtcdProcess, Process, eventually, free_port, signpost_bin, spawn_server, wait_http_ok,
 };
 
 const ADMIN: &str = "pods-admin-token-0123456789abcdef";
@@ -29,25 +29,7 @@ async fn pods_resolve_short_names_and_forward_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let bin = signpost_bin();
     let etcd = EtcdProcess::spawn().await;
-    std::fs::write(dir.path().join("admin.token"), ADMIN).unwrap();
-    let api_port = free_port();
-    let api = format!("http://127.0.0.1:{api_port}");
-    let _server = Process::spawn(
-        "signpost-server",
-        &bin,
-        &args(&[
-            "server",
-            "--etcd",
-            &etcd.endpoint(),
-            "--api",
-            &format!("127.0.0.1:{api_port}"),
-            "--dns",
-            &format!("127.0.0.1:{}", free_port()),
-            "--admin-token-file",
-            &dir.path().join("admin.token").display().to_string(),
-        ]),
-        dir.path(),
-    );
+    let (_server, api) = spawn_server(&etcd, dir.path(), ADMIN, &[]);
     // The "outside world": another Signpost serving zone upstream.test on
     // loopback, which the pods' DNS forwards to.
     let up_api_port = free_port();
@@ -152,25 +134,7 @@ async fn a_killed_dns_replica_leaves_lookups_to_the_other() {
     let dir = tempfile::tempdir().unwrap();
     let bin = signpost_bin();
     let etcd = EtcdProcess::spawn().await;
-    std::fs::write(dir.path().join("admin.token"), ADMIN).unwrap();
-    let api_port = free_port();
-    let api = format!("http://127.0.0.1:{api_port}");
-    let _server = Process::spawn(
-        "signpost-server",
-        &bin,
-        &args(&[
-            "server",
-            "--etcd",
-            &etcd.endpoint(),
-            "--api",
-            &format!("127.0.0.1:{api_port}"),
-            "--dns",
-            &format!("127.0.0.1:{}", free_port()),
-            "--admin-token-file",
-            &dir.path().join("admin.token").display().to_string(),
-        ]),
-        dir.path(),
-    );
+    let (_server, api) = spawn_server(&etcd, dir.path(), ADMIN, &[]);
     wait_http_ok(&format!("{api}/readyz"), Duration::from_secs(15)).await;
 
     // Its own bridge: this test may run beside the other one.
