@@ -191,6 +191,42 @@ impl EtcdProcess {
         format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
+    /// Turns etcd's authentication on, with `root` (password
+    /// `root-secret`) and `user`, whose role may read and write `prefix`
+    /// only: what an operator does before giving Signpost an etcd user.
+    /// Plain (non-TLS) etcd only.
+    pub async fn enable_auth(&self, user: &str, password: &str, prefix: &str) {
+        use etcd_client::{Client, Permission, PermissionType};
+        let mut admin = Client::connect([self.endpoint()], None)
+            .await
+            .expect("connect to etcd");
+        admin
+            .user_add("root", "root-secret", None)
+            .await
+            .expect("add root");
+        admin
+            .user_grant_role("root", "root")
+            .await
+            .expect("grant root");
+        admin.role_add(user).await.expect("add the role");
+        admin
+            .role_grant_permission(
+                user,
+                Permission::new(PermissionType::Readwrite, prefix).with_prefix(),
+            )
+            .await
+            .expect("grant the prefix");
+        admin
+            .user_add(user, password, None)
+            .await
+            .expect("add the user");
+        admin
+            .user_grant_role(user, user)
+            .await
+            .expect("grant the role");
+        admin.auth_enable().await.expect("enable auth");
+    }
+
     /// The directory holding etcd's data and its log.
     pub fn dir(&self) -> &Path {
         self.dir.path()

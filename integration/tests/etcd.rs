@@ -203,25 +203,9 @@ async fn server_and_replica_use_etcd_over_tls_with_client_certificates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_and_replica_authenticate_as_an_etcd_user() {
-    use etcd_client::{Client, Permission, PermissionType};
     let etcd = EtcdProcess::spawn().await;
-    let mut admin = Client::connect([etcd.endpoint()], None).await.unwrap();
-    admin.user_add("root", "root-secret", None).await.unwrap();
-    admin.user_grant_role("root", "root").await.unwrap();
-    admin.role_add("signpost").await.unwrap();
-    admin
-        .role_grant_permission(
-            "signpost",
-            Permission::new(PermissionType::Readwrite, "/signpost/").with_prefix(),
-        )
-        .await
-        .unwrap();
-    admin
-        .user_add("signpost", "signpost-secret", None)
-        .await
-        .unwrap();
-    admin.user_grant_role("signpost", "signpost").await.unwrap();
-    admin.auth_enable().await.unwrap();
+    etcd.enable_auth("signpost", "signpost-secret", "/signpost/")
+        .await;
 
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("etcd-password");

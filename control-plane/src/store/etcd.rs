@@ -1549,25 +1549,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn authentication_with_a_user_limited_to_the_prefix() {
-        use etcd_client::{Permission, PermissionType};
         let etcd = EtcdProcess::spawn().await;
-        let mut admin = Client::connect([etcd.endpoint()], None).await.unwrap();
-        admin.user_add("root", "root-secret", None).await.unwrap();
-        admin.user_grant_role("root", "root").await.unwrap();
-        admin.role_add("signpost").await.unwrap();
-        admin
-            .role_grant_permission(
-                "signpost",
-                Permission::new(PermissionType::Readwrite, "/signpost/").with_prefix(),
-            )
-            .await
-            .unwrap();
-        admin
-            .user_add("signpost", "signpost-secret", None)
-            .await
-            .unwrap();
-        admin.user_grant_role("signpost", "signpost").await.unwrap();
-        admin.auth_enable().await.unwrap();
+        etcd.enable_auth("signpost", "signpost-secret", "/signpost/")
+            .await;
 
         let as_user = |user: &str, password: &str| EtcdOptions {
             credentials: Some(EtcdCredentials {
