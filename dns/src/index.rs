@@ -1,10 +1,11 @@
 //! The answer index: every record the zone can answer, built once per catalog
 //! snapshot.
 //!
-//! A query is then a hash lookup of its lower-cased name (two for names
-//! below a service: the service's label, then the name among the
-//! service's), a pick of the record set for its type, a weighted shuffle
-//! and a copy of pre-encoded records ([`crate::wire`]). Each service's names
+//! A query is then two lookups of its lower-cased name — the service under
+//! the zone's apex (by a hash of its label), then the name among the
+//! service's (a binary search of the few it has) — a pick of the record set
+//! for its type, a weighted shuffle, and the records written from their
+//! data ([`crate::wire`]). Each service's names
 //! are built apart and shared from one index to the next while the service
 //! does not change, so that a registration costs a rebuild of its service
 //! and of the zone's few shared names, not of every service. The index also
