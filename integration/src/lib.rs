@@ -211,34 +211,48 @@ pub async fn wait_http_ok(url: &str, timeout: Duration) {
     .await;
 }
 
-/// A `signpost server` on `etcd`, its API and DNS on free loopback ports,
-/// its admin token `token` written to `dir/admin.token`, with `extra` flags;
-/// returns it and its API's base URL. Callers wait for `/readyz` as they
-/// need.
-pub fn spawn_server(
-    etcd: &EtcdProcess,
-    dir: &Path,
-    token: &str,
-    extra: &[&str],
-) -> (Process, String) {
+/// The admin token of the servers [`spawn_server`] starts.
+pub const ADMIN: &str = "integration-admin-token-0123456789";
+
+/// A `signpost server` started by a test.
+pub struct Server {
+    /// The process.
+    pub process: Process,
+    /// Its API's base URL.
+    pub api: String,
+    /// Its DNS address.
+    pub dns: SocketAddr,
+}
+
+/// A `signpost server` on the etcd endpoints `etcd` (comma-separated), its
+/// API and DNS (one UDP socket) on free loopback ports, the admin token
+/// [`ADMIN`] written to `dir/admin.token`, with `extra` flags. Callers wait
+/// for `/readyz` as they need.
+pub fn spawn_server(name: &str, etcd: &str, extra: &[&str], dir: &Path) -> Server {
     let token_file = dir.join("admin.token");
-    std::fs::write(&token_file, token).expect("write the admin token");
+    std::fs::write(&token_file, ADMIN).expect("write the admin token");
     let api_port = free_port();
-    let mut args: Vec<String> = [
+    let dns = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let args: Vec<String> = [
         "server",
         "--etcd",
-        &etcd.endpoint(),
+        etcd,
         "--api",
         &format!("127.0.0.1:{api_port}"),
         "--dns",
-        &format!("127.0.0.1:{}", free_port()),
+        &dns.to_string(),
         "--admin-token-file",
         &token_file.display().to_string(),
+        "--udp-sockets",
+        "1",
     ]
     .iter()
+    .chain(extra)
     .map(|s| s.to_string())
     .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let server = Process::spawn("signpost-server", &signpost_bin(), &args, dir);
-    (server, format!("http://127.0.0.1:{api_port}"))
+    Server {
+        process: Process::spawn(name, &signpost_bin(), &args, dir),
+        api: format!("http://127.0.0.1:{api_port}"),
+        dns,
+    }
 }

@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use serde_json::json;
 use signpost_integration::{
-    EtcdProcess, Process, dig, eventually, free_port, signpost_bin, spawn_server, wait_http_ok,
+    ADMIN, EtcdProcess, Process, Server, dig, eventually, free_port, signpost_bin, spawn_server,
+    wait_http_ok,
 };
-
-const ADMIN: &str = "transfer-admin-token-0123456789abcdef";
 
 fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
@@ -19,7 +18,11 @@ fn args(list: &[&str]) -> Vec<String> {
 async fn a_replica_serves_zone_transfers_and_tells_its_id() {
     let etcd = EtcdProcess::spawn().await;
     let dir = tempfile::tempdir().unwrap();
-    let (_server, api) = spawn_server(&etcd, dir.path(), ADMIN, &[]);
+    let Server {
+        api,
+        process: _server,
+        ..
+    } = spawn_server("signpost-server", &etcd.endpoint(), &[], dir.path());
     let bin = signpost_bin();
     let dns_port = free_port().to_string();
     let _replica = Process::spawn(

@@ -8,47 +8,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use signpost_integration::{
-    EtcdProcess, Process, dig, dig_short, eventually, free_port, signpost_bin, wait_http_ok,
+    ADMIN, EtcdProcess, Process, dig, dig_short, eventually, free_port, signpost_bin, spawn_server,
+    wait_http_ok,
 };
-
-const ADMIN: &str = "integration-admin-token-0123456789";
 
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
 /// A `signpost server` on free ports with `extra` flags.
-struct Server {
-    process: Process,
-    api: String,
-    dns: SocketAddr,
-}
-
-fn spawn_server(name: &str, etcd: &str, extra: &[&str], dir: &Path) -> Server {
-    std::fs::write(dir.join("admin.token"), ADMIN).unwrap();
-    let api_port = free_port();
-    let dns_port = free_port();
-    let mut args = strings(&[
-        "server",
-        "--etcd",
-        etcd,
-        "--api",
-        &format!("127.0.0.1:{api_port}"),
-        "--dns",
-        &format!("127.0.0.1:{dns_port}"),
-        "--admin-token-file",
-        &dir.join("admin.token").display().to_string(),
-        "--udp-sockets",
-        "1",
-    ]);
-    args.extend(strings(extra));
-    Server {
-        process: Process::spawn(name, &signpost_bin(), &args, dir),
-        api: format!("http://127.0.0.1:{api_port}"),
-        dns: format!("127.0.0.1:{dns_port}").parse().unwrap(),
-    }
-}
-
 /// A `signpost dns` replica on a free port, with `/readyz` on another.
 fn spawn_replica(
     name: &str,

@@ -8,51 +8,16 @@
 //! restored — and prints the figures.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use signpost_control_plane::testing::EtcdCluster;
-use signpost_integration::{Process, dig_short, free_port, signpost_bin, wait_http_ok};
+use signpost_integration::{ADMIN, Server, dig_short, spawn_server, wait_http_ok};
 
-const ADMIN: &str = "integration-admin-token-0123456789";
 /// Every check shard ([`signpost_control_plane::shards::SHARDS`]).
 const SHARDS: u64 = 32;
-
-struct Server {
-    process: Process,
-    api: String,
-    dns: SocketAddr,
-}
-
-fn spawn_server(name: &str, etcd: &str, dir: &Path) -> Server {
-    std::fs::write(dir.join("admin.token"), ADMIN).unwrap();
-    let api_port = free_port();
-    let dns_port = free_port();
-    let args: Vec<String> = [
-        "server",
-        "--etcd",
-        etcd,
-        "--api",
-        &format!("127.0.0.1:{api_port}"),
-        "--dns",
-        &format!("127.0.0.1:{dns_port}"),
-        "--admin-token-file",
-        &dir.join("admin.token").display().to_string(),
-        "--udp-sockets",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    Server {
-        process: Process::spawn(name, &signpost_bin(), &args, dir),
-        api: format!("http://127.0.0.1:{api_port}"),
-        dns: format!("127.0.0.1:{dns_port}").parse().unwrap(),
-    }
-}
 
 /// One registration attempt.
 #[derive(Debug, Clone)]
@@ -297,8 +262,8 @@ async fn setup() -> Setup {
     let cluster = EtcdCluster::spawn(3).await;
     let dir = tempfile::tempdir().unwrap();
     let etcd = cluster.endpoints().join(",");
-    let a = spawn_server("server-a", &etcd, dir.path());
-    let b = spawn_server("server-b", &etcd, dir.path());
+    let a = spawn_server("server-a", &etcd, &[], dir.path());
+    let b = spawn_server("server-b", &etcd, &[], dir.path());
     for s in [&a, &b] {
         wait_http_ok(&format!("{}/readyz", s.api), Duration::from_secs(20)).await;
     }

@@ -6,10 +6,9 @@ use std::time::Duration;
 use serde_json::json;
 use signpost_integration::netns::{self, Network};
 use signpost_integration::{
-    EtcdProcess, Process, eventually, free_port, signpost_bin, spawn_server, wait_http_ok,
+    ADMIN, EtcdProcess, Process, Server, eventually, free_port, signpost_bin, spawn_server,
+    wait_http_ok,
 };
-
-const ADMIN: &str = "pods-admin-token-0123456789abcdef";
 
 fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
@@ -29,7 +28,11 @@ async fn pods_resolve_short_names_and_forward_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let bin = signpost_bin();
     let etcd = EtcdProcess::spawn().await;
-    let (_server, api) = spawn_server(&etcd, dir.path(), ADMIN, &[]);
+    let Server {
+        api,
+        process: _server,
+        ..
+    } = spawn_server("signpost-server", &etcd.endpoint(), &[], dir.path());
     // The "outside world": another Signpost serving zone upstream.test on
     // loopback, which the pods' DNS forwards to.
     let up_api_port = free_port();
@@ -134,7 +137,11 @@ async fn a_killed_dns_replica_leaves_lookups_to_the_other() {
     let dir = tempfile::tempdir().unwrap();
     let bin = signpost_bin();
     let etcd = EtcdProcess::spawn().await;
-    let (_server, api) = spawn_server(&etcd, dir.path(), ADMIN, &[]);
+    let Server {
+        api,
+        process: _server,
+        ..
+    } = spawn_server("signpost-server", &etcd.endpoint(), &[], dir.path());
     wait_http_ok(&format!("{api}/readyz"), Duration::from_secs(15)).await;
 
     // Its own bridge: this test may run beside the other one.
