@@ -47,7 +47,7 @@ use imbl::ordmap::DiffItem;
 use signpost_control_plane::catalog::{InstanceEntry, ServiceEntry, Snapshot};
 use signpost_control_plane::model::{ServiceName, Text};
 use signpost_control_plane::store::Revision;
-use smallvec::{SmallVec, smallvec};
+use smallvec::SmallVec;
 use triomphe::ThinArc;
 
 use crate::name::{KeyMap, NameKey, is_at_or_below, key_of};
@@ -314,29 +314,58 @@ fn meta_txt<'m>(meta: impl Iterator<Item = (&'m Text, &'m Text)>) -> Vec<u8> {
     rdata
 }
 
-/// The records of one type at one name.
-#[derive(Debug, Clone)]
-pub(crate) struct RecordSet {
+/// The records of one type at one name, as the index holds them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RecordSet<'a> {
     /// Their type.
     pub(crate) rtype: RecordType,
-    /// The records: one, held inline, at most names.
-    pub(crate) items: SmallVec<[Item; 1]>,
+    /// The records.
+    pub(crate) items: &'a [Item],
 }
 
-/// One name of the index.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Node {
-    /// Its record sets, one per type; empty for an empty non-terminal. An
-    /// instance's name has two (address and TXT), held inline.
-    pub(crate) sets: SmallVec<[RecordSet; 2]>,
+/// Where a set of a [`Names`] ends among its items (it starts where the
+/// set before it ends).
+#[derive(Debug, Clone, Copy)]
+struct SetEnd {
+    rtype: RecordType,
+    end: u32,
 }
 
-impl Node {
+/// One name of the index: its record sets, one per type; none for an
+/// empty non-terminal.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Node<'a> {
+    /// Where each set ends in `items`.
+    sets: &'a [SetEnd],
+    /// The items of every name these sets are among.
+    items: &'a [Item],
+    /// Where the first set starts in `items`.
+    start: u32,
+}
+
+impl<'a> Node<'a> {
     /// The set of `rtype`, if any.
-    pub(crate) fn set(&self, rtype: RecordType) -> Option<&RecordSet> {
-        self.sets.iter().find(|s| s.rtype == rtype)
+    pub(crate) fn set(self, rtype: RecordType) -> Option<RecordSet<'a>> {
+        self.sets().find(|s| s.rtype == rtype)
+    }
+
+    /// Its sets.
+    pub(crate) fn sets(self) -> impl Iterator<Item = RecordSet<'a>> {
+        let mut start = self.start as usize;
+        self.sets.iter().map(move |set| {
+            let end = set.end as usize;
+            let items = self.items.get(start..end).unwrap_or_default();
+            start = end;
+            RecordSet {
+                rtype: set.rtype,
+                items,
+            }
+        })
     }
 }
+
+/// A name's sets while a [`Builder`] collects them.
+type BuildNode = SmallVec<[(RecordType, Vec<Item>); 2]>;
 
 /// How the index answers one name and type.
 #[derive(Debug)]
@@ -344,7 +373,7 @@ pub(crate) enum Resolution<'a> {
     /// The name is ours: these sets (none means NODATA, RFC 2308 §2.2).
     Found {
         /// The sets to answer, in order.
-        sets: Vec<&'a RecordSet>,
+        sets: Vec<RecordSet<'a>>,
     },
     /// The name is in the zone but does not exist.
     NxDomain,
@@ -356,7 +385,7 @@ pub(crate) enum Resolution<'a> {
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Single<'a> {
     /// The name is ours: this set, or none (NODATA).
-    Found(Option<&'a RecordSet>),
+    Found(Option<RecordSet<'a>>),
     /// The name is in the zone but does not exist.
     NxDomain,
     /// Not ours: forward it or refuse it.
@@ -398,7 +427,7 @@ pub(crate) struct Index {
     /// Its PTR records, one per service. Built on first use: a name whose
     /// answer holds every service, and which browsers ask for seldom, is
     /// not rebuilt on every registration.
-    browse: OnceLock<Node>,
+    browse: OnceLock<([SetEnd; 1], Box<[Item]>)>,
     /// Reverse names of instance addresses, kept up to date service by
     /// service.
     reverse: Reverse,
@@ -411,7 +440,7 @@ pub(crate) struct Index {
 /// A B-tree, not a hash trie: the trie's nodes keep a slot for each of
 /// 32 hash values, mostly empty near the leaves, which cost several times
 /// the entries they held.
-type Reverse = imbl::OrdMap<IpAddr, RecordSet>;
+type Reverse = imbl::OrdMap<IpAddr, SmallVec<[Item; 1]>>;
 
 /// The services of an index by name (the catalog's, shared: a service's
 /// label costs the index nothing of its own).
@@ -495,62 +524,103 @@ impl Services {
 }
 
 /// The names of one service (or of the zone's own), sorted by key. Each
-/// is kept without the zone's labels, which every name shares, and the
-/// keys are packed one after another in one allocation: a service's names
-/// are a few short labels.
+/// is kept without the zone's labels, which every name shares. A service
+/// has a few names with a few sets of a few records each, so the keys, the
+/// sets and the records are each packed in one allocation, one after
+/// another: a name or a set is where it ends in the next array.
 #[derive(Debug, Default)]
 pub(crate) struct Names {
     /// The keys' prefixes (wire-form labels), in order, back to back.
     keys: Box<[u8]>,
-    /// For each name, where its prefix ends in `keys`, and its node.
-    nodes: Box<[(u32, Node)]>,
+    /// For each name, where its prefix ends in `keys` and where its sets
+    /// end in `sets`.
+    names: Box<[(u32, u32)]>,
+    /// Every name's sets, in name order.
+    sets: Box<[SetEnd]>,
+    /// Every set's records, in set order.
+    items: Box<[Item]>,
+}
+
+/// A count or offset within one service's names, which are far below
+/// 4 GiB of anything.
+fn offset(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 impl Names {
     /// From `(prefix, node)` pairs.
-    fn new(mut nodes: Vec<(&[u8], Node)>) -> Self {
+    fn new(mut nodes: Vec<(&[u8], BuildNode)>) -> Self {
         nodes.sort_unstable_by(|a, b| a.0.cmp(b.0));
         let mut keys = Vec::with_capacity(nodes.iter().map(|(k, _)| k.len()).sum());
-        let nodes = nodes
+        let mut sets = Vec::with_capacity(nodes.iter().map(|(_, n)| n.len()).sum());
+        let mut items = Vec::with_capacity(
+            nodes
+                .iter()
+                .flat_map(|(_, n)| n.iter().map(|(_, i)| i.len()))
+                .sum(),
+        );
+        let names = nodes
             .into_iter()
             .map(|(prefix, node)| {
                 keys.extend_from_slice(prefix);
-                // A name is at most 255 bytes, so a service's few names
-                // are far below 4 GiB.
-                (u32::try_from(keys.len()).unwrap_or(u32::MAX), node)
+                for (rtype, set) in node {
+                    items.extend(set);
+                    sets.push(SetEnd {
+                        rtype,
+                        end: offset(items.len()),
+                    });
+                }
+                (offset(keys.len()), offset(sets.len()))
             })
             .collect();
         Self {
             keys: keys.into(),
-            nodes,
+            names,
+            sets: sets.into(),
+            items: items.into(),
         }
     }
 
     /// The prefix of the `i`th name.
     fn prefix(&self, i: usize) -> &[u8] {
-        let start = i.checked_sub(1).map_or(0, |p| self.nodes[p].0 as usize);
-        let end = self.nodes[i].0 as usize;
+        let start = i.checked_sub(1).map_or(0, |p| self.names[p].0 as usize);
+        let end = self.names[i].0 as usize;
         self.keys.get(start..end).unwrap_or_default()
+    }
+
+    /// The `i`th name.
+    fn node(&self, i: usize) -> Node<'_> {
+        let first = i.checked_sub(1).map_or(0, |p| self.names[p].1 as usize);
+        let end = self.names[i].1 as usize;
+        let sets = self.sets.get(first..end).unwrap_or_default();
+        let start = first
+            .checked_sub(1)
+            .map_or(0, |p| self.sets.get(p).map_or(0, |s| s.end));
+        Node {
+            sets,
+            items: &self.items,
+            start,
+        }
     }
 
     /// The node of the name whose key, without the zone's labels, is
     /// `prefix`.
-    fn get(&self, prefix: &[u8]) -> Option<&Node> {
-        let (mut lo, mut hi) = (0, self.nodes.len());
+    fn get(&self, prefix: &[u8]) -> Option<Node<'_>> {
+        let (mut lo, mut hi) = (0, self.names.len());
         while lo < hi {
             let mid = (lo + hi) / 2;
             match self.prefix(mid).cmp(prefix) {
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => return Some(&self.nodes[mid].1),
+                std::cmp::Ordering::Equal => return Some(self.node(mid)),
             }
         }
         None
     }
 
     /// Every name, as (prefix, node), in prefix order.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], &Node)> {
-        (0..self.nodes.len()).map(|i| (self.prefix(i), &self.nodes[i].1))
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], Node<'_>)> {
+        (0..self.names.len()).map(|i| (self.prefix(i), self.node(i)))
     }
 }
 
@@ -584,17 +654,14 @@ fn ptr_service(item: &Item) -> &[u8] {
 
 /// The PTR set of a reverse name, in target order whatever order the
 /// services came in.
-fn reverse_set(mut items: Vec<Item>) -> RecordSet {
+fn reverse_set(mut items: Vec<Item>) -> SmallVec<[Item; 1]> {
     items.sort_by(|a, b| match (&a.data, &b.data) {
         (Data::Ptr(a), Data::Ptr(b)) => a.name().cmp(b.name()),
         _ => std::cmp::Ordering::Equal,
     });
-    RecordSet {
-        rtype: RecordType::PTR,
-        // Collected, not converted: a vector's buffer would be kept (with
-        // its spare room) even for the one record that fits inline.
-        items: items.into_iter().collect(),
-    }
+    // Collected, not converted: a vector's buffer would be kept (with its
+    // spare room) even for the one record that fits inline.
+    items.into_iter().collect()
 }
 
 /// Moves service `label`'s reverse names from `old` (its part in the last
@@ -616,9 +683,9 @@ fn update_reverse(
         .map(|(ip, _)| *ip)
         .filter(|ip| !now.contains_key(ip))
         .collect::<std::collections::BTreeSet<_>>();
-    let others = |set: Option<&RecordSet>| -> Vec<Item> {
+    let others = |set: Option<&SmallVec<[Item; 1]>>| -> Vec<Item> {
         set.iter()
-            .flat_map(|s| &s.items)
+            .flat_map(|s| s.iter())
             .filter(|item| ptr_service(item) != label)
             .cloned()
             .collect()
@@ -689,7 +756,7 @@ fn reverse_address(key: &[u8]) -> Option<IpAddr> {
 struct Builder<'z> {
     zone: &'z ZoneConfig,
     origin_key: NameKey,
-    nodes: KeyMap<Node>,
+    nodes: KeyMap<BuildNode>,
     /// PTR records of reverse names (outside the zone), by address.
     reverse: Vec<(IpAddr, Item)>,
     ttl: u32,
@@ -708,7 +775,7 @@ impl Builder<'_> {
 
     /// The node of `name`, a name in the zone, and the empty non-terminals
     /// between it and the apex.
-    fn node(&mut self, name: &Name) -> &mut Node {
+    fn node(&mut self, name: &Name) -> &mut BuildNode {
         let key = key_of(name);
         debug_assert!(is_at_or_below(&key, &self.origin_key));
         let mut parent = name.base_name();
@@ -769,13 +836,7 @@ impl Builder<'_> {
     /// Every name built ends in `Z`, which the names are kept without.
     fn finish(mut self) -> (Names, Vec<(IpAddr, Item)>) {
         let suffix = self.origin_key.len();
-        let mut nodes: Vec<(NameKey, Node)> = self.nodes.into_iter().collect();
-        for (_, node) in &mut nodes {
-            for set in &mut node.sets {
-                set.items.shrink_to_fit();
-            }
-            node.sets.shrink_to_fit();
-        }
+        let mut nodes: Vec<(NameKey, BuildNode)> = self.nodes.into_iter().collect();
         let names = Names::new(
             nodes
                 .iter_mut()
@@ -791,13 +852,10 @@ impl Builder<'_> {
 }
 
 /// Adds `item` to the set of `rtype` at `node`.
-fn push_item(node: &mut Node, rtype: RecordType, item: Item) {
-    match node.sets.iter_mut().find(|s| s.rtype == rtype) {
-        Some(set) => set.items.push(item),
-        None => node.sets.push(RecordSet {
-            rtype,
-            items: smallvec![item],
-        }),
+fn push_item(node: &mut BuildNode, rtype: RecordType, item: Item) {
+    match node.iter_mut().find(|(t, _)| *t == rtype) {
+        Some((_, items)) => items.push(item),
+        None => node.push((rtype, vec![item])),
     }
 }
 
@@ -1096,9 +1154,9 @@ fn service_label<'k>(key: &'k [u8], zone: &[u8]) -> Place<'k> {
 /// A name looked up in the index.
 enum Lookup<'a> {
     /// It exists in the zone.
-    Node(&'a Node),
+    Node(Node<'a>),
     /// A reverse name of an instance address: its PTR set.
-    Reverse(&'a RecordSet),
+    Reverse(RecordSet<'a>),
     /// In the zone, but it does not exist.
     NxDomain,
     /// Outside the zone, and not a reverse name we know.
@@ -1224,8 +1282,8 @@ impl Index {
     }
 
     /// `_services._dns-sd._udp.Z`: a PTR to every service.
-    fn browse(&self) -> &Node {
-        self.browse.get_or_init(|| {
+    fn browse(&self) -> Node<'_> {
+        let (sets, items) = self.browse.get_or_init(|| {
             let mut items: Vec<Item> = self
                 .services
                 .values()
@@ -1236,12 +1294,19 @@ impl Index {
                 (Data::Ptr(a), Data::Ptr(b)) => a.name().cmp(b.name()),
                 _ => std::cmp::Ordering::Equal,
             });
-            let mut node = Node::default();
-            for item in items {
-                push_item(&mut node, RecordType::PTR, item);
-            }
-            node
-        })
+            let end = SetEnd {
+                rtype: RecordType::PTR,
+                end: offset(items.len()),
+            };
+            ([end], items.into())
+        });
+        // No services, no records: the name exists, empty.
+        let sets = if items.is_empty() { &[][..] } else { &sets[..] };
+        Node {
+            sets,
+            items,
+            start: 0,
+        }
     }
 
     /// The node of the name whose key is `key`.
@@ -1250,7 +1315,12 @@ impl Index {
             Place::Outside => {
                 return reverse_address(key)
                     .and_then(|ip| self.reverse.get(&ip))
-                    .map_or(Lookup::Outside, Lookup::Reverse);
+                    .map_or(Lookup::Outside, |items| {
+                        Lookup::Reverse(RecordSet {
+                            rtype: RecordType::PTR,
+                            items,
+                        })
+                    });
             }
             Place::Apex => &self.zone_nodes,
             Place::Below(label) => match self.service(label) {
@@ -1312,9 +1382,9 @@ impl Index {
 }
 
 /// The sets that answer `qtype` at `node`: that type's, or all for ANY.
-fn select_sets(node: &Node, qtype: RecordType) -> Vec<&RecordSet> {
+fn select_sets(node: Node<'_>, qtype: RecordType) -> Vec<RecordSet<'_>> {
     if qtype == RecordType::ANY {
-        node.sets.iter().collect()
+        node.sets().collect()
     } else {
         node.set(qtype).into_iter().collect()
     }
@@ -1322,7 +1392,7 @@ fn select_sets(node: &Node, qtype: RecordType) -> Vec<&RecordSet> {
 
 /// One name of the zone (its key) and its sets, as a zone transfer sends
 /// them.
-pub(crate) type ZoneName<'a> = (NameKey, &'a Node);
+pub(crate) type ZoneName<'a> = (NameKey, Node<'a>);
 
 impl Index {
     /// The SOA serial: the catalog revision modulo 2^32, so that every
@@ -1467,10 +1537,10 @@ mod tests {
     #[test]
     fn names_find_each_prefix_and_nothing_else() {
         let names = Names::new(vec![
-            (&b"\x02u1"[..], Node::default()),
-            (&b""[..], Node::default()),
-            (&b"\x02v1\x03tag"[..], Node::default()),
-            (&b"\x03tag"[..], Node::default()),
+            (&b"\x02u1"[..], BuildNode::new()),
+            (&b""[..], BuildNode::new()),
+            (&b"\x02v1\x03tag"[..], BuildNode::new()),
+            (&b"\x03tag"[..], BuildNode::new()),
         ]);
         for prefix in [&b"\x02u1"[..], b"", b"\x02v1\x03tag", b"\x03tag"] {
             assert!(names.get(prefix).is_some(), "{prefix:?}");

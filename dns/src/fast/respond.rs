@@ -127,7 +127,7 @@ pub(crate) fn respond<R: Rng + ?Sized>(
 /// not fit (or not one record does), nothing is written and the caller sets
 /// TC.
 fn write_set<R: Rng + ?Sized>(
-    set: &RecordSet,
+    set: RecordSet<'_>,
     (zone_at, ttl): (Option<u16>, u32),
     (limit, answer_limit): (usize, Option<u16>),
     rng: &mut R,
