@@ -82,29 +82,44 @@ pub(crate) struct ZoneConfig {
 /// and target, TXT bytes): the owner is the question's name and the TTL the
 /// zone's, so both paths write them from this at answer time. That keeps
 /// an instance at a few dozen bytes per name it appears at, instead of a
-/// hickory [`Record`] and its pre-encoded bytes per name.
+/// hickory [`Record`] and its pre-encoded bytes per name. The weight lives
+/// in the data, where the variants have room for it, so that an item takes
+/// 16 bytes.
 #[derive(Debug, Clone)]
 pub(crate) struct Item {
+    /// The record.
+    pub(crate) data: Data,
+}
+
+// The layout the comment above promises, on 64-bit targets.
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(std::mem::size_of::<Item>() == 16);
+
+impl Item {
     /// Its weight in the weighted shuffle (instance weight, summed for an
     /// address several instances share; 1 for records that are not
     /// instances).
-    pub(crate) weight: u32,
-    /// The record.
-    pub(crate) data: Data,
+    pub(crate) fn weight(&self) -> u32 {
+        match &self.data {
+            Data::A(_, weight) | Data::Aaaa(_, weight) => *weight,
+            Data::Srv { weight, .. } => u32::from(*weight),
+            Data::Txt(_) | Data::Ptr(_) | Data::Whole(_) => 1,
+        }
+    }
 }
 
 /// The data of one record.
 #[derive(Debug, Clone)]
 pub(crate) enum Data {
-    /// An A record.
-    A(Ipv4Addr),
-    /// An AAAA record (boxed: most addresses are IPv4, and this keeps every
-    /// record of every set at 16 bytes).
-    Aaaa(Box<Ipv6Addr>),
+    /// An A record, and its weight.
+    A(Ipv4Addr, u32),
+    /// An AAAA record, and its weight (boxed: most addresses are IPv4, and
+    /// this keeps every record of every set at 16 bytes).
+    Aaaa(Box<Ipv6Addr>, u32),
     /// An SRV record (priority [`SRV_PRIORITY`]); its glue is the
     /// target's address.
     Srv {
-        /// SRV weight.
+        /// SRV weight, and the record's weight in the shuffle.
         weight: u16,
         /// Port.
         port: u16,
@@ -218,8 +233,8 @@ impl Data {
     /// Its record type.
     pub(crate) fn record_type(&self) -> RecordType {
         match self {
-            Data::A(_) => RecordType::A,
-            Data::Aaaa(_) => RecordType::AAAA,
+            Data::A(..) => RecordType::A,
+            Data::Aaaa(..) => RecordType::AAAA,
             Data::Srv { .. } => RecordType::SRV,
             Data::Txt(_) => RecordType::TXT,
             Data::Ptr(_) => RecordType::PTR,
@@ -230,8 +245,8 @@ impl Data {
     /// The record owned by `owner`, for the hickory path.
     pub(crate) fn record(&self, owner: &Name, ttl: u32) -> Record {
         let data = match self {
-            Data::A(ip) => RData::A(A(*ip)),
-            Data::Aaaa(ip) => RData::AAAA(AAAA(**ip)),
+            Data::A(ip, _) => RData::A(A(*ip)),
+            Data::Aaaa(ip, _) => RData::AAAA(AAAA(**ip)),
             Data::Srv {
                 weight,
                 port,
@@ -270,8 +285,8 @@ impl Data {
         owner_len
             + 10
             + match self {
-                Data::A(_) => 4,
-                Data::Aaaa(_) => 16,
+                Data::A(..) => 4,
+                Data::Aaaa(..) => 16,
                 Data::Srv { target, .. } => {
                     6 + target.name().len()
                         + target.name().len()
@@ -787,10 +802,10 @@ impl Builder<'_> {
     }
 
     /// Adds `data` at `name`, a name in the zone.
-    fn add(&mut self, name: &Name, weight: u32, data: Data) {
+    fn add(&mut self, name: &Name, data: Data) {
         let rtype = data.record_type();
         let node = self.node(name);
-        push_item(node, rtype, Item { weight, data });
+        push_item(node, rtype, Item { data });
     }
 
     /// A record of the zone's own, kept whole.
@@ -799,7 +814,6 @@ impl Builder<'_> {
         let wire_len = encoded_len(&record) + glue.iter().map(encoded_len).sum::<usize>();
         let wire = self.wire(&record, &glue);
         Item {
-            weight: 1,
             data: Data::Whole(Arc::new(Whole {
                 record,
                 glue,
@@ -882,10 +896,10 @@ fn secs(d: Duration) -> u32 {
     u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }
 
-fn address_data(ip: IpAddr) -> Data {
+fn address_data(ip: IpAddr, weight: u32) -> Data {
     match ip {
-        IpAddr::V4(v4) => Data::A(v4),
-        IpAddr::V6(v6) => Data::Aaaa(Box::new(v6)),
+        IpAddr::V4(v4) => Data::A(v4, weight),
+        IpAddr::V6(v6) => Data::Aaaa(Box::new(v6), weight),
     }
 }
 
@@ -915,7 +929,7 @@ fn add_addresses<'e>(
         }
     }
     for (ip, w) in seen {
-        b.add(name, w, address_data(ip));
+        b.add(name, address_data(ip, w));
     }
 }
 
@@ -937,7 +951,6 @@ fn build_service(
     let browse = browse_name(origin)
         .and(dnssd_type.as_ref())
         .map(|dnssd_type| Item {
-            weight: 1,
             data: Data::Ptr(Target::new(
                 dnssd_type,
                 origin_key,
@@ -956,18 +969,16 @@ fn build_service(
         let address = e.instance.address;
         b.add(
             &inst_name,
-            u32::from(e.instance.weight),
-            address_data(address),
+            address_data(address, u32::from(e.instance.weight)),
         );
         let txt = meta_txt(e.instance.meta.iter());
         let target = Target::new(&inst_name, origin_key, address, &txt);
         if !txt.is_empty() {
-            b.add(&inst_name, 1, Data::Txt(target.clone()));
+            b.add(&inst_name, Data::Txt(target.clone()));
         }
         b.reverse.push((
             address,
             Item {
-                weight: 1,
                 data: Data::Ptr(target.clone()),
             },
         ));
@@ -981,7 +992,7 @@ fn build_service(
                 port,
                 target: target.clone(),
             };
-            b.add(at, u32::from(e.instance.weight), data);
+            b.add(at, data);
         }
     };
 
@@ -1005,9 +1016,9 @@ fn build_service(
                 txt.push(0);
             }
             let target = Target::new(&dnssd_inst, origin_key, e.instance.address, &txt);
-            b.add(dnssd_type, 1, Data::Ptr(target.clone()));
+            b.add(dnssd_type, Data::Ptr(target.clone()));
             srv(&mut b, &dnssd_inst, e, e.instance.port);
-            b.add(&dnssd_inst, 1, Data::Txt(target));
+            b.add(&dnssd_inst, Data::Txt(target));
         }
     }
 
@@ -1235,7 +1246,7 @@ impl Index {
         let ns_glue = match zone.ns_address {
             Some(ip) if !ns_is_service => {
                 let glue = Record::from_rdata(ns_name.clone(), ttl, address_rdata(ip));
-                b.add(&ns_name, 1, address_data(ip));
+                b.add(&ns_name, address_data(ip, 1));
                 vec![glue]
             }
             Some(_) => {
