@@ -945,9 +945,25 @@ fn build_service(
     let svc_name = child(origin, svc)?;
     let mut b = Builder::new(zone, origin_key);
     b.touch(&svc_name);
-    // DNS-SD (RFC 6763): the service type `_<svc>._tcp.Z`, which the
-    // enumeration points at.
+    let targets = add_instances(&mut b, &svc_name, entry);
+
+    // The service name.
+    add_addresses(&mut b, &svc_name, entry.healthy());
+    for e in entry.healthy() {
+        targets.add_srv(&mut b, &svc_name, e, e.instance.port);
+    }
+
     let dnssd_type = dnssd_type_name(origin, svc);
+    if let Some(dnssd_type) = &dnssd_type {
+        add_dnssd(&mut b, dnssd_type, entry, &targets);
+    }
+    if let Some(tag_root) = child(&svc_name, "tag") {
+        add_tags(&mut b, &tag_root, entry, &targets);
+    }
+    add_named_ports(&mut b, &svc_name, entry, &targets);
+
+    // Its record in the DNS-SD enumeration: the service type
+    // `_<svc>._tcp.Z`.
     let browse = browse_name(origin)
         .and(dnssd_type.as_ref())
         .map(|dnssd_type| Item {
@@ -958,12 +974,40 @@ fn build_service(
                 &[],
             )),
         });
+    let (nodes, reverse) = b.finish();
+    Some(ServicePart {
+        nodes,
+        browse,
+        reverse,
+    })
+}
 
-    // Each instance's own name, address record, metadata and reverse name;
-    // its target is shared by every SRV record that names it.
-    let mut target_of: HashMap<&str, Target> = HashMap::new();
+/// The targets of a service's instances, by id: each instance has one,
+/// shared by every record that names it.
+struct Targets<'e>(HashMap<&'e str, Target>);
+
+impl Targets<'_> {
+    /// Adds at `at` the SRV record of `e` on `port`.
+    fn add_srv(&self, b: &mut Builder<'_>, at: &Name, e: &InstanceEntry, port: u16) {
+        if let Some(target) = self.0.get(e.instance.id.as_str()) {
+            let data = Data::Srv {
+                weight: e.instance.weight,
+                port,
+                target: target.clone(),
+            };
+            b.add(at, data);
+        }
+    }
+}
+
+/// Each instance's own name `<id>.<svc>.Z` (address record and metadata)
+/// and reverse name, healthy or not; returns their targets. A target's TXT
+/// is the metadata, or one empty string when there is none (what DNS-SD
+/// wants, RFC 6763 §6.1; `<id>.<svc>.Z` then has no TXT).
+fn add_instances<'e>(b: &mut Builder<'_>, svc_name: &Name, entry: &'e ServiceEntry) -> Targets<'e> {
+    let mut targets = HashMap::new();
     for (id, e) in &entry.instances {
-        let Some(inst_name) = child(&svc_name, id.as_str()) else {
+        let Some(inst_name) = child(svc_name, id.as_str()) else {
             continue;
         };
         let address = e.instance.address;
@@ -971,9 +1015,13 @@ fn build_service(
             &inst_name,
             address_data(address, u32::from(e.instance.weight)),
         );
-        let txt = meta_txt(e.instance.meta.iter());
-        let target = Target::new(&inst_name, origin_key, address, &txt);
-        if !txt.is_empty() {
+        let mut txt = meta_txt(e.instance.meta.iter());
+        let has_meta = !txt.is_empty();
+        if !has_meta {
+            txt.push(0);
+        }
+        let target = Target::new(&inst_name, &b.origin_key, address, &txt);
+        if has_meta {
             b.add(&inst_name, Data::Txt(target.clone()));
         }
         b.reverse.push((
@@ -982,48 +1030,35 @@ fn build_service(
                 data: Data::Ptr(target.clone()),
             },
         ));
-        target_of.insert(id.as_str(), target);
+        targets.insert(id.as_str(), target);
     }
+    Targets(targets)
+}
 
-    let srv = |b: &mut Builder<'_>, at: &Name, e: &InstanceEntry, port: u16| {
-        if let Some(target) = target_of.get(e.instance.id.as_str()) {
-            let data = Data::Srv {
-                weight: e.instance.weight,
-                port,
-                target: target.clone(),
-            };
-            b.add(at, data);
-        }
-    };
-
-    // The service name.
-    add_addresses(&mut b, &svc_name, entry.healthy());
+/// DNS-SD browsing (RFC 6763): `_<svc>._tcp.Z` PTR to `<id>._<svc>._tcp.Z`
+/// per healthy instance, each with SRV (to `<id>.<svc>.Z`) and TXT (its
+/// instance's).
+fn add_dnssd(b: &mut Builder<'_>, dnssd_type: &Name, entry: &ServiceEntry, targets: &Targets<'_>) {
+    b.touch(dnssd_type);
     for e in entry.healthy() {
-        srv(&mut b, &svc_name, e, e.instance.port);
+        let Some(dnssd_inst) = child(dnssd_type, e.instance.id.as_str()) else {
+            continue;
+        };
+        let Some(target) = targets.0.get(e.instance.id.as_str()) else {
+            continue;
+        };
+        // The PTR's target is only a name: the TXT is the instance's own.
+        let name = Target::new(&dnssd_inst, &b.origin_key, e.instance.address, &[]);
+        b.add(dnssd_type, Data::Ptr(name));
+        targets.add_srv(b, &dnssd_inst, e, e.instance.port);
+        b.add(&dnssd_inst, Data::Txt(target.clone()));
     }
+}
 
-    // DNS-SD browsing: `_<svc>._tcp.Z` PTR to `<id>._<svc>._tcp.Z` per
-    // healthy instance, each with SRV (to `<id>.<svc>.Z`) and TXT (its
-    // metadata; one empty string when it has none, RFC 6763 §6.1).
-    if let Some(dnssd_type) = &dnssd_type {
-        b.touch(dnssd_type);
-        for e in entry.healthy() {
-            let Some(dnssd_inst) = child(dnssd_type, e.instance.id.as_str()) else {
-                continue;
-            };
-            let mut txt = meta_txt(e.instance.meta.iter());
-            if txt.is_empty() {
-                txt.push(0);
-            }
-            let target = Target::new(&dnssd_inst, origin_key, e.instance.address, &txt);
-            b.add(dnssd_type, Data::Ptr(target.clone()));
-            srv(&mut b, &dnssd_inst, e, e.instance.port);
-            b.add(&dnssd_inst, Data::Txt(target));
-        }
-    }
-
-    // Tags. A tag name exists while any instance carries it, so a
-    // tag whose instances are all unhealthy is NODATA, not NXDOMAIN.
+/// `<tag>.tag.<svc>.Z` for every tag. A tag name exists while any instance
+/// carries it, so a tag whose instances are all unhealthy is NODATA, not
+/// NXDOMAIN.
+fn add_tags(b: &mut Builder<'_>, tag_root: &Name, entry: &ServiceEntry, targets: &Targets<'_>) {
     let mut tags: Vec<&str> = entry
         .instances
         .values()
@@ -1031,27 +1066,32 @@ fn build_service(
         .collect();
     tags.sort_unstable();
     tags.dedup();
-    if let Some(tag_root) = child(&svc_name, "tag") {
-        for tag in tags {
-            let Some(tag_name) = child(&tag_root, tag) else {
-                continue;
-            };
-            b.touch(&tag_name);
-            let with_tag = || {
-                entry
-                    .healthy()
-                    .filter(move |e| e.instance.tags.iter().any(|t| t == tag))
-            };
-            add_addresses(&mut b, &tag_name, with_tag());
-            for e in with_tag() {
-                srv(&mut b, &tag_name, e, e.instance.port);
-            }
+    for tag in tags {
+        let Some(tag_name) = child(tag_root, tag) else {
+            continue;
+        };
+        b.touch(&tag_name);
+        let with_tag = || {
+            entry
+                .healthy()
+                .filter(move |e| e.instance.tags.iter().any(|t| t == tag))
+        };
+        add_addresses(b, &tag_name, with_tag());
+        for e in with_tag() {
+            targets.add_srv(b, &tag_name, e, e.instance.port);
         }
     }
+}
 
-    // Named ports, the same under `_tcp` and `_udp`: the catalog
-    // does not record a port's protocol, and a client asks for the
-    // one it speaks.
+/// `_<port>._<tcp,udp>.<svc>.Z` for every named port, the same under `_tcp`
+/// and `_udp`: the catalog does not record a port's protocol, and a client
+/// asks for the one it speaks.
+fn add_named_ports(
+    b: &mut Builder<'_>,
+    svc_name: &Name,
+    entry: &ServiceEntry,
+    targets: &Targets<'_>,
+) {
     let mut ports: Vec<&str> = entry
         .instances
         .values()
@@ -1060,7 +1100,7 @@ fn build_service(
     ports.sort_unstable();
     ports.dedup();
     for proto in ["_tcp", "_udp"] {
-        let Some(proto_name) = child(&svc_name, proto) else {
+        let Some(proto_name) = child(svc_name, proto) else {
             continue;
         };
         for port in &ports {
@@ -1070,18 +1110,11 @@ fn build_service(
             b.touch(&port_name);
             for e in entry.healthy() {
                 if let Some(&p) = e.instance.ports.get(*port) {
-                    srv(&mut b, &port_name, e, p);
+                    targets.add_srv(b, &port_name, e, p);
                 }
             }
         }
     }
-
-    let (nodes, reverse) = b.finish();
-    Some(ServicePart {
-        nodes,
-        browse,
-        reverse,
-    })
 }
 
 /// `_<svc>._tcp.Z`, the DNS-SD service type of `svc` (`None` when `_<svc>`
