@@ -36,7 +36,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::app::{AppClient, AppH2Client, AppProtocol};
 use crate::body::{self, ProxyBody};
 use crate::deadline::{Timers, deadline_of};
 use crate::error::{Caller as CallerKind, NOT_FORWARDED_HEADER, ProxyError};
@@ -44,10 +43,11 @@ use crate::headers::{
     Head, Known, MAX_HEADER_BYTES, innermost, restore_upgrade, strip_hop_by_hop_and,
     upgrade_protocol,
 };
-use crate::http2;
 use crate::metrics::{Direction, Metrics, RequestMetrics};
 use crate::serve::{self, Closing, Upgrades};
 use crate::tls::{ALPN_TCP, MeshSlot};
+use crate::transport::app::{AppClient, AppH2Client, AppProtocol};
+use crate::transport::http2;
 use crate::wake::OnWake;
 
 /// Header telling the app which mesh service called it. Set only from a
@@ -324,7 +324,7 @@ impl Inbound {
     }
 
     /// Serves a peer sidecar's HTTP/2 connection. Its streams are served
-    /// inside this task, not a task each (see [`crate::http2`]).
+    /// inside this task, not a task each (see [`crate::transport::http2`]).
     async fn serve_h2<I>(&self, io: I, caller: Option<Arc<Caller>>, closing: Closing)
     where
         I: AsyncRead + AsyncWrite + Unpin,
@@ -585,7 +585,11 @@ impl Inbound {
             parts.version = Version::HTTP_11;
             let req = Request::from_parts(parts, body);
             let result = if upgrade.is_some() {
-                let call = Box::pin(crate::app::upgrade(app, Duration::from_secs(1), req));
+                let call = Box::pin(crate::transport::app::upgrade(
+                    app,
+                    Duration::from_secs(1),
+                    req,
+                ));
                 self.timers.timed(call, ended, deadline).await
             } else {
                 let call = Box::pin(self.app.request(req));

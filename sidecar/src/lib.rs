@@ -40,7 +40,6 @@
 #![warn(missing_docs)]
 
 pub mod admin;
-pub mod app;
 pub mod body;
 pub mod certificate;
 pub mod config;
@@ -48,13 +47,13 @@ pub mod deadline;
 pub mod discovery;
 pub mod error;
 pub mod headers;
-pub mod http2;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod register;
 pub mod serve;
 pub mod tls;
+pub mod transport;
 pub mod tunnel;
 pub mod wake;
 

@@ -365,7 +365,7 @@ where
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(crate::http2::MAX_HEADER_LIST_SIZE)
+        .max_header_list_size(crate::transport::http2::MAX_HEADER_LIST_SIZE)
         .keep_alive_interval(Some(Duration::from_secs(10)));
     // With upgrades: WebSocket and CONNECT take the connection over.
     let conn = builder

@@ -10,7 +10,7 @@
 //! [`crate::discovery::Refresh`]): a peer that hangs up or is not listening
 //! has most likely left, and DNS may already know.
 //!
-//! Requests go out on the `h2` crate directly (see [`crate::http2`]): the
+//! Requests go out on the `h2` crate directly (see [`crate::transport::http2`]): the
 //! task that read a request from the app sends it and awaits its response;
 //! only the connection's I/O, and a request body, run in tasks of their own.
 
@@ -337,7 +337,7 @@ impl PeerConnection {
                 addr,
                 timeout: self.connect_timeout,
             })??;
-        let (send, mut conn) = crate::http2::client_builder()
+        let (send, mut conn) = crate::transport::http2::client_builder()
             .handshake::<_, Bytes>(io)
             .await
             .map_err(|source| ConnectError::Http { addr, source })?;
@@ -351,14 +351,14 @@ impl PeerConnection {
         let in_use = Arc::downgrade(&self.live);
         tokio::spawn(
             async move {
-                let mut conn = crate::http2::Batched::new(&mut conn);
+                let mut conn = crate::transport::http2::Batched::new(&mut conn);
                 tokio::select! {
                     biased;
                     result = &mut conn => if let Err(err) = result {
                         debug!(%err, "connection closed");
                     },
                     // Polled only when its timer or ping fires.
-                    err = OnWake::new(crate::http2::keepalive(ping)) => {
+                    err = OnWake::new(crate::transport::http2::keepalive(ping)) => {
                         debug!(%err, "closing the connection");
                     }
                 }
@@ -411,7 +411,7 @@ impl PeerConnection {
             // may come first (a peer refusing a large upload, say).
             tokio::spawn(
                 async move {
-                    if let Err(err) = crate::http2::send_body(body, &mut stream).await {
+                    if let Err(err) = crate::transport::http2::send_body(body, &mut stream).await {
                         debug!(%err, "request body not sent whole");
                     }
                 }
@@ -422,7 +422,7 @@ impl PeerConnection {
             .await
             .map_err(|e| EndpointError::from_h2(addr, e, true))?;
         let (parts, recv) = rsp.into_parts();
-        let body = crate::http2::boxed(recv, &parts.headers);
+        let body = crate::transport::http2::boxed(recv, &parts.headers);
         Ok(http::Response::from_parts(parts, body))
     }
 }

@@ -146,7 +146,7 @@ impl AppH2Client {
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .http2_only(true)
-                .http2_max_header_list_size(crate::http2::MAX_HEADER_LIST_SIZE)
+                .http2_max_header_list_size(crate::transport::http2::MAX_HEADER_LIST_SIZE)
                 .build(ToApp {
                     addr,
                     timeout: connect_timeout,
