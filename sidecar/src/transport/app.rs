@@ -36,7 +36,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, debug_span};
 
 use crate::body::ProxyBody;
 
@@ -209,12 +209,8 @@ pub async fn upgrade(
         .map_err(|_| AppError::ConnectTimeout(connect_timeout))?
         .map_err(AppError::Connect)?;
     let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        if let Err(err) = conn.with_upgrades().await {
-            debug!(%addr, %err, "upgraded connection to the app ended");
-        }
-    });
+    let mut sender =
+        super::http1::handshake(stream, debug_span!("app_upgrade", app = %addr)).await?;
     let rsp = sender.send_request(req).await?;
     Ok(rsp.map(crate::body::boxed))
 }
