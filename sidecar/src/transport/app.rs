@@ -243,6 +243,7 @@ impl AppClient {
     }
 
     /// The same client with unused connections dropped after `idle`.
+    #[cfg(test)]
     pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
         self.idle_timeout = idle;
         self
@@ -332,6 +333,7 @@ impl AppClient {
     }
 
     /// Open connections waiting to be reused.
+    #[cfg(test)]
     pub fn idle_connections(&self) -> usize {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.iter().filter(|i| !i.sender.is_closed()).count()

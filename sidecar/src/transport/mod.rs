@@ -40,8 +40,8 @@
 //! [`crate::outbound::proxy`]: it goes to any host, which is the job its
 //! pool exists for, so a second pool of ours would repeat it).
 
-pub mod app;
+pub(crate) mod app;
 pub(crate) mod h2_client;
 pub(crate) mod h2_server;
 pub(crate) mod http1;
-pub mod http2;
+pub(crate) mod http2;
