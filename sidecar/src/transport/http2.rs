@@ -99,7 +99,9 @@ pub async fn keepalive(ping_pong: Option<PingPong>) -> KeepaliveError {
 /// every request would leave in a write of its own. Yielding once puts the
 /// connection behind the other tasks that are ready, and the frames they
 /// queue meanwhile go out together: one write for a burst of requests, as
-/// hyper's dispatch task achieved.
+/// hyper's dispatch task gets. The trade-off: each wake-up costs one more
+/// trip through the scheduler, and a lone request waits for the tasks
+/// ready before it.
 #[derive(Debug)]
 pub struct Batched<F> {
     inner: F,
