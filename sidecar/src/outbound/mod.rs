@@ -18,13 +18,13 @@
 //! balancer learns of replacements while there is still an endpoint left to
 //! retry on.
 
-pub mod balance;
-pub mod eject;
+pub(crate) mod balance;
+pub(crate) mod eject;
 pub mod endpoint;
-pub mod limit;
+pub(crate) mod limit;
 pub mod proxy;
-pub mod retry;
-pub mod shared;
+pub(crate) mod retry;
+pub(crate) mod shared;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,8 +51,8 @@ use crate::metrics::{Direction, Metrics, RequestMetrics, ServiceLabels};
 pub type Stack<S> = limit::PendingLimit<tower::retry::Retry<RetryPolicy, shared::Shared<S>>>;
 
 /// A destination's whole service stack. Named rather than boxed: a request
-/// clones it (a few `Arc`s) and calls it, and a boxed stack cost an
-/// allocation for each of the two.
+/// clones it (a few `Arc`s) and calls it, where a boxed stack would cost
+/// an allocation for each of the two.
 pub type DestinationService = Stack<
     tower::balance::p2c::Balance<balance::DiscoverStream<PeerConnection>, Request<ProxyBody>>,
 >;
@@ -176,8 +176,8 @@ pub struct Destinations {
     make_connect: MakeConnect,
     config: DestinationConfig,
     metrics: Metrics,
-    /// On foldhash: looked up on every request, and SipHash was about 200
-    /// instructions of each.
+    /// On foldhash rather than std's SipHash: it is looked up on every
+    /// request, and its keys are the few service names the local app calls.
     active: Mutex<HashMap<ServiceName, Arc<Destination>, foldhash::fast::RandomState>>,
     /// The endpoints each destination last resolved to, kept when it is
     /// dropped (see [`LastKnown`]); names that resolved to nothing are
