@@ -69,6 +69,9 @@ mod server;
 mod transfer;
 mod wire;
 
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
+
 #[cfg(test)]
 mod hostile_tests;
 #[cfg(test)]

@@ -500,9 +500,9 @@ mod tests {
     }
 
     fn loaded(catalog: &Catalog) {
-        let mut c = crate::table_tests::Catalog::new();
-        c.put(&crate::table_tests::instance("user", "u1", "10.0.0.1", 80));
-        catalog.publish(c.state_mut());
+        let mut c = crate::testing::Fill::default();
+        c.put(&crate::testing::instance("user", "u1", "10.0.0.1", 80));
+        catalog.publish(&mut c.state);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
