@@ -9,7 +9,9 @@
 # sends a mix of 90% A, 5% SRV, 5% NXDOMAIN to each server (pinned to CPU 0),
 # alternating, RUNS times. For each run it prints qps and the server's CPU
 # time per answered query (from /proc/PID/stat), then the medians and ratios;
-# then a fixed-rate run at 20k qps for lost queries.
+# then a fixed-rate run at 20k qps for lost queries; then registration ->
+# answered, by the Signpost replica and by a second knotd that is a secondary
+# of that replica (IXFR on its NOTIFY), over 200 and 50 new services.
 # Needs: knot, dnsperf, etcd-server (apt-get install knot dnsperf etcd-server).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -42,7 +44,9 @@ PIDS+=($!)
 for _ in $(seq 100); do curl -fsS $API/readyz >/dev/null 2>&1 && break; sleep 0.1; done
 
 SP_PORT=25353
-taskset -c 0 "$BIN" dns --etcd $ETCD --dns 127.0.0.1:$SP_PORT --udp-sockets 1 >"$WORK/dns.log" 2>&1 &
+KSEC_PORT=25355
+taskset -c 0 "$BIN" dns --etcd $ETCD --dns 127.0.0.1:$SP_PORT --udp-sockets 1 \
+    --allow-transfer 127.0.0.1/32 --notify 127.0.0.1:$KSEC_PORT >"$WORK/dns.log" 2>&1 &
 SP_PID=$!
 PIDS+=($SP_PID)
 
@@ -105,8 +109,45 @@ taskset -c 0 knotd -c "$WORK/knot.conf" >"$WORK/knot.log" 2>&1 &
 KNOT_PID=$!
 PIDS+=($KNOT_PID)
 
-# Wait until both answer the last service.
-for port in $SP_PORT $KNOT_PORT; do
+# Knot as a secondary of the Signpost replica (as dns/tests/transfer.rs sets
+# it up): it transfers the zone on the replica's NOTIFY, by IXFR after the
+# first AXFR.
+mkdir -p "$WORK/ksec/db" "$WORK/ksec/zones"
+cat >"$WORK/ksec.conf" <<KNOT
+server:
+    listen: 127.0.0.1@$KSEC_PORT
+    rundir: "$WORK/ksec"
+    udp-workers: 1
+    tcp-workers: 1
+    background-workers: 1
+database:
+    storage: "$WORK/ksec/db"
+log:
+  - target: "$WORK/ksec.log"
+    any: info
+remote:
+  - id: signpost
+    address: 127.0.0.1@$SP_PORT
+acl:
+  - id: from_signpost
+    address: 127.0.0.1
+    action: notify
+template:
+  - id: default
+    storage: "$WORK/ksec/zones"
+    zonefile-sync: -1
+    zonefile-load: none
+    journal-content: all
+zone:
+  - domain: $ZONE
+    master: signpost
+    acl: from_signpost
+KNOT
+taskset -c 1 knotd -c "$WORK/ksec.conf" >/dev/null 2>&1 &
+PIDS+=($!)
+
+# Wait until all three answer the last service.
+for port in $SP_PORT $KNOT_PORT $KSEC_PORT; do
     for _ in $(seq 100); do
         [ -n "$(dig @127.0.0.1 -p $port svc$N.$ZONE A +short +time=1 +tries=1 2>/dev/null)" ] && break
         sleep 0.2
@@ -158,3 +199,8 @@ done
 echo
 echo "registration -> visible in DNS (API on the server, DNS on the signpost dns replica):"
 "$TARGET/release/reg_latency" "$API" "127.0.0.1:$SP_PORT" 200 "$TOKEN"
+
+echo
+echo "registration -> answered by the Knot secondary of the replica (NOTIFY, then IXFR):"
+"$TARGET/release/reg_latency" "$API" "127.0.0.1:$KSEC_PORT" 50 "$TOKEN" sec
+echo "  knot secondary transfers: $(grep -c 'IXFR, incoming.*finished' "$WORK/ksec.log") IXFR, $(grep -c 'AXFR, incoming.*finished' "$WORK/ksec.log") AXFR"
