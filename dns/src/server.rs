@@ -77,7 +77,7 @@ impl DnsServer {
     /// Checks `config`, binds the UDP sockets and the TCP listener (so a
     /// taken port is reported here, with [`DnsError::AddrInUse`]) and builds
     /// the first index from the catalog's current snapshot. Call it inside
-    /// a Tokio runtime: the forwarding resolver is created here.
+    /// a Tokio runtime: the sockets to the upstreams are registered with it.
     ///
     /// The binary should pass upstreams from [`crate::default_upstreams`]
     /// given its own addresses (listen and `ns_address`); an upstream equal
