@@ -13,12 +13,15 @@
 # answered, by the Signpost replica and by a second knotd that is a secondary
 # of that replica (IXFR on its NOTIFY), over 200 and 50 new services.
 # Needs: knot, dnsperf, etcd-server (apt-get install knot dnsperf etcd-server).
+# PORT_OFFSET=N moves every port it listens on by N, for a machine where
+# another benchmark holds them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${1:-3}
 SECS=${2:-10}
 N=1000
 ZONE=xingren.host
+OFF=${PORT_OFFSET:-0}
 
 for tool in knotd dnsperf etcd taskset curl dig; do
     command -v $tool >/dev/null || { echo "missing $tool: apt-get install knot dnsperf etcd-server util-linux curl bind9-dnsutils" >&2; exit 1; }
@@ -35,16 +38,17 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 . integration/bench/common.sh
-BENCH_PIN="taskset -c 1" bench_etcd bench 22379
+BENCH_PIN="taskset -c 1" bench_etcd bench $((22379 + OFF))
 bench_token
-API=http://127.0.0.1:28500
-taskset -c 1 "$BIN" server --etcd $ETCD --api 127.0.0.1:28500 --dns 127.0.0.1:28053 \
+API_ADDR=127.0.0.1:$((28500 + OFF))
+API=http://$API_ADDR
+taskset -c 1 "$BIN" server --etcd $ETCD --api $API_ADDR --dns 127.0.0.1:$((28053 + OFF)) \
     --admin-token-file "$WORK/admin.token" >"$WORK/server.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 100); do curl -fsS $API/readyz >/dev/null 2>&1 && break; sleep 0.1; done
 
-SP_PORT=25353
-KSEC_PORT=25355
+SP_PORT=$((25353 + OFF))
+KSEC_PORT=$((25355 + OFF))
 taskset -c 0 "$BIN" dns --etcd $ETCD --dns 127.0.0.1:$SP_PORT --udp-sockets 1 \
     --allow-transfer 127.0.0.1/32 --notify 127.0.0.1:$KSEC_PORT >"$WORK/dns.log" 2>&1 &
 SP_PID=$!
@@ -86,7 +90,7 @@ for i in $(seq 1 20000); do
     esac
 done >"$QUERIES"
 
-KNOT_PORT=25354
+KNOT_PORT=$((25354 + OFF))
 mkdir -p "$WORK/knot"
 cat >"$WORK/knot.conf" <<KNOT
 server:
