@@ -204,6 +204,13 @@ echo
 echo "registration -> visible in DNS (API on the server, DNS on the signpost dns replica):"
 "$TARGET/release/reg_latency" "$API" "127.0.0.1:$SP_PORT" 200 "$TOKEN"
 
+# Start from a secondary in step with the replica (the registrations above
+# are still being transferred): the same SOA serial, within 10 s.
+serial() { dig @127.0.0.1 -p "$1" $ZONE SOA +short +time=1 +tries=1 | awk '{print $3}'; }
+for _ in $(seq 100); do
+    [ "$(serial $KSEC_PORT)" = "$(serial $SP_PORT)" ] && break
+    sleep 0.1
+done
 echo
 echo "registration -> answered by the Knot secondary of the replica (NOTIFY, then IXFR):"
 "$TARGET/release/reg_latency" "$API" "127.0.0.1:$KSEC_PORT" 50 "$TOKEN" sec
