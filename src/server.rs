@@ -107,9 +107,32 @@ pub enum ReadAcl {
     Token,
 }
 
-/// Runs until SIGINT or SIGTERM.
+/// Runs until SIGINT or SIGTERM: reads the credentials, opens the store
+/// and the CA, starts DNS and the control plane, says where they listen,
+/// then on the signal stops both.
 pub async fn run(args: ServerArgs) -> Result<()> {
-    let keys = Keys::new(&args.prefix);
+    let auth = auth_config(&args)?;
+    let store = open_store(&args).await?;
+    let (ca, _ca_tmp) = load_ca(&args)?;
+    let cancel = CancellationToken::new();
+    let (cp, dns) = start(&args, store.clone(), auth, ca.clone(), cancel.clone()).await?;
+    let dns_addr = dns.local_addr();
+    let dns_task = tokio::spawn(dns.run(cancel.clone()));
+    announce(&args, &cp, &*store, ca.is_some(), dns_addr).await?;
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    cancel.cancel();
+    cp.join().await;
+    match dns_task.await {
+        Ok(result) => result.context("DNS server failed"),
+        Err(err) => Err(anyhow::anyhow!("DNS server task failed: {err}")),
+    }
+}
+
+/// Who may write: the admin token from `--admin-token-file` (at least 16
+/// characters), or none in `--dev`, where loopback writes need no token.
+fn auth_config(args: &ServerArgs) -> Result<AuthConfig> {
     let admin_token = match &args.admin_token_file {
         Some(path) => {
             let token = std::fs::read_to_string(path)
@@ -131,44 +154,55 @@ pub async fn run(args: ServerArgs) -> Result<()> {
              (e.g. `openssl rand -hex 32 > admin.token`), or run with --dev"
         ),
     };
-    let auth = match &admin_token {
+    Ok(match &admin_token {
         Some(t) => AuthConfig::with_admin_token(t, args.dev),
         None => AuthConfig {
             admin_hash: None,
             dev: true,
         },
-    };
+    })
+}
 
-    let store: Arc<dyn Store> = if args.dev {
-        Arc::new(MemoryStore::new())
-    } else {
-        let opts = args.etcd_security.options(&args.etcd, &args.prefix)?;
-        Arc::new(EtcdStore::connect(opts).await.with_context(|| {
-            format!(
-                "cannot use etcd at {} (is etcd running? `signpost server --dev` needs none)",
-                args.etcd.join(",")
-            )
-        })?)
-    };
+/// The in-memory store in `--dev`, etcd otherwise.
+async fn open_store(args: &ServerArgs) -> Result<Arc<dyn Store>> {
+    if args.dev {
+        return Ok(Arc::new(MemoryStore::new()));
+    }
+    let opts = args.etcd_security.options(&args.etcd, &args.prefix)?;
+    let store = EtcdStore::connect(opts).await.with_context(|| {
+        format!(
+            "cannot use etcd at {} (is etcd running? `signpost server --dev` needs none)",
+            args.etcd.join(",")
+        )
+    })?;
+    Ok(Arc::new(store))
+}
 
-    let (ca, _ca_tmp) = load_ca(&args)?;
-
-    let cancel = CancellationToken::new();
+/// Binds DNS (first, so a taken port is reported before anything runs) and
+/// starts the control plane over one catalog; the DNS server is returned
+/// for the caller to run.
+async fn start(
+    args: &ServerArgs,
+    store: Arc<dyn Store>,
+    auth: AuthConfig,
+    ca: Option<Arc<CertAuthority>>,
+    cancel: CancellationToken,
+) -> Result<(ControlPlane, DnsServer)> {
+    let keys = Keys::new(&args.prefix);
     let mut registry = Registry::default();
     let catalog = Catalog::new(keys.clone());
     let dns = DnsServer::new(args.dns.config(&args.zone)?, catalog.clone())
         .with_context(|| format!("cannot serve DNS on {}", args.dns.listen))?;
     dns.register_metrics(&mut registry);
-    let dns_addr = dns.local_addr();
     let candidate = format!("{}@{}", hostname(), args.api);
     let cp = ControlPlane::start(
         ControlPlaneOptions {
             api: args.api,
-            store: store.clone(),
+            store,
             keys,
             auth,
             candidate,
-            ca: ca.clone(),
+            ca,
             compaction: (!args.etcd_compaction.is_zero()).then_some(args.etcd_compaction),
             api_policy: ApiPolicy {
                 check_allow: args.check_allow.clone(),
@@ -182,18 +216,29 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         },
         registry,
         Some(catalog),
-        cancel.clone(),
+        cancel,
     )
     .await?;
-    let dns_task = tokio::spawn(dns.run(cancel.clone()));
+    Ok((cp, dns))
+}
 
+/// Prints where the server listens and how to try it; with etcd, first
+/// waits briefly for the catalog's first sync and fails with the reason
+/// when etcd cannot be reached.
+async fn announce(
+    args: &ServerArgs,
+    cp: &ControlPlane,
+    store: &dyn Store,
+    has_ca: bool,
+    dns_addr: SocketAddr,
+) -> Result<()> {
     if args.dev {
         println!("signpost server (dev mode: in-memory store, loopback writes need no token)");
     } else {
         println!("signpost server (etcd: {})", args.etcd.join(","));
         if !cp.catalog.wait_synced(Duration::from_secs(3)).await {
             crate::etcd::check_reachable(
-                &*store,
+                store,
                 &args.etcd,
                 "the API answers 503 to writes and DNS answers SERVFAIL",
             )
@@ -201,17 +246,17 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         }
     }
     println!("  API      http://{}", cp.api_addr);
-    match (&ca, &args.ca_dir) {
-        (Some(_), Some(dir)) => println!(
+    match (has_ca, &args.ca_dir) {
+        (true, Some(dir)) => println!(
             "  CA       {} (certificates for {})",
             dir.display(),
             humantime::format_duration(args.cert_ttl)
         ),
-        (Some(_), None) => println!(
+        (true, None) => println!(
             "  CA       temporary (dev), certificates for {}",
             humantime::format_duration(args.cert_ttl)
         ),
-        (None, _) => println!("  CA       none: POST /v1/certs answers 503 (pass --ca-dir)"),
+        (false, _) => println!("  CA       none: POST /v1/certs answers 503 (pass --ca-dir)"),
     }
     println!("  DNS      {dns_addr} (UDP and TCP), zone {}", args.zone);
     println!(
@@ -220,15 +265,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         dns_addr.port(),
         args.zone
     );
-
-    shutdown_signal().await;
-    tracing::info!("shutting down");
-    cancel.cancel();
-    cp.join().await;
-    match dns_task.await {
-        Ok(result) => result.context("DNS server failed"),
-        Err(err) => Err(anyhow::anyhow!("DNS server task failed: {err}")),
-    }
+    Ok(())
 }
 
 /// Parses `--etcd-compaction`: 0, or at least a minute (a shorter history

@@ -579,6 +579,19 @@ where
     }
 }
 
+/// [`eventually`] as an assertion: polls `condition` every 50 ms and
+/// panics, naming `what`, if it is not true within `timeout`.
+pub async fn assert_eventually<F, Fut>(what: &str, timeout: Duration, condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    assert!(
+        eventually(timeout, Duration::from_millis(50), condition).await,
+        "timed out after {timeout:?} waiting for: {what}"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

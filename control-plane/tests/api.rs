@@ -11,7 +11,7 @@ use signpost_control_plane::api::ApiPolicy;
 use signpost_control_plane::api::auth::AuthConfig;
 use signpost_control_plane::server::{ControlPlane, ControlPlaneOptions};
 use signpost_control_plane::store::{EtcdOptions, EtcdStore, Keys, MemoryStore, Store};
-use signpost_control_plane::testing::EtcdProcess;
+use signpost_control_plane::testing::{EtcdProcess, assert_eventually as eventually};
 use signpost_control_plane::tokens;
 use tokio_util::sync::CancellationToken;
 
@@ -162,17 +162,6 @@ impl Api {
 
 fn reg() -> Value {
     json!({"address": "10.0.0.5", "port": 8080})
-}
-
-async fn eventually<F, Fut>(what: &str, timeout: Duration, f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    assert!(
-        signpost_control_plane::testing::eventually(timeout, Duration::from_millis(50), f).await,
-        "timed out waiting for: {what}"
-    );
 }
 
 #[tokio::test]

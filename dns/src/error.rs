@@ -47,9 +47,15 @@ pub enum DnsError {
         #[source]
         source: io::Error,
     },
-    /// The forwarding resolver could not be built.
-    #[error("cannot set up forwarding to the upstream resolvers: {0}")]
-    Resolver(#[source] NetError),
+    /// The socket to an upstream resolver could not be opened.
+    #[error("cannot set up forwarding to the upstream resolver {addr}: {source}")]
+    Upstream {
+        /// The upstream.
+        addr: SocketAddr,
+        /// The socket error.
+        #[source]
+        source: io::Error,
+    },
     /// A listener stopped unexpectedly.
     #[error("DNS server stopped: {0}")]
     Serve(#[source] NetError),

@@ -21,7 +21,7 @@ use rand::{Rng, SeedableRng};
 use crate::handler::{Handler, Shared};
 use crate::index::{Index, ZoneConfig};
 use crate::metrics::Metrics;
-use crate::table_tests::{Catalog, instance};
+use crate::testing::{Fill, instance};
 
 /// Collects encoded responses, encoding like hickory's UDP/TCP handle.
 #[derive(Clone)]
@@ -62,7 +62,7 @@ impl ResponseHandler for Capture {
 }
 
 pub(crate) fn handler() -> Handler {
-    let mut c = Catalog::new();
+    let mut c = Fill::default();
     for i in 0..40u8 {
         let mut inst = instance("user", &format!("u{i}"), &format!("10.0.0.{i}"), 8080);
         inst.tags = vec!["v2".into()];

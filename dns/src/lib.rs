@@ -13,6 +13,14 @@
 //! bytes and hands anything unusual to the hickory handler; hickory-server
 //! runs the TCP listener.
 //!
+//! The answer rules so live in two places: the hickory path
+//! (`handler.rs`, `response.rs`), which every query can take, and the UDP
+//! fast path (`fast/respond.rs`), which answers the common ones from the
+//! pre-encoded bytes. A change to what an answer holds goes into both; the
+//! differential tests in `fast/tests.rs` (every row of the answer table,
+//! then random and mutated queries, through both paths) fail when they
+//! disagree.
+//!
 //! Decisions a user can observe, beyond ../shared/CONTRACT.md:
 //!
 //! - `<id>.<svc>.Z` answers the instance's address whatever its health (the
@@ -60,6 +68,9 @@ mod select;
 mod server;
 mod transfer;
 mod wire;
+
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 
 #[cfg(test)]
 mod hostile_tests;

@@ -40,9 +40,10 @@ struct ForwardLabels {
 /// Outcome of a forwarded query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ForwardResult {
-    /// The upstream answered (any response code it chose, relayed).
+    /// The upstream answered (NOERROR or NXDOMAIN, relayed).
     Answered,
-    /// The upstream answered with an error, or could not be reached.
+    /// Every upstream answered with an error (SERVFAIL, REFUSED...) or
+    /// could not be reached.
     Failed,
     /// No answer within the forward timeout.
     Timeout,

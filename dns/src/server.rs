@@ -77,7 +77,7 @@ impl DnsServer {
     /// Checks `config`, binds the UDP sockets and the TCP listener (so a
     /// taken port is reported here, with [`DnsError::AddrInUse`]) and builds
     /// the first index from the catalog's current snapshot. Call it inside
-    /// a Tokio runtime: the forwarding resolver is created here.
+    /// a Tokio runtime: the sockets to the upstreams are registered with it.
     ///
     /// The binary should pass upstreams from [`crate::default_upstreams`]
     /// given its own addresses (listen and `ns_address`); an upstream equal
@@ -500,9 +500,9 @@ mod tests {
     }
 
     fn loaded(catalog: &Catalog) {
-        let mut c = crate::table_tests::Catalog::new();
-        c.put(&crate::table_tests::instance("user", "u1", "10.0.0.1", 80));
-        catalog.publish(c.state_mut());
+        let mut c = crate::testing::Fill::default();
+        c.put(&crate::testing::instance("user", "u1", "10.0.0.1", 80));
+        catalog.publish(&mut c.state);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::iter;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
@@ -14,105 +14,28 @@ use hickory_proto::serialize::binary::{BinDecoder, BinEncodable, BinEncoder};
 use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use signpost_control_plane::catalog::{CatalogState, Snapshot};
-use signpost_control_plane::model::{Health, HealthStatus, Instance, InstanceId, ServiceName};
-use signpost_control_plane::store::{KeyValue, Keys};
+use signpost_control_plane::model::Instance;
 
 use crate::index::{Index, ZoneConfig};
 use crate::name::KeyBuf;
 use crate::response::{Answer, Fit};
+pub(crate) use crate::testing::{Fill, fill_with, instance, user_and_order_instances};
 
 const ZONE: &str = "xingren.host.";
 
-/// Builds catalog states the way the store watch would.
-pub(crate) struct Catalog {
-    state: CatalogState,
-    keys: Keys,
-    rev: i64,
-}
-
-impl Catalog {
-    pub(crate) fn new() -> Self {
-        Self {
-            state: CatalogState::new(),
-            keys: Keys::default(),
-            rev: 0,
-        }
-    }
-
-    fn next_rev(&mut self) -> i64 {
-        self.rev += 1;
-        self.rev
-    }
-
-    pub(crate) fn put(&mut self, inst: &Instance) -> &mut Self {
-        let rev = self.next_rev();
-        let kv = KeyValue {
-            key: self.keys.instance(&inst.service, &inst.id),
-            value: serde_json::to_vec(inst).unwrap(),
-            create_revision: rev,
-            mod_revision: rev,
-            lease: None,
-        };
-        self.state.put(&self.keys, &kv);
-        self
-    }
-
-    pub(crate) fn critical(&mut self, svc: &str, id: &str) -> &mut Self {
-        let rev = self.next_rev();
-        let health = Health {
-            status: HealthStatus::Critical,
-            output: "connection refused".into(),
-            since: SystemTime::now(),
-        };
-        let kv = KeyValue {
-            key: self.keys.health(
-                &ServiceName::new(svc).unwrap(),
-                &InstanceId::new(id).unwrap(),
-            ),
-            value: serde_json::to_vec(&health).unwrap(),
-            create_revision: rev,
-            mod_revision: rev,
-            lease: None,
-        };
-        self.state.put(&self.keys, &kv);
-        self
-    }
-
-    pub(crate) fn remove(&mut self, svc: &str, id: &str) -> &mut Self {
-        let rev = self.next_rev();
-        let key = self.keys.instance(
-            &ServiceName::new(svc).unwrap(),
-            &InstanceId::new(id).unwrap(),
-        );
-        self.state.delete(&self.keys, &key, rev);
-        self
-    }
-
-    pub(crate) fn snapshot(&mut self) -> Snapshot {
-        self.state.snapshot()
-    }
-
-    /// The state, to publish into a live catalog.
-    pub(crate) fn state_mut(&mut self) -> &mut CatalogState {
-        &mut self.state
-    }
-}
-
-pub(crate) fn instance(svc: &str, id: &str, addr: &str, port: u16) -> Instance {
-    Instance {
-        service: ServiceName::new(svc).unwrap(),
-        id: InstanceId::new(id).unwrap(),
-        address: addr.parse().unwrap(),
-        port,
-        ports: Default::default(),
-        tags: Vec::new(),
-        meta: Default::default(),
-        weight: 100,
-        ttl: None,
-        check: None,
-        registered: SystemTime::now(),
-    }
+/// The `user`/`order` instances of [`crate::testing`] with more to tell
+/// apart in the answer table: u1 also tagged `canary`, in zone `a`, of
+/// weight 300; u2 tagged `v2` with port `http` 8082; u3 tagged `old`.
+pub(crate) fn table_instances() -> [Instance; 5] {
+    let mut insts = user_and_order_instances();
+    let [u1, u2, u3, ..] = &mut insts;
+    u1.tags.push("canary".into());
+    u1.meta.insert("zone".into(), "a".into());
+    u1.weight = 300;
+    u2.tags = vec!["v2".into()];
+    u2.ports.insert("http".into(), 8082);
+    u3.tags = vec!["old".into()];
+    insts
 }
 
 fn zone(ns: Option<&str>) -> ZoneConfig {
@@ -124,29 +47,9 @@ fn zone(ns: Option<&str>) -> ZoneConfig {
     }
 }
 
-/// The catalog most tests use: `user` with three instances (one critical,
-/// one IPv6), tags, a named port and metadata; `order` with one instance.
+/// The catalog most tests use: [`table_instances`], u3 critical.
 fn fixture() -> Index {
-    let mut c = Catalog::new();
-    let mut u1 = instance("user", "u1", "10.0.0.1", 8080);
-    u1.tags = vec!["v2".into(), "canary".into()];
-    u1.ports.insert("http".into(), 8081);
-    u1.meta.insert("zone".into(), "a".into());
-    u1.meta.insert("version".into(), "1.2.3".into());
-    u1.weight = 300;
-    let mut u2 = instance("user", "u2", "10.0.0.2", 8080);
-    u2.tags = vec!["v2".into()];
-    u2.ports.insert("http".into(), 8082);
-    let mut u3 = instance("user", "u3", "10.0.0.3", 8080);
-    u3.tags = vec!["old".into()];
-    let u6 = instance("user", "u6", "fd00::6", 9090);
-    let o1 = instance("order", "o1", "10.0.1.1", 7000);
-    c.put(&u1)
-        .put(&u2)
-        .put(&u3)
-        .put(&u6)
-        .put(&o1)
-        .critical("user", "u3");
+    let mut c = fill_with(&table_instances());
     Index::build(&c.snapshot(), &zone(Some("192.0.2.53")))
 }
 
@@ -463,7 +366,7 @@ fn reverse_names_of_instances_answer_ptr() {
 
 #[test]
 fn shared_addresses_make_one_record_with_summed_weight() {
-    let mut c = Catalog::new();
+    let mut c = Fill::default();
     c.put(&instance("db", "d1", "10.0.0.9", 5432));
     c.put(&instance("db", "d2", "10.0.0.9", 5433));
     c.put(&instance("db", "d3", "10.0.0.8", 5432));
@@ -504,7 +407,7 @@ fn apex_has_soa_and_ns_with_glue() {
     assert_nodata(&answer(&index, "xingren.host.", RecordType::A));
 
     // Without a configured address: NS without glue, and no `ns` name.
-    let bare = Index::build(&Catalog::new().snapshot(), &zone(None));
+    let bare = Index::build(&Fill::default().snapshot(), &zone(None));
     assert!(
         answer(&bare, "xingren.host.", RecordType::NS)
             .additionals
@@ -515,7 +418,7 @@ fn apex_has_soa_and_ns_with_glue() {
 
 #[test]
 fn soa_serial_is_the_revision_truncated() {
-    let mut snap = Catalog::new().snapshot();
+    let mut snap = Fill::default().snapshot();
     snap.revision = (1_i64 << 32) + 7;
     let index = Index::build(&snap, &zone(None));
     let RData::SOA(s) = &answer(&index, "xingren.host.", RecordType::SOA).answers[0].data else {
@@ -542,7 +445,7 @@ fn negative_answers_carry_the_soa() {
 
 #[test]
 fn services_without_healthy_instances_are_nodata() {
-    let mut c = Catalog::new();
+    let mut c = Fill::default();
     c.put(&instance("pay", "p1", "10.0.2.1", 80))
         .critical("pay", "p1");
     let index = Index::build(&c.snapshot(), &zone(None));
@@ -616,7 +519,7 @@ fn encode(answer: &Answer, queries: &Queries) -> (usize, Message) {
 }
 
 fn big_service(n: u16) -> Index {
-    let mut c = Catalog::new();
+    let mut c = Fill::default();
     for i in 0..n {
         let mut inst = instance(
             "big",
@@ -705,7 +608,7 @@ fn udp_srv_keeps_answers_first_then_the_glue_that_fits() {
 
 #[test]
 fn a_record_too_big_for_udp_is_tc() {
-    let mut c = Catalog::new();
+    let mut c = Fill::default();
     let mut fat = instance("fat", "f1", "10.0.3.1", 80);
     for i in 0..6 {
         fat.meta
@@ -800,7 +703,7 @@ fn answer_text(a: Option<Answer>) -> Option<(hickory_proto::op::ResponseCode, Ve
 
 #[test]
 fn incremental_builds_answer_like_full_builds() {
-    let mut c = Catalog::new();
+    let mut c = Fill::default();
     let mut u1 = instance("user", "u1", "10.0.0.1", 8080);
     u1.tags = vec!["v2".into()];
     c.put(&u1).put(&instance("order", "o1", "10.0.1.1", 7000));
@@ -919,7 +822,7 @@ mod incremental {
         #[test]
         fn incremental_indexes_answer_like_full_builds(ops in proptest::collection::vec(op(), 1..40)) {
             let zone = zone(Some("192.0.2.53"));
-            let mut c = Catalog::new();
+            let mut c = Fill::default();
             let mut index = Index::build(&c.snapshot(), &zone);
             for op in ops.into_iter().chain([Op::Index]) {
                 match op {
@@ -931,7 +834,7 @@ mod incremental {
                         c.put(&inst);
                     }
                     Op::Remove(s, i) => {
-                        c.remove(SERVICES[s], &format!("i{i}"));
+                        c.delete(SERVICES[s], &format!("i{i}"));
                     }
                     Op::Critical(s, i) => {
                         c.critical(SERVICES[s], &format!("i{i}"));
@@ -959,7 +862,7 @@ mod incremental {
 #[test]
 #[ignore = "timing, not a check"]
 fn index_build_time() {
-    let mut c = Catalog::new();
+    let mut c = Fill::default();
     for s in 0..1000u32 {
         for j in 1..=2u32 {
             c.put(&instance(
@@ -1000,7 +903,7 @@ fn index_build_time() {
 
 #[test]
 fn a_meta_pair_longer_than_a_character_string_is_left_out_of_txt() {
-    let mut c = Catalog::new();
+    let mut c = Fill::default();
     let mut inst = instance("user", "u1", "10.0.0.1", 80);
     inst.meta.insert("version".into(), "1.2.3".into());
     inst.meta.insert("notes".into(), "x".repeat(300).into());

@@ -9,14 +9,19 @@
 # sends a mix of 90% A, 5% SRV, 5% NXDOMAIN to each server (pinned to CPU 0),
 # alternating, RUNS times. For each run it prints qps and the server's CPU
 # time per answered query (from /proc/PID/stat), then the medians and ratios;
-# then a fixed-rate run at 20k qps for lost queries.
+# then a fixed-rate run at 20k qps for lost queries; then registration ->
+# answered, by the Signpost replica and by a second knotd that is a secondary
+# of that replica (IXFR on its NOTIFY), over 200 and 50 new services.
 # Needs: knot, dnsperf, etcd-server (apt-get install knot dnsperf etcd-server).
+# PORT_OFFSET=N moves every port it listens on by N, for a machine where
+# another benchmark holds them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${1:-3}
 SECS=${2:-10}
 N=1000
 ZONE=xingren.host
+OFF=${PORT_OFFSET:-0}
 
 for tool in knotd dnsperf etcd taskset curl dig; do
     command -v $tool >/dev/null || { echo "missing $tool: apt-get install knot dnsperf etcd-server util-linux curl bind9-dnsutils" >&2; exit 1; }
@@ -33,16 +38,19 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 . integration/bench/common.sh
-BENCH_PIN="taskset -c 1" bench_etcd bench 22379
+BENCH_PIN="taskset -c 1" bench_etcd bench $((22379 + OFF))
 bench_token
-API=http://127.0.0.1:28500
-taskset -c 1 "$BIN" server --etcd $ETCD --api 127.0.0.1:28500 --dns 127.0.0.1:28053 \
+API_ADDR=127.0.0.1:$((28500 + OFF))
+API=http://$API_ADDR
+taskset -c 1 "$BIN" server --etcd $ETCD --api $API_ADDR --dns 127.0.0.1:$((28053 + OFF)) \
     --admin-token-file "$WORK/admin.token" >"$WORK/server.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 100); do curl -fsS $API/readyz >/dev/null 2>&1 && break; sleep 0.1; done
 
-SP_PORT=25353
-taskset -c 0 "$BIN" dns --etcd $ETCD --dns 127.0.0.1:$SP_PORT --udp-sockets 1 >"$WORK/dns.log" 2>&1 &
+SP_PORT=$((25353 + OFF))
+KSEC_PORT=$((25355 + OFF))
+taskset -c 0 "$BIN" dns --etcd $ETCD --dns 127.0.0.1:$SP_PORT --udp-sockets 1 \
+    --allow-transfer 127.0.0.1/32 --notify 127.0.0.1:$KSEC_PORT >"$WORK/dns.log" 2>&1 &
 SP_PID=$!
 PIDS+=($SP_PID)
 
@@ -82,7 +90,7 @@ for i in $(seq 1 20000); do
     esac
 done >"$QUERIES"
 
-KNOT_PORT=25354
+KNOT_PORT=$((25354 + OFF))
 mkdir -p "$WORK/knot"
 cat >"$WORK/knot.conf" <<KNOT
 server:
@@ -105,8 +113,45 @@ taskset -c 0 knotd -c "$WORK/knot.conf" >"$WORK/knot.log" 2>&1 &
 KNOT_PID=$!
 PIDS+=($KNOT_PID)
 
-# Wait until both answer the last service.
-for port in $SP_PORT $KNOT_PORT; do
+# Knot as a secondary of the Signpost replica (as dns/tests/transfer.rs sets
+# it up): it transfers the zone on the replica's NOTIFY, by IXFR after the
+# first AXFR.
+mkdir -p "$WORK/ksec/db" "$WORK/ksec/zones"
+cat >"$WORK/ksec.conf" <<KNOT
+server:
+    listen: 127.0.0.1@$KSEC_PORT
+    rundir: "$WORK/ksec"
+    udp-workers: 1
+    tcp-workers: 1
+    background-workers: 1
+database:
+    storage: "$WORK/ksec/db"
+log:
+  - target: "$WORK/ksec.log"
+    any: info
+remote:
+  - id: signpost
+    address: 127.0.0.1@$SP_PORT
+acl:
+  - id: from_signpost
+    address: 127.0.0.1
+    action: notify
+template:
+  - id: default
+    storage: "$WORK/ksec/zones"
+    zonefile-sync: -1
+    zonefile-load: none
+    journal-content: all
+zone:
+  - domain: $ZONE
+    master: signpost
+    acl: from_signpost
+KNOT
+taskset -c 1 knotd -c "$WORK/ksec.conf" >/dev/null 2>&1 &
+PIDS+=($!)
+
+# Wait until all three answer the last service.
+for port in $SP_PORT $KNOT_PORT $KSEC_PORT; do
     for _ in $(seq 100); do
         [ -n "$(dig @127.0.0.1 -p $port svc$N.$ZONE A +short +time=1 +tries=1 2>/dev/null)" ] && break
         sleep 0.2
@@ -158,3 +203,15 @@ done
 echo
 echo "registration -> visible in DNS (API on the server, DNS on the signpost dns replica):"
 "$TARGET/release/reg_latency" "$API" "127.0.0.1:$SP_PORT" 200 "$TOKEN"
+
+# Start from a secondary in step with the replica (the registrations above
+# are still being transferred): the same SOA serial, within 10 s.
+serial() { dig @127.0.0.1 -p "$1" $ZONE SOA +short +time=1 +tries=1 | awk '{print $3}'; }
+for _ in $(seq 100); do
+    [ "$(serial $KSEC_PORT)" = "$(serial $SP_PORT)" ] && break
+    sleep 0.1
+done
+echo
+echo "registration -> answered by the Knot secondary of the replica (NOTIFY, then IXFR):"
+"$TARGET/release/reg_latency" "$API" "127.0.0.1:$KSEC_PORT" 50 "$TOKEN" sec
+echo "  knot secondary transfers: $(grep -c 'IXFR, incoming.*finished' "$WORK/ksec.log") IXFR, $(grep -c 'AXFR, incoming.*finished' "$WORK/ksec.log") AXFR"

@@ -185,18 +185,9 @@ pub fn dig_short(server: SocketAddr, name: &str, qtype: &str, tcp: bool) -> Vec<
     lines
 }
 
-/// Polls `f` every 50 ms until it returns true; panics with `what` after
-/// `timeout` (the control plane's `testing::eventually`, as an assertion).
-pub async fn eventually<F, Fut>(what: &str, timeout: Duration, f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    assert!(
-        signpost_control_plane::testing::eventually(timeout, Duration::from_millis(50), f).await,
-        "timed out after {timeout:?} waiting for: {what}"
-    );
-}
+/// Polls a condition every 50 ms until it is true; panics naming what was
+/// awaited after the timeout.
+pub use signpost_control_plane::testing::assert_eventually as eventually;
 
 /// Waits until `url` answers 200, or panics after `timeout`.
 pub async fn wait_http_ok(url: &str, timeout: Duration) {

@@ -9,17 +9,36 @@
 //! the 255-byte name limit, and follows no compression pointer, so no input
 //! can make it loop.
 
+use hickory_proto::op::{EdnsFlags, Header, MessageType, Metadata, OpCode};
+use hickory_proto::rr::rdata::opt::EdnsCode;
+use hickory_proto::rr::{DNSClass, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+
 use crate::name::MAX_NAME_LEN;
 
 /// DNS header length.
 pub(crate) const HEADER_LEN: usize = 12;
 
 /// Record types always left to hickory: ANY (the handler merges every set),
-/// zone transfers (REFUSED), MAILA/MAILB and the pseudo-types.
-const HICKORY_TYPES: [u16; 7] = [255, 252, 251, 254, 253, 41, 250];
+/// zone transfers (the handler's [`crate::transfer`]), and the types that
+/// are not data (OPT and TSIG, and MAILA and MAILB, RFC 1035 §3.2.3, which
+/// hickory knows only by number).
+fn left_to_hickory(qtype: RecordType) -> bool {
+    matches!(
+        qtype,
+        RecordType::ANY
+            | RecordType::AXFR
+            | RecordType::IXFR
+            | RecordType::OPT
+            | RecordType::TSIG
+            | RecordType::Unknown(253 | 254)
+    )
+}
 
-/// EDNS options hickory decodes (and may reject): NSID, DAU, client subnet.
-const PARSED_OPTIONS: [u16; 3] = [3, 5, 8];
+/// EDNS options hickory decodes (and may reject): left to it.
+fn parsed_by_hickory(option: EdnsCode) -> bool {
+    matches!(option, EdnsCode::NSID | EdnsCode::DAU | EdnsCode::Subnet)
+}
 
 /// A query the fast path can answer.
 #[derive(Clone)]
@@ -29,8 +48,10 @@ pub(crate) struct Question {
     key_len: usize,
     /// Where the question section ends in the packet.
     pub(crate) end: usize,
+    /// The query's header fields (RD and CD are echoed).
+    pub(crate) header: Metadata,
     /// The query type.
-    pub(crate) qtype: u16,
+    pub(crate) qtype: RecordType,
     /// Where the zone starts inside the question's name, when the name ends
     /// in the zone spelled exactly as the zone's lower-case key (the short
     /// forms of [`crate::wire::Chunk`] point there).
@@ -77,12 +98,16 @@ pub(crate) fn parse(packet: &[u8], zone: &[u8], zone_labels: usize) -> Parsed {
 }
 
 fn parse_query(p: &[u8], zone: &[u8], zone_labels: usize) -> Option<Question> {
-    // QR clear and opcode QUERY; the other flags are echoed or ignored.
-    if p[2] & 0xF8 != 0 {
+    let Header { metadata, counts } = Header::read(&mut BinDecoder::new(p)).ok()?;
+    // A query of opcode QUERY; the other flags are echoed or ignored.
+    if metadata.message_type != MessageType::Query || metadata.op_code != OpCode::Query {
         return None;
     }
-    let (qd, an, ns, ar) = (u16_at(p, 4)?, u16_at(p, 6)?, u16_at(p, 8)?, u16_at(p, 10)?);
-    if qd != 1 || an != 0 || ns != 0 || ar > 1 {
+    if counts.queries != 1
+        || counts.answers != 0
+        || counts.authorities != 0
+        || counts.additionals > 1
+    {
         return None;
     }
 
@@ -120,14 +145,14 @@ fn parse_query(p: &[u8], zone: &[u8], zone_labels: usize) -> Option<Question> {
     key_len += 1;
     at += 1;
 
-    let qtype = u16_at(p, at)?;
-    let qclass = u16_at(p, at + 2)?;
+    let qtype = RecordType::from(u16_at(p, at)?);
+    let qclass = DNSClass::from(u16_at(p, at + 2)?);
     let end = at + 4;
-    if qclass != 1 || HICKORY_TYPES.contains(&qtype) {
+    if qclass != DNSClass::IN || left_to_hickory(qtype) {
         return None;
     }
 
-    let (edns_payload, dnssec_ok) = if ar == 1 {
+    let (edns_payload, dnssec_ok) = if counts.additionals == 1 {
         let (payload, dnssec_ok) = parse_opt(p, end)?;
         (Some(payload), dnssec_ok)
     } else if end == p.len() {
@@ -152,6 +177,7 @@ fn parse_query(p: &[u8], zone: &[u8], zone_labels: usize) -> Option<Question> {
         key,
         key_len,
         end,
+        header: metadata,
         qtype,
         zone_at,
         edns_payload,
@@ -163,7 +189,7 @@ fn parse_query(p: &[u8], zone: &[u8], zone_labels: usize) -> Option<Question> {
 /// payload size it offers and its DO bit.
 fn parse_opt(p: &[u8], at: usize) -> Option<(u16, bool)> {
     // Root owner, type OPT.
-    if *p.get(at)? != 0 || u16_at(p, at + 1)? != 41 {
+    if *p.get(at)? != 0 || RecordType::from(u16_at(p, at + 1)?) != RecordType::OPT {
         return None;
     }
     let payload = u16_at(p, at + 3)?;
@@ -181,12 +207,13 @@ fn parse_opt(p: &[u8], at: usize) -> Option<(u16, bool)> {
     while opt < rdata_end {
         let code = u16_at(p, opt)?;
         let len = usize::from(u16_at(p, opt + 2)?);
-        if PARSED_OPTIONS.contains(&code) {
+        if parsed_by_hickory(EdnsCode::from(code)) {
             return None;
         }
         opt += 4 + len;
     }
-    let dnssec_ok = *p.get(at + 7)? & 0x80 != 0;
+    // The low half of the OPT record's TTL.
+    let dnssec_ok = EdnsFlags::from(u16_at(p, at + 7)?).dnssec_ok;
     (opt == rdata_end).then_some((payload, dnssec_ok))
 }
 
@@ -236,7 +263,7 @@ mod tests {
         let p = query(b"\x04User\x07xingren\x04host\x00", 1, None);
         let q = fast(&p);
         assert_eq!(q.key(), b"\x04user\x07xingren\x04host\x00");
-        assert_eq!(q.qtype, 1);
+        assert_eq!(q.qtype, RecordType::A);
         assert_eq!(q.end, p.len());
         assert_eq!(q.zone_at, Some(12 + 5));
         assert_eq!(q.edns_payload, None);

@@ -5,17 +5,15 @@
 //! TC; under `--udp-answer-limit` that many records or as many as fit, no
 //! TC; then the glue that fits), the same flags and the same OPT record.
 
+use hickory_proto::op::{EdnsFlags, Header, HeaderCounts, Metadata, ResponseCode};
 use hickory_proto::rr::RecordType;
+use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 use rand::Rng;
 
 use super::query::{HEADER_LEN, Question};
 use crate::index::{Index, RecordSet, Single};
 use crate::response::OPT_LEN;
 use crate::select::weighted_order_with;
-
-const NOERROR: u16 = 0;
-const NXDOMAIN: u16 = 3;
-const REFUSED: u16 = 5;
 
 /// What the response depends on besides the question and the index.
 #[derive(Debug, Clone, Copy)]
@@ -49,16 +47,15 @@ pub(crate) fn respond<R: Rng + ?Sized>(
     rng: &mut R,
     scratch: &mut Scratch,
     out: &mut Vec<u8>,
-) -> Option<u16> {
-    let rd = packet[2] & 0x01 != 0;
-    let (rcode, set) = match index.resolve_single(q.key(), RecordType::from(q.qtype)) {
-        // Ours to forward: hickory's resolver does it.
-        Single::Outside if cx.recursion && rd => return None,
-        Single::Outside => (REFUSED, None),
-        Single::NxDomain => (NXDOMAIN, None),
-        Single::Found(set) => (NOERROR, set.filter(|s| !s.items.is_empty())),
+) -> Option<ResponseCode> {
+    let (rcode, set) = match index.resolve_single(q.key(), q.qtype) {
+        // Ours to forward: the handler's forwarder does it.
+        Single::Outside if cx.recursion && q.header.recursion_desired => return None,
+        Single::Outside => (ResponseCode::Refused, None),
+        Single::NxDomain => (ResponseCode::NXDomain, None),
+        Single::Found(set) => (ResponseCode::NoError, set.filter(|s| !s.items.is_empty())),
     };
-    let authoritative = rcode != REFUSED;
+    let authoritative = rcode != ResponseCode::Refused;
 
     // The client's size (512 without EDNS), capped by ours, never below 512.
     let client_max = q.edns_payload.map_or(512, |p| p.max(512));
@@ -86,7 +83,7 @@ pub(crate) fn respond<R: Rng + ?Sized>(
             ar = glue;
             truncated = answers == 0;
         }
-        None if rcode == REFUSED => {}
+        None if rcode == ResponseCode::Refused => {}
         None => {
             let soa = index.soa_wire.as_ref()?;
             if out.len() + soa.len(q.zone_at) <= limit {
@@ -101,23 +98,39 @@ pub(crate) fn respond<R: Rng + ?Sized>(
         // Root owner, type OPT, our payload size, version 0, DO copied
         // back (RFC 3225 §3), no options (RFC 6891 §6.1.1), as the hickory
         // path sends.
-        out.extend_from_slice(&[0, 0, 41]);
+        out.push(0);
+        out.extend_from_slice(&u16::from(RecordType::OPT).to_be_bytes());
         out.extend_from_slice(&cx.max_udp_payload.max(512).to_be_bytes());
-        let flags = if q.dnssec_ok { 0x80 } else { 0 };
-        out.extend_from_slice(&[0, 0, flags, 0, 0, 0]);
+        // The TTL: extended RCODE 0, version 0, then the flags.
+        out.extend_from_slice(&[0, 0]);
+        let flags = EdnsFlags {
+            dnssec_ok: q.dnssec_ok,
+            z: 0,
+        };
+        out.extend_from_slice(&u16::from(flags).to_be_bytes());
+        // No RDATA.
+        out.extend_from_slice(&[0, 0]);
         ar += 1;
     }
 
-    // QR, opcode QUERY, AA, TC, RD echoed; RA, CD echoed, RCODE.
-    out[2] = 0x80
-        | if authoritative { 0x04 } else { 0 }
-        | if truncated { 0x02 } else { 0 }
-        | (packet[2] & 0x01);
-    out[3] = if cx.recursion { 0x80 } else { 0 } | (packet[3] & 0x10) | rcode as u8;
-    out[4..6].copy_from_slice(&1u16.to_be_bytes());
-    out[6..8].copy_from_slice(&an.to_be_bytes());
-    out[8..10].copy_from_slice(&ns.to_be_bytes());
-    out[10..12].copy_from_slice(&ar.to_be_bytes());
+    // The handler's header: RD and CD echoed, AA for the zone's answers,
+    // RA for clients that may recurse.
+    let mut metadata = Metadata::response_from_request(&q.header);
+    metadata.authoritative = authoritative;
+    metadata.truncation = truncated;
+    metadata.recursion_available = cx.recursion;
+    metadata.response_code = rcode;
+    let header = Header {
+        metadata,
+        counts: HeaderCounts {
+            queries: 1,
+            answers: an,
+            authorities: ns,
+            additionals: ar,
+        },
+    };
+    // Written over the copy of the query's header, in place.
+    header.emit(&mut BinEncoder::new(out)).ok()?;
     Some(rcode)
 }
 

@@ -24,7 +24,8 @@ use crate::hostile_tests::{Capture, mutate, nasties, seeds};
 use crate::index::{Index, ZoneConfig};
 use crate::metrics::Metrics;
 use crate::name::key_of;
-use crate::table_tests::{Catalog, instance};
+use crate::table_tests::{instance, table_instances};
+use crate::testing::{Fill, fill_with};
 
 const ZONE: &str = "xingren.host.";
 
@@ -37,25 +38,11 @@ fn zone() -> ZoneConfig {
     }
 }
 
-/// The catalog of the table tests: `user` (u1 tagged, with a named port and
-/// metadata, u2, critical u3, IPv6 u6) and `order` (o1), plus `big` (200
-/// instances) and `fat` (one instance whose TXT fits in no UDP answer).
-fn catalog() -> Catalog {
-    let mut c = Catalog::new();
-    let mut u1 = instance("user", "u1", "10.0.0.1", 8080);
-    u1.tags = vec!["v2".into(), "canary".into()];
-    u1.ports.insert("http".into(), 8081);
-    u1.meta.insert("version".into(), "1.2.3".into());
-    u1.weight = 300;
-    let mut u2 = instance("user", "u2", "10.0.0.2", 8080);
-    u2.tags = vec!["v2".into()];
-    u2.ports.insert("http".into(), 8082);
-    let mut u3 = instance("user", "u3", "10.0.0.3", 8080);
-    u3.tags = vec!["old".into()];
-    let u6 = instance("user", "u6", "fd00::6", 9090);
-    c.put(&u1).put(&u2).put(&u3).put(&u6);
-    c.put(&instance("order", "o1", "10.0.1.1", 7000));
-    c.critical("user", "u3");
+/// The catalog of the table tests ([`table_instances`], u3 critical), plus
+/// `big` (200 instances) and `fat` (one instance whose TXT fits in no UDP
+/// answer).
+fn catalog() -> Fill {
+    let mut c = fill_with(&table_instances());
     for i in 0..200u16 {
         let mut inst = instance(
             "big",

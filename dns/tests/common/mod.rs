@@ -4,13 +4,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
-use signpost_control_plane::catalog::{Catalog, CatalogState};
-use signpost_control_plane::model::{Health, HealthStatus, Instance, InstanceId, ServiceName};
-use signpost_control_plane::store::{KeyValue, Keys};
+use signpost_control_plane::catalog::Catalog;
+use signpost_control_plane::store::Keys;
 use signpost_dns::{DnsConfig, DnsServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -20,106 +19,8 @@ use tokio_util::sync::CancellationToken;
 /// How long any single network step of a test may take.
 pub const STEP: Duration = Duration::from_secs(5);
 
-/// A catalog state the tests edit and publish.
-pub struct Fill {
-    pub state: CatalogState,
-    keys: Keys,
-    rev: i64,
-}
-
-impl Default for Fill {
-    fn default() -> Self {
-        Self {
-            state: CatalogState::new(),
-            keys: Keys::default(),
-            rev: 0,
-        }
-    }
-}
-
-impl Fill {
-    fn kv(&mut self, key: String, value: Vec<u8>) -> KeyValue {
-        self.rev += 1;
-        KeyValue {
-            key,
-            value,
-            create_revision: self.rev,
-            mod_revision: self.rev,
-            lease: None,
-        }
-    }
-
-    pub fn put(&mut self, inst: &Instance) -> &mut Self {
-        let kv = self.kv(
-            self.keys.instance(&inst.service, &inst.id),
-            serde_json::to_vec(inst).unwrap(),
-        );
-        self.state.put(&self.keys, &kv);
-        self
-    }
-
-    pub fn delete(&mut self, svc: &str, id: &str) -> &mut Self {
-        self.rev += 1;
-        let key = self.keys.instance(
-            &ServiceName::new(svc).unwrap(),
-            &InstanceId::new(id).unwrap(),
-        );
-        self.state.delete(&self.keys, &key, self.rev);
-        self
-    }
-
-    pub fn critical(&mut self, svc: &str, id: &str) -> &mut Self {
-        let health = Health {
-            status: HealthStatus::Critical,
-            output: "refused".into(),
-            since: SystemTime::now(),
-        };
-        let key = self.keys.health(
-            &ServiceName::new(svc).unwrap(),
-            &InstanceId::new(id).unwrap(),
-        );
-        let kv = self.kv(key, serde_json::to_vec(&health).unwrap());
-        self.state.put(&self.keys, &kv);
-        self
-    }
-}
-
-pub fn instance(svc: &str, id: &str, addr: &str, port: u16) -> Instance {
-    Instance {
-        service: ServiceName::new(svc).unwrap(),
-        id: InstanceId::new(id).unwrap(),
-        address: addr.parse().unwrap(),
-        port,
-        ports: Default::default(),
-        tags: Vec::new(),
-        meta: Default::default(),
-        weight: 100,
-        ttl: None,
-        check: None,
-        registered: SystemTime::now(),
-    }
-}
-
-/// The catalog of most tests: `user` (u1 tagged `v2` with a named port and
-/// metadata, u2, critical u3, IPv6 u6) and `order` (o1).
-pub fn standard_fill() -> Fill {
-    let mut fill = Fill::default();
-    let mut u1 = instance("user", "u1", "10.0.0.1", 8080);
-    u1.tags = vec!["v2".into()];
-    u1.ports.insert("http".into(), 8081);
-    u1.meta.insert("version".into(), "1.2.3".into());
-    let u2 = instance("user", "u2", "10.0.0.2", 8080);
-    let u3 = instance("user", "u3", "10.0.0.3", 8080);
-    let u6 = instance("user", "u6", "fd00::6", 9090);
-    let o1 = instance("order", "o1", "10.0.1.1", 7000);
-    fill.put(&u1)
-        .put(&u2)
-        .put(&u3)
-        .put(&u6)
-        .put(&o1)
-        .critical("user", "u3");
-    fill
-}
+#[allow(unused_imports)] // each test file uses its own subset
+pub use signpost_dns::testing::{Fill, instance, user_and_order as standard_fill};
 
 /// A running server.
 pub struct Running {
