@@ -85,7 +85,6 @@ use crate::outbound::proxy::{OutboundConfig, OutboundProxy};
 use crate::outbound::{DestinationConfig, Destinations, MakeConnect};
 use crate::register::Readiness;
 use crate::tls::{ALPN_TCP, MeshSlot, MeshTls};
-use crate::tunnel::Tunnel;
 
 /// Runs a sidecar until `shutdown` is cancelled, then deregisters, keeps
 /// serving for [`SidecarConfig::shutdown_linger`], drains in-flight requests
@@ -317,7 +316,7 @@ async fn drive(
             body_idle_timeout: config.body_idle_timeout,
             egress: config.egress,
         },
-        destinations,
+        destinations.clone(),
         metrics.clone(),
         slot.clone(),
     )?;
@@ -327,9 +326,13 @@ async fn drive(
         config.drain,
     )));
     for (svc, listener) in listeners.upstreams {
-        let connector = make_connect(&svc, PeerProtocol::Tcp);
-        let tunnel = Tunnel::new(svc, resolver.clone(), connector, config.connect_timeout);
-        servers.push(tokio::spawn(tunnel.serve(listener, stop_listeners.clone())));
+        servers.push(tokio::spawn(tunnel::serve(
+            destinations.clone(),
+            svc,
+            listener,
+            stop_listeners.clone(),
+            config.drain,
+        )));
     }
     info!(inbound = %inbound_addr, "sidecar serving; getting a certificate");
 
