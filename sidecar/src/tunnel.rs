@@ -76,8 +76,7 @@ impl Service<()> for TunnelEndpoint {
         let this = self.clone();
         Box::pin(async move {
             let connect = this.connector.connect(this.addr);
-            let failed: BoxError = match tokio::time::timeout(this.connect_timeout, connect).await
-            {
+            let failed: BoxError = match tokio::time::timeout(this.connect_timeout, connect).await {
                 Ok(Ok(io)) => return Ok(io),
                 Ok(Err(err)) => err.into(),
                 Err(_) => format!(

@@ -529,4 +529,40 @@ mod tests {
             "returned endpoint not picked: {got:?}"
         );
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_shard_gets_the_changes_and_shares_each_endpoints_service() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pool = Arc::new(EjectionPool::new(
+            EjectionConfig::default(),
+            Counter::default(),
+        ));
+        let made = Arc::new(AtomicUsize::new(0));
+        let counted = made.clone();
+        let mut shards = sharded_balancers(rx, pool, 3, move |ep: Endpoint| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            tower::service_fn(move |()| async move {
+                Ok::<_, tower::BoxError>(http::Response::new(ep.addr))
+            })
+        });
+        assert_eq!(shards.len(), 3);
+        for n in [1, 2] {
+            let ep = Endpoint {
+                addr: addr(n),
+                weight: 100,
+            };
+            tx.send(Change::Insert(ep.addr, ep)).unwrap();
+        }
+        tx.send(Change::Remove(addr(1))).unwrap();
+        for balance in &mut shards {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+                let rsp = balance.ready().await.unwrap().call(()).await.unwrap();
+                assert_eq!(*rsp.body(), addr(2), "a removed endpoint answered");
+            }
+        }
+        assert_eq!(made.load(Ordering::Relaxed), 2, "one service per endpoint");
+    }
 }

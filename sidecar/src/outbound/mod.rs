@@ -515,6 +515,20 @@ mod tests {
         );
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn first_requests_on_two_threads_make_one_destination_with_a_balancer_each() {
+        let destinations = destinations();
+        assert_eq!(destinations.shards, 2);
+        let got = futures::future::join_all((0..16).map(|_| {
+            let destinations = destinations.clone();
+            tokio::spawn(async move { destinations.get("user").unwrap() })
+        }))
+        .await;
+        let first = got[0].as_ref().unwrap();
+        assert!(got.iter().all(|d| Arc::ptr_eq(d.as_ref().unwrap(), first)));
+        assert_eq!(destinations.len(), 1);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_destination_in_use_is_kept() {
         let destinations = destinations();

@@ -342,4 +342,83 @@ mod tests {
                 .expect("the second request waited for the first response");
         assert_eq!((a.unwrap(), b.unwrap()), (1, 2));
     }
+
+    /// A task waker that counts its wakes.
+    #[derive(Default)]
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_request_polled_again_keeps_one_registration_with_its_latest_waker() {
+        let (mock, mut handle) = tower_test::mock::pair::<u32, u32>();
+        handle.allow(0);
+        let mut shared = Shared::new(mock);
+        let mut waiting = std::pin::pin!(shared.call(1));
+        let (first, second) = (Arc::new(Counting::default()), Arc::new(Counting::default()));
+        for _ in 0..100 {
+            let waker = Waker::from(first.clone());
+            assert!(
+                waiting
+                    .as_mut()
+                    .poll(&mut Context::from_waker(&waker))
+                    .is_pending()
+            );
+        }
+        // Moved to another task (a new waker): the stored one is replaced.
+        let waker = Waker::from(second.clone());
+        assert!(
+            waiting
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending()
+        );
+        let shard = &shared.shards[0];
+        assert_eq!(shard.wake_all.waiting().wakers.len(), 1);
+        shard.waker.wake_by_ref();
+        assert_eq!(first.0.load(Ordering::Relaxed), 0);
+        assert_eq!(second.0.load(Ordering::Relaxed), 1);
+        // Woken, it registers anew for the next wake.
+        assert!(
+            waiting
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending()
+        );
+        assert_eq!(shard.wake_all.waiting().wakers.len(), 1);
+    }
+
+    #[test]
+    fn each_thread_uses_a_shard_of_its_own() {
+        // Each shard answers with its own number.
+        let shards = (0..4)
+            .map(|n| tower::service_fn(move |()| async move { Ok::<_, ()>(n) }))
+            .collect();
+        let shared = Shared::sharded(shards);
+        let used: Vec<(usize, usize)> = (0..4)
+            .map(|_| {
+                let shared = shared.clone();
+                std::thread::spawn(move || {
+                    let shard = futures::executor::block_on(async {
+                        shared.clone().oneshot(()).await.unwrap()
+                    });
+                    (thread_number(), shard)
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        let mut threads: Vec<usize> = used.iter().map(|(t, _)| *t).collect();
+        threads.sort_unstable();
+        threads.dedup();
+        assert_eq!(threads.len(), 4, "threads share a number: {used:?}");
+        for (thread, shard) in used {
+            assert_eq!(shard, thread % 4);
+        }
+    }
 }
