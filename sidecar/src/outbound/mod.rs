@@ -25,8 +25,8 @@
 //! requests, and what that costs with several threads:
 //!
 //! - The destinations in use ([`Destinations`]) are a map looked up on
-//!   every request: it is read through an [`ArcSwap`] (no lock, no write to
-//!   shared memory), and copied on the rare change (a new destination, a
+//!   every request: it is read through an [`ArcSwap`] (no lock shared by
+//!   the threads), and copied on the rare change (a new destination, a
 //!   reap), under a lock only writers take.
 //! - The balancer needs `&mut self` for each pick. [`shared::Shared`] keeps
 //!   one per worker thread ([`balance::sharded_balancers`]), fed by the same

@@ -21,9 +21,10 @@
 //! the thread that made it: workers do not wait on each other, as Envoy's
 //! workers each keep their own load balancer. (linkerd2-proxy shares one
 //! balancer through a queue and a worker task instead, the hand-off this
-//! module avoids.) Two requests meet on one lock only when a task moved to
-//! another thread between the call and its first poll, or when there are
-//! more threads than shards.
+//! module avoids.) A request keeps the shard of the thread that called it,
+//! so requests of two threads meet on one lock only when a task moved to
+//! another thread while waiting, or when more threads call than there are
+//! shards.
 //!
 //! Registering a waiting request is O(1): it keeps the slot of its waker
 //! and replaces the waker in place when polled again, instead of scanning
