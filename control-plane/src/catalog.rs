@@ -144,21 +144,25 @@ impl Snapshot {
 /// size.
 const SMALL_SERVICE: usize = 16;
 
-/// An instance record as read: the instance, its revision and its lease.
-type Record = (Arc<Instance>, Revision, Option<LeaseId>);
-
 /// The mutable state the watch task folds events into. Public so that tests
 /// (and the DNS crate's tests) can build snapshots without a store.
 ///
 /// Snapshots are built incrementally: every service keeps its last built
-/// [`ServiceEntry`] behind an `Arc`, and an event rebuilds only the services
+/// [`ServiceEntry`] behind an `Arc`, and an event changes only the services
 /// it touched. Unchanged services are the same `Arc` from one snapshot to
-/// the next, so consumers (the DNS index) can skip them by pointer.
+/// the next, so consumers (the DNS index) can skip them by pointer. The
+/// built entries are the state itself: a service an event touches is
+/// copied out of them once, changed in place until the next snapshot, and
+/// put back — the catalog holds each instance once, not once as read and
+/// once as built.
 #[derive(Debug, Clone, Default)]
 pub struct CatalogState {
-    instances: BTreeMap<ServiceName, LiteMap<InstanceId, Record>>,
+    /// The services changed since they were last built, as they are now.
+    work: BTreeMap<ServiceName, ServiceEntry>,
+    /// Health records by service and instance, kept apart from the
+    /// instances: a health record may be written before its instance, or
+    /// outlive it until the checker deletes it.
     health: BTreeMap<ServiceName, LiteMap<InstanceId, Arc<Health>>>,
-    configs: BTreeMap<ServiceName, ServiceConfig>,
     /// Last revision that touched each service, kept after the service is
     /// gone so a blocking query on it sees the deletion.
     index: BTreeMap<ServiceName, Revision>,
@@ -168,8 +172,6 @@ pub struct CatalogState {
     deleted: imbl::OrdMap<ServiceName, Revision>,
     /// Instances and healthy instances in `built`.
     totals: (usize, usize),
-    /// Services changed since they were last built.
-    dirty: BTreeSet<ServiceName>,
     /// The tags, metadata and port names of every instance, each held once.
     strings: Interner,
     revision: Revision,
@@ -200,7 +202,7 @@ impl CatalogState {
         for name in old_index.into_keys() {
             if !self.index.contains_key(&name) {
                 self.index.insert(name.clone(), revision);
-                self.dirty.insert(name);
+                self.work.entry(name).or_default();
             }
         }
         self.revision = revision;
@@ -213,10 +215,7 @@ impl CatalogState {
                 Ok(mut inst) => {
                     // Hold the names once: the record's own copies give way
                     // to the key's, which every map here shares.
-                    let svc = self
-                        .instances
-                        .get_key_value(&svc)
-                        .map_or(svc, |(known, _)| known.clone());
+                    let svc = self.known_name(svc);
                     if inst.service == svc {
                         inst.service = svc.clone();
                     }
@@ -224,19 +223,16 @@ impl CatalogState {
                         inst.id = id.clone();
                     }
                     self.strings.intern_instance(&mut inst);
-                    self.touch(&svc, kv.mod_revision);
-                    let records = self.instances.entry(svc).or_default();
-                    let new = records
-                        .insert(id, (Arc::new(inst), kv.mod_revision, kv.lease))
-                        .is_none();
-                    // Most services hold a few instances, in a vector grown
-                    // to 4 on its first push: give small ones their exact
-                    // size (a large one keeps its growth room).
-                    if new && records.len() <= SMALL_SERVICE {
-                        let mut exact = std::mem::take(records).into_tuple_vec();
-                        exact.shrink_to_fit();
-                        *records = LiteMap::from_sorted_store_unchecked(exact);
-                    }
+                    let health = self.health.get(&svc).and_then(|h| h.get(&id)).cloned();
+                    let entry = InstanceEntry {
+                        instance: Arc::new(inst),
+                        health,
+                        mod_revision: kv.mod_revision,
+                        lease: kv.lease,
+                    };
+                    self.working(&svc, kv.mod_revision)
+                        .instances
+                        .insert(id, entry);
                 }
                 Err(err) => {
                     tracing::warn!(key = %kv.key, %err, "ignoring unreadable instance record")
@@ -244,8 +240,12 @@ impl CatalogState {
             },
             KeyKind::Health(svc, id) => match serde_json::from_slice::<Health>(&kv.value) {
                 Ok(h) => {
-                    self.touch(&svc, kv.mod_revision);
-                    self.health.entry(svc).or_default().insert(id, Arc::new(h));
+                    let h = Arc::new(h);
+                    let svc = self.known_name(svc);
+                    if let Some(e) = self.working(&svc, kv.mod_revision).instances.get_mut(&id) {
+                        e.health = Some(h.clone());
+                    }
+                    self.health.entry(svc).or_default().insert(id, h);
                 }
                 Err(err) => {
                     tracing::warn!(key = %kv.key, %err, "ignoring unreadable health record")
@@ -253,8 +253,8 @@ impl CatalogState {
             },
             KeyKind::Config(svc) => match serde_json::from_slice::<ServiceConfig>(&kv.value) {
                 Ok(c) => {
-                    self.touch(&svc, kv.mod_revision);
-                    self.configs.insert(svc, c);
+                    let svc = self.known_name(svc);
+                    self.working(&svc, kv.mod_revision).config = Some(c);
                 }
                 Err(err) => {
                     tracing::warn!(key = %kv.key, %err, "ignoring unreadable service config")
@@ -269,16 +269,21 @@ impl CatalogState {
     pub fn delete(&mut self, keys: &Keys, key: &str, revision: Revision) {
         match keys.parse(key) {
             KeyKind::Instance(svc, id) => {
-                self.touch(&svc, revision);
-                remove_nested(&mut self.instances, &svc, &id);
+                self.working(&svc, revision).instances.remove(&id);
             }
             KeyKind::Health(svc, id) => {
-                self.touch(&svc, revision);
-                remove_nested(&mut self.health, &svc, &id);
+                if let Some(e) = self.working(&svc, revision).instances.get_mut(&id) {
+                    e.health = None;
+                }
+                if let Some(inner) = self.health.get_mut(&svc) {
+                    inner.remove(&id);
+                    if inner.is_empty() {
+                        self.health.remove(&svc);
+                    }
+                }
             }
             KeyKind::Config(svc) => {
-                self.touch(&svc, revision);
-                self.configs.remove(&svc);
+                self.working(&svc, revision).config = None;
             }
             KeyKind::Token(_) | KeyKind::Other => {}
         }
@@ -298,38 +303,30 @@ impl CatalogState {
         self.revision = self.revision.max(revision);
     }
 
-    fn touch(&mut self, svc: &ServiceName, revision: Revision) {
-        let entry = self.index.entry(svc.clone()).or_insert(revision);
-        *entry = (*entry).max(revision);
-        self.dirty.insert(svc.clone());
+    /// The catalog's own copy of the name `svc`, if it has one, so that
+    /// every map shares it.
+    fn known_name(&self, svc: ServiceName) -> ServiceName {
+        if let Some((known, _)) = self.work.get_key_value(&svc) {
+            return known.clone();
+        }
+        match self.built.get_key_value(&svc) {
+            Some((known, _)) => known.clone(),
+            None => svc,
+        }
     }
 
-    /// Builds one service from the records, or `None` when it has neither
-    /// instances nor config.
-    fn build_service(&self, svc: &ServiceName) -> Option<ServiceEntry> {
-        let config = self.configs.get(svc).cloned();
-        let records = self.instances.get(svc);
-        if config.is_none() && records.is_none_or(LiteMap::is_empty) {
-            return None;
-        }
-        let health = self.health.get(svc);
-        // In id order already, so the map is its vector, at its exact size.
-        let mut instances = Vec::with_capacity(records.map_or(0, LiteMap::len));
-        instances.extend(records.into_iter().flat_map(LiteMap::iter).map(
-            |(id, (inst, rev, lease))| {
-                let entry = InstanceEntry {
-                    instance: inst.clone(),
-                    health: health.and_then(|h| h.get(id)).cloned(),
-                    mod_revision: *rev,
-                    lease: *lease,
-                };
-                (id.clone(), entry)
-            },
-        ));
-        Some(ServiceEntry {
-            instances: LiteMap::from_sorted_store_unchecked(instances),
-            config,
-            index: self.index.get(svc).copied().unwrap_or(self.revision),
+    /// The service `svc` as it is now, to change it at `revision`: copied
+    /// out of the built services on its first change since the last
+    /// snapshot.
+    fn working(&mut self, svc: &ServiceName, revision: Revision) -> &mut ServiceEntry {
+        let index = self.index.entry(svc.clone()).or_insert(revision);
+        *index = (*index).max(revision);
+        let built = &self.built;
+        self.work.entry(svc.clone()).or_insert_with(|| {
+            built
+                .get(svc)
+                .map(|e| ServiceEntry::clone(e))
+                .unwrap_or_default()
         })
     }
 
@@ -341,29 +338,37 @@ impl CatalogState {
 
     /// [`CatalogState::snapshot`], and the services it changed.
     pub fn snapshot_and_changes(&mut self) -> (Snapshot, BTreeSet<ServiceName>) {
-        let dirty = std::mem::take(&mut self.dirty);
+        let work = std::mem::take(&mut self.work);
+        let mut changed = BTreeSet::new();
         let counts = |e: &ServiceEntry| (e.instances.len(), e.healthy_count());
-        for svc in dirty.iter().cloned() {
+        for (svc, mut entry) in work {
             if let Some(old) = self.built.get(&svc) {
                 let (instances, healthy) = counts(old);
                 self.totals.0 -= instances;
                 self.totals.1 -= healthy;
             }
-            match self.build_service(&svc) {
-                Some(entry) => {
-                    let (instances, healthy) = counts(&entry);
-                    self.totals.0 += instances;
-                    self.totals.1 += healthy;
-                    self.deleted.remove(&svc);
-                    self.built.insert(svc, Arc::new(entry));
+            if entry.config.is_none() && entry.instances.is_empty() {
+                self.built.remove(&svc);
+                if let Some(index) = self.index.get(&svc) {
+                    self.deleted.insert(svc.clone(), *index);
                 }
-                None => {
-                    self.built.remove(&svc);
-                    if let Some(index) = self.index.get(&svc) {
-                        self.deleted.insert(svc, *index);
-                    }
+            } else {
+                entry.index = self.index.get(&svc).copied().unwrap_or(self.revision);
+                // Most services hold a few instances, in a vector that
+                // grew by doubling: give small ones their exact size (a
+                // large one keeps its growth room).
+                if entry.instances.len() <= SMALL_SERVICE {
+                    let mut exact = std::mem::take(&mut entry.instances).into_tuple_vec();
+                    exact.shrink_to_fit();
+                    entry.instances = LiteMap::from_sorted_store_unchecked(exact);
                 }
+                let (instances, healthy) = counts(&entry);
+                self.totals.0 += instances;
+                self.totals.1 += healthy;
+                self.deleted.remove(&svc);
+                self.built.insert(svc.clone(), Arc::new(entry));
             }
+            changed.insert(svc);
         }
         let snapshot = Snapshot {
             revision: self.revision,
@@ -373,27 +378,13 @@ impl CatalogState {
             instances: self.totals.0,
             healthy: self.totals.1,
         };
-        (snapshot, dirty)
+        (snapshot, changed)
     }
 
     /// The blocking-query index of a service that is absent from snapshots
     /// (deleted), if it ever existed.
     pub fn tombstone_index(&self, svc: &ServiceName) -> Option<Revision> {
         self.index.get(svc).copied()
-    }
-}
-
-/// Removes `outer[svc][id]`, and `outer[svc]` once empty.
-fn remove_nested<V>(
-    outer: &mut BTreeMap<ServiceName, LiteMap<InstanceId, V>>,
-    svc: &ServiceName,
-    id: &InstanceId,
-) {
-    if let Some(inner) = outer.get_mut(svc) {
-        inner.remove(id);
-        if inner.is_empty() {
-            outer.remove(svc);
-        }
     }
 }
 

@@ -47,7 +47,7 @@ use imbl::ordmap::DiffItem;
 use signpost_control_plane::catalog::{InstanceEntry, ServiceEntry, Snapshot};
 use signpost_control_plane::model::{ServiceName, Text};
 use signpost_control_plane::store::Revision;
-use smallvec::{SmallVec, smallvec};
+use smallvec::SmallVec;
 use triomphe::ThinArc;
 
 use crate::name::{KeyMap, NameKey, is_at_or_below, key_of};
@@ -82,29 +82,44 @@ pub(crate) struct ZoneConfig {
 /// and target, TXT bytes): the owner is the question's name and the TTL the
 /// zone's, so both paths write them from this at answer time. That keeps
 /// an instance at a few dozen bytes per name it appears at, instead of a
-/// hickory [`Record`] and its pre-encoded bytes per name.
+/// hickory [`Record`] and its pre-encoded bytes per name. The weight lives
+/// in the data, where the variants have room for it, so that an item takes
+/// 16 bytes.
 #[derive(Debug, Clone)]
 pub(crate) struct Item {
+    /// The record.
+    pub(crate) data: Data,
+}
+
+// The layout the comment above promises, on 64-bit targets.
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(std::mem::size_of::<Item>() == 16);
+
+impl Item {
     /// Its weight in the weighted shuffle (instance weight, summed for an
     /// address several instances share; 1 for records that are not
     /// instances).
-    pub(crate) weight: u32,
-    /// The record.
-    pub(crate) data: Data,
+    pub(crate) fn weight(&self) -> u32 {
+        match &self.data {
+            Data::A(_, weight) | Data::Aaaa(_, weight) => *weight,
+            Data::Srv { weight, .. } => u32::from(*weight),
+            Data::Txt(_) | Data::Ptr(_) | Data::Whole(_) => 1,
+        }
+    }
 }
 
 /// The data of one record.
 #[derive(Debug, Clone)]
 pub(crate) enum Data {
-    /// An A record.
-    A(Ipv4Addr),
-    /// An AAAA record (boxed: most addresses are IPv4, and this keeps every
-    /// record of every set at 16 bytes).
-    Aaaa(Box<Ipv6Addr>),
+    /// An A record, and its weight.
+    A(Ipv4Addr, u32),
+    /// An AAAA record, and its weight (boxed: most addresses are IPv4, and
+    /// this keeps every record of every set at 16 bytes).
+    Aaaa(Box<Ipv6Addr>, u32),
     /// An SRV record (priority [`SRV_PRIORITY`]); its glue is the
     /// target's address.
     Srv {
-        /// SRV weight.
+        /// SRV weight, and the record's weight in the shuffle.
         weight: u16,
         /// Port.
         port: u16,
@@ -218,8 +233,8 @@ impl Data {
     /// Its record type.
     pub(crate) fn record_type(&self) -> RecordType {
         match self {
-            Data::A(_) => RecordType::A,
-            Data::Aaaa(_) => RecordType::AAAA,
+            Data::A(..) => RecordType::A,
+            Data::Aaaa(..) => RecordType::AAAA,
             Data::Srv { .. } => RecordType::SRV,
             Data::Txt(_) => RecordType::TXT,
             Data::Ptr(_) => RecordType::PTR,
@@ -230,8 +245,8 @@ impl Data {
     /// The record owned by `owner`, for the hickory path.
     pub(crate) fn record(&self, owner: &Name, ttl: u32) -> Record {
         let data = match self {
-            Data::A(ip) => RData::A(A(*ip)),
-            Data::Aaaa(ip) => RData::AAAA(AAAA(**ip)),
+            Data::A(ip, _) => RData::A(A(*ip)),
+            Data::Aaaa(ip, _) => RData::AAAA(AAAA(**ip)),
             Data::Srv {
                 weight,
                 port,
@@ -270,8 +285,8 @@ impl Data {
         owner_len
             + 10
             + match self {
-                Data::A(_) => 4,
-                Data::Aaaa(_) => 16,
+                Data::A(..) => 4,
+                Data::Aaaa(..) => 16,
                 Data::Srv { target, .. } => {
                     6 + target.name().len()
                         + target.name().len()
@@ -314,29 +329,58 @@ fn meta_txt<'m>(meta: impl Iterator<Item = (&'m Text, &'m Text)>) -> Vec<u8> {
     rdata
 }
 
-/// The records of one type at one name.
-#[derive(Debug, Clone)]
-pub(crate) struct RecordSet {
+/// The records of one type at one name, as the index holds them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RecordSet<'a> {
     /// Their type.
     pub(crate) rtype: RecordType,
-    /// The records: one, held inline, at most names.
-    pub(crate) items: SmallVec<[Item; 1]>,
+    /// The records.
+    pub(crate) items: &'a [Item],
 }
 
-/// One name of the index.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Node {
-    /// Its record sets, one per type; empty for an empty non-terminal. An
-    /// instance's name has two (address and TXT), held inline.
-    pub(crate) sets: SmallVec<[RecordSet; 2]>,
+/// Where a set of a [`Names`] ends among its items (it starts where the
+/// set before it ends).
+#[derive(Debug, Clone, Copy)]
+struct SetEnd {
+    rtype: RecordType,
+    end: u32,
 }
 
-impl Node {
+/// One name of the index: its record sets, one per type; none for an
+/// empty non-terminal.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Node<'a> {
+    /// Where each set ends in `items`.
+    sets: &'a [SetEnd],
+    /// The items of every name these sets are among.
+    items: &'a [Item],
+    /// Where the first set starts in `items`.
+    start: u32,
+}
+
+impl<'a> Node<'a> {
     /// The set of `rtype`, if any.
-    pub(crate) fn set(&self, rtype: RecordType) -> Option<&RecordSet> {
-        self.sets.iter().find(|s| s.rtype == rtype)
+    pub(crate) fn set(self, rtype: RecordType) -> Option<RecordSet<'a>> {
+        self.sets().find(|s| s.rtype == rtype)
+    }
+
+    /// Its sets.
+    pub(crate) fn sets(self) -> impl Iterator<Item = RecordSet<'a>> {
+        let mut start = self.start as usize;
+        self.sets.iter().map(move |set| {
+            let end = set.end as usize;
+            let items = self.items.get(start..end).unwrap_or_default();
+            start = end;
+            RecordSet {
+                rtype: set.rtype,
+                items,
+            }
+        })
     }
 }
+
+/// A name's sets while a [`Builder`] collects them.
+type BuildNode = SmallVec<[(RecordType, Vec<Item>); 2]>;
 
 /// How the index answers one name and type.
 #[derive(Debug)]
@@ -344,7 +388,7 @@ pub(crate) enum Resolution<'a> {
     /// The name is ours: these sets (none means NODATA, RFC 2308 §2.2).
     Found {
         /// The sets to answer, in order.
-        sets: Vec<&'a RecordSet>,
+        sets: Vec<RecordSet<'a>>,
     },
     /// The name is in the zone but does not exist.
     NxDomain,
@@ -356,7 +400,7 @@ pub(crate) enum Resolution<'a> {
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Single<'a> {
     /// The name is ours: this set, or none (NODATA).
-    Found(Option<&'a RecordSet>),
+    Found(Option<RecordSet<'a>>),
     /// The name is in the zone but does not exist.
     NxDomain,
     /// Not ours: forward it or refuse it.
@@ -398,7 +442,7 @@ pub(crate) struct Index {
     /// Its PTR records, one per service. Built on first use: a name whose
     /// answer holds every service, and which browsers ask for seldom, is
     /// not rebuilt on every registration.
-    browse: OnceLock<Node>,
+    browse: OnceLock<([SetEnd; 1], Box<[Item]>)>,
     /// Reverse names of instance addresses, kept up to date service by
     /// service.
     reverse: Reverse,
@@ -411,7 +455,7 @@ pub(crate) struct Index {
 /// A B-tree, not a hash trie: the trie's nodes keep a slot for each of
 /// 32 hash values, mostly empty near the leaves, which cost several times
 /// the entries they held.
-type Reverse = imbl::OrdMap<IpAddr, RecordSet>;
+type Reverse = imbl::OrdMap<IpAddr, SmallVec<[Item; 1]>>;
 
 /// The services of an index by name (the catalog's, shared: a service's
 /// label costs the index nothing of its own).
@@ -495,62 +539,103 @@ impl Services {
 }
 
 /// The names of one service (or of the zone's own), sorted by key. Each
-/// is kept without the zone's labels, which every name shares, and the
-/// keys are packed one after another in one allocation: a service's names
-/// are a few short labels.
+/// is kept without the zone's labels, which every name shares. A service
+/// has a few names with a few sets of a few records each, so the keys, the
+/// sets and the records are each packed in one allocation, one after
+/// another: a name or a set is where it ends in the next array.
 #[derive(Debug, Default)]
 pub(crate) struct Names {
     /// The keys' prefixes (wire-form labels), in order, back to back.
     keys: Box<[u8]>,
-    /// For each name, where its prefix ends in `keys`, and its node.
-    nodes: Box<[(u32, Node)]>,
+    /// For each name, where its prefix ends in `keys` and where its sets
+    /// end in `sets`.
+    names: Box<[(u32, u32)]>,
+    /// Every name's sets, in name order.
+    sets: Box<[SetEnd]>,
+    /// Every set's records, in set order.
+    items: Box<[Item]>,
+}
+
+/// A count or offset within one service's names, which are far below
+/// 4 GiB of anything.
+fn offset(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 impl Names {
     /// From `(prefix, node)` pairs.
-    fn new(mut nodes: Vec<(&[u8], Node)>) -> Self {
+    fn new(mut nodes: Vec<(&[u8], BuildNode)>) -> Self {
         nodes.sort_unstable_by(|a, b| a.0.cmp(b.0));
         let mut keys = Vec::with_capacity(nodes.iter().map(|(k, _)| k.len()).sum());
-        let nodes = nodes
+        let mut sets = Vec::with_capacity(nodes.iter().map(|(_, n)| n.len()).sum());
+        let mut items = Vec::with_capacity(
+            nodes
+                .iter()
+                .flat_map(|(_, n)| n.iter().map(|(_, i)| i.len()))
+                .sum(),
+        );
+        let names = nodes
             .into_iter()
             .map(|(prefix, node)| {
                 keys.extend_from_slice(prefix);
-                // A name is at most 255 bytes, so a service's few names
-                // are far below 4 GiB.
-                (u32::try_from(keys.len()).unwrap_or(u32::MAX), node)
+                for (rtype, set) in node {
+                    items.extend(set);
+                    sets.push(SetEnd {
+                        rtype,
+                        end: offset(items.len()),
+                    });
+                }
+                (offset(keys.len()), offset(sets.len()))
             })
             .collect();
         Self {
             keys: keys.into(),
-            nodes,
+            names,
+            sets: sets.into(),
+            items: items.into(),
         }
     }
 
     /// The prefix of the `i`th name.
     fn prefix(&self, i: usize) -> &[u8] {
-        let start = i.checked_sub(1).map_or(0, |p| self.nodes[p].0 as usize);
-        let end = self.nodes[i].0 as usize;
+        let start = i.checked_sub(1).map_or(0, |p| self.names[p].0 as usize);
+        let end = self.names[i].0 as usize;
         self.keys.get(start..end).unwrap_or_default()
+    }
+
+    /// The `i`th name.
+    fn node(&self, i: usize) -> Node<'_> {
+        let first = i.checked_sub(1).map_or(0, |p| self.names[p].1 as usize);
+        let end = self.names[i].1 as usize;
+        let sets = self.sets.get(first..end).unwrap_or_default();
+        let start = first
+            .checked_sub(1)
+            .map_or(0, |p| self.sets.get(p).map_or(0, |s| s.end));
+        Node {
+            sets,
+            items: &self.items,
+            start,
+        }
     }
 
     /// The node of the name whose key, without the zone's labels, is
     /// `prefix`.
-    fn get(&self, prefix: &[u8]) -> Option<&Node> {
-        let (mut lo, mut hi) = (0, self.nodes.len());
+    fn get(&self, prefix: &[u8]) -> Option<Node<'_>> {
+        let (mut lo, mut hi) = (0, self.names.len());
         while lo < hi {
             let mid = (lo + hi) / 2;
             match self.prefix(mid).cmp(prefix) {
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => return Some(&self.nodes[mid].1),
+                std::cmp::Ordering::Equal => return Some(self.node(mid)),
             }
         }
         None
     }
 
     /// Every name, as (prefix, node), in prefix order.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], &Node)> {
-        (0..self.nodes.len()).map(|i| (self.prefix(i), &self.nodes[i].1))
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], Node<'_>)> {
+        (0..self.names.len()).map(|i| (self.prefix(i), self.node(i)))
     }
 }
 
@@ -584,17 +669,14 @@ fn ptr_service(item: &Item) -> &[u8] {
 
 /// The PTR set of a reverse name, in target order whatever order the
 /// services came in.
-fn reverse_set(mut items: Vec<Item>) -> RecordSet {
+fn reverse_set(mut items: Vec<Item>) -> SmallVec<[Item; 1]> {
     items.sort_by(|a, b| match (&a.data, &b.data) {
         (Data::Ptr(a), Data::Ptr(b)) => a.name().cmp(b.name()),
         _ => std::cmp::Ordering::Equal,
     });
-    RecordSet {
-        rtype: RecordType::PTR,
-        // Collected, not converted: a vector's buffer would be kept (with
-        // its spare room) even for the one record that fits inline.
-        items: items.into_iter().collect(),
-    }
+    // Collected, not converted: a vector's buffer would be kept (with its
+    // spare room) even for the one record that fits inline.
+    items.into_iter().collect()
 }
 
 /// Moves service `label`'s reverse names from `old` (its part in the last
@@ -616,9 +698,9 @@ fn update_reverse(
         .map(|(ip, _)| *ip)
         .filter(|ip| !now.contains_key(ip))
         .collect::<std::collections::BTreeSet<_>>();
-    let others = |set: Option<&RecordSet>| -> Vec<Item> {
+    let others = |set: Option<&SmallVec<[Item; 1]>>| -> Vec<Item> {
         set.iter()
-            .flat_map(|s| &s.items)
+            .flat_map(|s| s.iter())
             .filter(|item| ptr_service(item) != label)
             .cloned()
             .collect()
@@ -689,7 +771,7 @@ fn reverse_address(key: &[u8]) -> Option<IpAddr> {
 struct Builder<'z> {
     zone: &'z ZoneConfig,
     origin_key: NameKey,
-    nodes: KeyMap<Node>,
+    nodes: KeyMap<BuildNode>,
     /// PTR records of reverse names (outside the zone), by address.
     reverse: Vec<(IpAddr, Item)>,
     ttl: u32,
@@ -708,7 +790,7 @@ impl Builder<'_> {
 
     /// The node of `name`, a name in the zone, and the empty non-terminals
     /// between it and the apex.
-    fn node(&mut self, name: &Name) -> &mut Node {
+    fn node(&mut self, name: &Name) -> &mut BuildNode {
         let key = key_of(name);
         debug_assert!(is_at_or_below(&key, &self.origin_key));
         let mut parent = name.base_name();
@@ -720,10 +802,10 @@ impl Builder<'_> {
     }
 
     /// Adds `data` at `name`, a name in the zone.
-    fn add(&mut self, name: &Name, weight: u32, data: Data) {
+    fn add(&mut self, name: &Name, data: Data) {
         let rtype = data.record_type();
         let node = self.node(name);
-        push_item(node, rtype, Item { weight, data });
+        push_item(node, rtype, Item { data });
     }
 
     /// A record of the zone's own, kept whole.
@@ -732,7 +814,6 @@ impl Builder<'_> {
         let wire_len = encoded_len(&record) + glue.iter().map(encoded_len).sum::<usize>();
         let wire = self.wire(&record, &glue);
         Item {
-            weight: 1,
             data: Data::Whole(Arc::new(Whole {
                 record,
                 glue,
@@ -769,13 +850,7 @@ impl Builder<'_> {
     /// Every name built ends in `Z`, which the names are kept without.
     fn finish(mut self) -> (Names, Vec<(IpAddr, Item)>) {
         let suffix = self.origin_key.len();
-        let mut nodes: Vec<(NameKey, Node)> = self.nodes.into_iter().collect();
-        for (_, node) in &mut nodes {
-            for set in &mut node.sets {
-                set.items.shrink_to_fit();
-            }
-            node.sets.shrink_to_fit();
-        }
+        let mut nodes: Vec<(NameKey, BuildNode)> = self.nodes.into_iter().collect();
         let names = Names::new(
             nodes
                 .iter_mut()
@@ -791,13 +866,10 @@ impl Builder<'_> {
 }
 
 /// Adds `item` to the set of `rtype` at `node`.
-fn push_item(node: &mut Node, rtype: RecordType, item: Item) {
-    match node.sets.iter_mut().find(|s| s.rtype == rtype) {
-        Some(set) => set.items.push(item),
-        None => node.sets.push(RecordSet {
-            rtype,
-            items: smallvec![item],
-        }),
+fn push_item(node: &mut BuildNode, rtype: RecordType, item: Item) {
+    match node.iter_mut().find(|(t, _)| *t == rtype) {
+        Some((_, items)) => items.push(item),
+        None => node.push((rtype, vec![item])),
     }
 }
 
@@ -824,10 +896,10 @@ fn secs(d: Duration) -> u32 {
     u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }
 
-fn address_data(ip: IpAddr) -> Data {
+fn address_data(ip: IpAddr, weight: u32) -> Data {
     match ip {
-        IpAddr::V4(v4) => Data::A(v4),
-        IpAddr::V6(v6) => Data::Aaaa(Box::new(v6)),
+        IpAddr::V4(v4) => Data::A(v4, weight),
+        IpAddr::V6(v6) => Data::Aaaa(Box::new(v6), weight),
     }
 }
 
@@ -857,7 +929,7 @@ fn add_addresses<'e>(
         }
     }
     for (ip, w) in seen {
-        b.add(name, w, address_data(ip));
+        b.add(name, address_data(ip, w));
     }
 }
 
@@ -873,13 +945,28 @@ fn build_service(
     let svc_name = child(origin, svc)?;
     let mut b = Builder::new(zone, origin_key);
     b.touch(&svc_name);
-    // DNS-SD (RFC 6763): the service type `_<svc>._tcp.Z`, which the
-    // enumeration points at.
+    let targets = add_instances(&mut b, &svc_name, entry);
+
+    // The service name.
+    add_addresses(&mut b, &svc_name, entry.healthy());
+    for e in entry.healthy() {
+        targets.add_srv(&mut b, &svc_name, e, e.instance.port);
+    }
+
     let dnssd_type = dnssd_type_name(origin, svc);
+    if let Some(dnssd_type) = &dnssd_type {
+        add_dnssd(&mut b, dnssd_type, entry, &targets);
+    }
+    if let Some(tag_root) = child(&svc_name, "tag") {
+        add_tags(&mut b, &tag_root, entry, &targets);
+    }
+    add_named_ports(&mut b, &svc_name, entry, &targets);
+
+    // Its record in the DNS-SD enumeration: the service type
+    // `_<svc>._tcp.Z`.
     let browse = browse_name(origin)
         .and(dnssd_type.as_ref())
         .map(|dnssd_type| Item {
-            weight: 1,
             data: Data::Ptr(Target::new(
                 dnssd_type,
                 origin_key,
@@ -887,74 +974,91 @@ fn build_service(
                 &[],
             )),
         });
+    let (nodes, reverse) = b.finish();
+    Some(ServicePart {
+        nodes,
+        browse,
+        reverse,
+    })
+}
 
-    // Each instance's own name, address record, metadata and reverse name;
-    // its target is shared by every SRV record that names it.
-    let mut target_of: HashMap<&str, Target> = HashMap::new();
-    for (id, e) in &entry.instances {
-        let Some(inst_name) = child(&svc_name, id.as_str()) else {
-            continue;
-        };
-        let address = e.instance.address;
-        b.add(
-            &inst_name,
-            u32::from(e.instance.weight),
-            address_data(address),
-        );
-        let txt = meta_txt(e.instance.meta.iter());
-        let target = Target::new(&inst_name, origin_key, address, &txt);
-        if !txt.is_empty() {
-            b.add(&inst_name, 1, Data::Txt(target.clone()));
-        }
-        b.reverse.push((
-            address,
-            Item {
-                weight: 1,
-                data: Data::Ptr(target.clone()),
-            },
-        ));
-        target_of.insert(id.as_str(), target);
-    }
+/// The targets of a service's instances, by id: each instance has one,
+/// shared by every record that names it.
+struct Targets<'e>(HashMap<&'e str, Target>);
 
-    let srv = |b: &mut Builder<'_>, at: &Name, e: &InstanceEntry, port: u16| {
-        if let Some(target) = target_of.get(e.instance.id.as_str()) {
+impl Targets<'_> {
+    /// Adds at `at` the SRV record of `e` on `port`.
+    fn add_srv(&self, b: &mut Builder<'_>, at: &Name, e: &InstanceEntry, port: u16) {
+        if let Some(target) = self.0.get(e.instance.id.as_str()) {
             let data = Data::Srv {
                 weight: e.instance.weight,
                 port,
                 target: target.clone(),
             };
-            b.add(at, u32::from(e.instance.weight), data);
+            b.add(at, data);
         }
-    };
+    }
+}
 
-    // The service name.
-    add_addresses(&mut b, &svc_name, entry.healthy());
+/// Each instance's own name `<id>.<svc>.Z` (address record and metadata)
+/// and reverse name, healthy or not; returns their targets. A target's TXT
+/// is the metadata, or one empty string when there is none (what DNS-SD
+/// wants, RFC 6763 §6.1; `<id>.<svc>.Z` then has no TXT).
+fn add_instances<'e>(b: &mut Builder<'_>, svc_name: &Name, entry: &'e ServiceEntry) -> Targets<'e> {
+    let mut targets = HashMap::new();
+    for (id, e) in &entry.instances {
+        let Some(inst_name) = child(svc_name, id.as_str()) else {
+            continue;
+        };
+        let address = e.instance.address;
+        b.add(
+            &inst_name,
+            address_data(address, u32::from(e.instance.weight)),
+        );
+        let mut txt = meta_txt(e.instance.meta.iter());
+        let has_meta = !txt.is_empty();
+        if !has_meta {
+            txt.push(0);
+        }
+        let target = Target::new(&inst_name, &b.origin_key, address, &txt);
+        if has_meta {
+            b.add(&inst_name, Data::Txt(target.clone()));
+        }
+        b.reverse.push((
+            address,
+            Item {
+                data: Data::Ptr(target.clone()),
+            },
+        ));
+        targets.insert(id.as_str(), target);
+    }
+    Targets(targets)
+}
+
+/// DNS-SD browsing (RFC 6763): `_<svc>._tcp.Z` PTR to `<id>._<svc>._tcp.Z`
+/// per healthy instance, each with SRV (to `<id>.<svc>.Z`) and TXT (its
+/// instance's).
+fn add_dnssd(b: &mut Builder<'_>, dnssd_type: &Name, entry: &ServiceEntry, targets: &Targets<'_>) {
+    b.touch(dnssd_type);
     for e in entry.healthy() {
-        srv(&mut b, &svc_name, e, e.instance.port);
+        let Some(dnssd_inst) = child(dnssd_type, e.instance.id.as_str()) else {
+            continue;
+        };
+        let Some(target) = targets.0.get(e.instance.id.as_str()) else {
+            continue;
+        };
+        // The PTR's target is only a name: the TXT is the instance's own.
+        let name = Target::new(&dnssd_inst, &b.origin_key, e.instance.address, &[]);
+        b.add(dnssd_type, Data::Ptr(name));
+        targets.add_srv(b, &dnssd_inst, e, e.instance.port);
+        b.add(&dnssd_inst, Data::Txt(target.clone()));
     }
+}
 
-    // DNS-SD browsing: `_<svc>._tcp.Z` PTR to `<id>._<svc>._tcp.Z` per
-    // healthy instance, each with SRV (to `<id>.<svc>.Z`) and TXT (its
-    // metadata; one empty string when it has none, RFC 6763 §6.1).
-    if let Some(dnssd_type) = &dnssd_type {
-        b.touch(dnssd_type);
-        for e in entry.healthy() {
-            let Some(dnssd_inst) = child(dnssd_type, e.instance.id.as_str()) else {
-                continue;
-            };
-            let mut txt = meta_txt(e.instance.meta.iter());
-            if txt.is_empty() {
-                txt.push(0);
-            }
-            let target = Target::new(&dnssd_inst, origin_key, e.instance.address, &txt);
-            b.add(dnssd_type, 1, Data::Ptr(target.clone()));
-            srv(&mut b, &dnssd_inst, e, e.instance.port);
-            b.add(&dnssd_inst, 1, Data::Txt(target));
-        }
-    }
-
-    // Tags. A tag name exists while any instance carries it, so a
-    // tag whose instances are all unhealthy is NODATA, not NXDOMAIN.
+/// `<tag>.tag.<svc>.Z` for every tag. A tag name exists while any instance
+/// carries it, so a tag whose instances are all unhealthy is NODATA, not
+/// NXDOMAIN.
+fn add_tags(b: &mut Builder<'_>, tag_root: &Name, entry: &ServiceEntry, targets: &Targets<'_>) {
     let mut tags: Vec<&str> = entry
         .instances
         .values()
@@ -962,27 +1066,32 @@ fn build_service(
         .collect();
     tags.sort_unstable();
     tags.dedup();
-    if let Some(tag_root) = child(&svc_name, "tag") {
-        for tag in tags {
-            let Some(tag_name) = child(&tag_root, tag) else {
-                continue;
-            };
-            b.touch(&tag_name);
-            let with_tag = || {
-                entry
-                    .healthy()
-                    .filter(move |e| e.instance.tags.iter().any(|t| t == tag))
-            };
-            add_addresses(&mut b, &tag_name, with_tag());
-            for e in with_tag() {
-                srv(&mut b, &tag_name, e, e.instance.port);
-            }
+    for tag in tags {
+        let Some(tag_name) = child(tag_root, tag) else {
+            continue;
+        };
+        b.touch(&tag_name);
+        let with_tag = || {
+            entry
+                .healthy()
+                .filter(move |e| e.instance.tags.iter().any(|t| t == tag))
+        };
+        add_addresses(b, &tag_name, with_tag());
+        for e in with_tag() {
+            targets.add_srv(b, &tag_name, e, e.instance.port);
         }
     }
+}
 
-    // Named ports, the same under `_tcp` and `_udp`: the catalog
-    // does not record a port's protocol, and a client asks for the
-    // one it speaks.
+/// `_<port>._<tcp,udp>.<svc>.Z` for every named port, the same under `_tcp`
+/// and `_udp`: the catalog does not record a port's protocol, and a client
+/// asks for the one it speaks.
+fn add_named_ports(
+    b: &mut Builder<'_>,
+    svc_name: &Name,
+    entry: &ServiceEntry,
+    targets: &Targets<'_>,
+) {
     let mut ports: Vec<&str> = entry
         .instances
         .values()
@@ -991,7 +1100,7 @@ fn build_service(
     ports.sort_unstable();
     ports.dedup();
     for proto in ["_tcp", "_udp"] {
-        let Some(proto_name) = child(&svc_name, proto) else {
+        let Some(proto_name) = child(svc_name, proto) else {
             continue;
         };
         for port in &ports {
@@ -1001,18 +1110,11 @@ fn build_service(
             b.touch(&port_name);
             for e in entry.healthy() {
                 if let Some(&p) = e.instance.ports.get(*port) {
-                    srv(&mut b, &port_name, e, p);
+                    targets.add_srv(b, &port_name, e, p);
                 }
             }
         }
     }
-
-    let (nodes, reverse) = b.finish();
-    Some(ServicePart {
-        nodes,
-        browse,
-        reverse,
-    })
 }
 
 /// `_<svc>._tcp.Z`, the DNS-SD service type of `svc` (`None` when `_<svc>`
@@ -1096,9 +1198,9 @@ fn service_label<'k>(key: &'k [u8], zone: &[u8]) -> Place<'k> {
 /// A name looked up in the index.
 enum Lookup<'a> {
     /// It exists in the zone.
-    Node(&'a Node),
+    Node(Node<'a>),
     /// A reverse name of an instance address: its PTR set.
-    Reverse(&'a RecordSet),
+    Reverse(RecordSet<'a>),
     /// In the zone, but it does not exist.
     NxDomain,
     /// Outside the zone, and not a reverse name we know.
@@ -1177,7 +1279,7 @@ impl Index {
         let ns_glue = match zone.ns_address {
             Some(ip) if !ns_is_service => {
                 let glue = Record::from_rdata(ns_name.clone(), ttl, address_rdata(ip));
-                b.add(&ns_name, 1, address_data(ip));
+                b.add(&ns_name, address_data(ip, 1));
                 vec![glue]
             }
             Some(_) => {
@@ -1224,8 +1326,8 @@ impl Index {
     }
 
     /// `_services._dns-sd._udp.Z`: a PTR to every service.
-    fn browse(&self) -> &Node {
-        self.browse.get_or_init(|| {
+    fn browse(&self) -> Node<'_> {
+        let (sets, items) = self.browse.get_or_init(|| {
             let mut items: Vec<Item> = self
                 .services
                 .values()
@@ -1236,12 +1338,19 @@ impl Index {
                 (Data::Ptr(a), Data::Ptr(b)) => a.name().cmp(b.name()),
                 _ => std::cmp::Ordering::Equal,
             });
-            let mut node = Node::default();
-            for item in items {
-                push_item(&mut node, RecordType::PTR, item);
-            }
-            node
-        })
+            let end = SetEnd {
+                rtype: RecordType::PTR,
+                end: offset(items.len()),
+            };
+            ([end], items.into())
+        });
+        // No services, no records: the name exists, empty.
+        let sets = if items.is_empty() { &[][..] } else { &sets[..] };
+        Node {
+            sets,
+            items,
+            start: 0,
+        }
     }
 
     /// The node of the name whose key is `key`.
@@ -1250,7 +1359,12 @@ impl Index {
             Place::Outside => {
                 return reverse_address(key)
                     .and_then(|ip| self.reverse.get(&ip))
-                    .map_or(Lookup::Outside, Lookup::Reverse);
+                    .map_or(Lookup::Outside, |items| {
+                        Lookup::Reverse(RecordSet {
+                            rtype: RecordType::PTR,
+                            items,
+                        })
+                    });
             }
             Place::Apex => &self.zone_nodes,
             Place::Below(label) => match self.service(label) {
@@ -1312,9 +1426,9 @@ impl Index {
 }
 
 /// The sets that answer `qtype` at `node`: that type's, or all for ANY.
-fn select_sets(node: &Node, qtype: RecordType) -> Vec<&RecordSet> {
+fn select_sets(node: Node<'_>, qtype: RecordType) -> Vec<RecordSet<'_>> {
     if qtype == RecordType::ANY {
-        node.sets.iter().collect()
+        node.sets().collect()
     } else {
         node.set(qtype).into_iter().collect()
     }
@@ -1322,7 +1436,7 @@ fn select_sets(node: &Node, qtype: RecordType) -> Vec<&RecordSet> {
 
 /// One name of the zone (its key) and its sets, as a zone transfer sends
 /// them.
-pub(crate) type ZoneName<'a> = (NameKey, &'a Node);
+pub(crate) type ZoneName<'a> = (NameKey, Node<'a>);
 
 impl Index {
     /// The SOA serial: the catalog revision modulo 2^32, so that every
@@ -1467,10 +1581,10 @@ mod tests {
     #[test]
     fn names_find_each_prefix_and_nothing_else() {
         let names = Names::new(vec![
-            (&b"\x02u1"[..], Node::default()),
-            (&b""[..], Node::default()),
-            (&b"\x02v1\x03tag"[..], Node::default()),
-            (&b"\x03tag"[..], Node::default()),
+            (&b"\x02u1"[..], BuildNode::new()),
+            (&b""[..], BuildNode::new()),
+            (&b"\x02v1\x03tag"[..], BuildNode::new()),
+            (&b"\x03tag"[..], BuildNode::new()),
         ]);
         for prefix in [&b"\x02u1"[..], b"", b"\x02v1\x03tag", b"\x03tag"] {
             assert!(names.get(prefix).is_some(), "{prefix:?}");

@@ -88,7 +88,7 @@ impl Answer {
         let owner_len = qname.iter().map(|l| l.len() + 1).sum::<usize>() + 1;
         for set in sets {
             weights.clear();
-            weights.extend(set.items.iter().map(|i| i.weight));
+            weights.extend(set.items.iter().map(|i| i.weight()));
             weighted_order(&weights, rng, &mut order);
             for &i in &order {
                 let data = &set.items[i].data;

@@ -215,11 +215,11 @@ async fn whole<R: ResponseHandler>(out: &mut Sender<R>, index: &Index, soa: Reco
     out.push(soa.clone(), 0).await;
     for (key, node) in index.zone_names() {
         let owner = name_of(&key);
-        for set in &node.sets {
+        for set in node.sets() {
             if set.rtype == RecordType::SOA {
                 continue;
             }
-            for item in &set.items {
+            for item in set.items {
                 let len = item.data.wire_len(key.len());
                 out.push(item.data.record(&owner, index.ttl), len).await;
             }
@@ -271,11 +271,11 @@ fn records(names: &[ZoneName<'_>], ttl: u32) -> HashMap<Vec<u8>, Record> {
     let mut out = HashMap::new();
     for (key, node) in names {
         let owner = name_of(key);
-        for set in &node.sets {
+        for set in node.sets() {
             if set.rtype == RecordType::SOA {
                 continue;
             }
-            for item in &set.items {
+            for item in set.items {
                 let record = item.data.record(&owner, ttl);
                 let mut bytes = Vec::with_capacity(64);
                 let mut encoder = BinEncoder::new(&mut bytes);

@@ -318,8 +318,8 @@ impl Data {
     /// `None` when the fast path cannot write it.
     pub(crate) fn answer_len(&self, zone_at: Option<u16>) -> Option<usize> {
         let rdlen = match self {
-            Data::A(_) => 4,
-            Data::Aaaa(_) => 16,
+            Data::A(..) => 4,
+            Data::Aaaa(..) => 16,
             Data::Srv { target, .. } => 6 + target.name().len(),
             Data::Txt(target) => target.txt().len(),
             Data::Ptr(target) => match ptr_target(target, zone_at) {
@@ -345,11 +345,11 @@ impl Data {
             _ => out.extend_from_slice(&QUESTION_POINTER),
         }
         match self {
-            Data::A(ip) => {
+            Data::A(ip, _) => {
                 fixed_in(out, rtype, ttl, 4);
                 out.extend_from_slice(&ip.octets());
             }
-            Data::Aaaa(ip) => {
+            Data::Aaaa(ip, _) => {
                 fixed_in(out, rtype, ttl, 16);
                 out.extend_from_slice(&ip.octets());
             }

@@ -85,7 +85,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// An HTTP/2 response body as an `http_body::Body`, giving the window back
-/// as data is read. The sidecar has its own (`signpost_sidecar::http2`);
+/// as data is read. The sidecar has its own (`sidecar/src/transport/http2.rs`);
 /// this one is repeated so that the floor holds no Signpost code.
 struct RecvBody(h2::RecvStream);
 

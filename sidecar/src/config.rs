@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use signpost_control_plane::model::{InstanceId, ServiceName};
 
-pub use crate::app::AppProtocol;
 pub use crate::outbound::proxy::Egress;
+pub use crate::transport::app::AppProtocol;
 
 /// Default inbound listener: all interfaces, since peers call in from other
 /// hosts.

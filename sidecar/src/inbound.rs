@@ -16,13 +16,9 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body::Body;
@@ -30,13 +26,11 @@ use hyper::body::Incoming;
 use signpost_certs::{ALPN_H2, Identity};
 use signpost_control_plane::client::Client as ControlPlane;
 use signpost_control_plane::model::{MtlsMode, ServiceConfig, ServiceName};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::app::{AppClient, AppH2Client, AppProtocol};
 use crate::body::{self, ProxyBody};
 use crate::deadline::{Timers, deadline_of};
 use crate::error::{Caller as CallerKind, NOT_FORWARDED_HEADER, ProxyError};
@@ -44,11 +38,11 @@ use crate::headers::{
     Head, Known, MAX_HEADER_BYTES, innermost, restore_upgrade, strip_hop_by_hop_and,
     upgrade_protocol,
 };
-use crate::http2;
 use crate::metrics::{Direction, Metrics, RequestMetrics};
 use crate::serve::{self, Closing, Upgrades};
 use crate::tls::{ALPN_TCP, MeshSlot};
-use crate::wake::OnWake;
+use crate::transport::app::{AppClient, AppH2Client, AppProtocol};
+use crate::transport::h2_server;
 
 /// Header telling the app which mesh service called it. Set only from a
 /// verified certificate; a copy arriving from outside is removed.
@@ -62,8 +56,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const TLS_HANDSHAKE: u8 = 0x16;
 
 /// A peer as its certificate names it, with the `x-signpost-caller` value
-/// the app is told: made once per connection and shared by its requests
-/// (cloning an [`Identity`] per request cost two allocations).
+/// the app is told: made once per connection and shared by its requests,
+/// which clone an `Arc` rather than the [`Identity`] (two allocations).
 #[derive(Debug)]
 pub struct Caller {
     identity: Identity,
@@ -306,7 +300,7 @@ impl Inbound {
             Some(ALPN_TCP) => self.tunnel(stream, caller).instrument(span).await,
             // What peer sidecars speak.
             Some(ALPN_H2) => {
-                self.serve_h2(stream, caller, closing)
+                h2_server::serve(stream, closing, |req| self.handle(req, caller.clone()))
                     .instrument(span)
                     .await
             }
@@ -320,105 +314,6 @@ impl Inbound {
                 .instrument(span)
                 .await;
             }
-        }
-    }
-
-    /// Serves a peer sidecar's HTTP/2 connection. Its streams are served
-    /// inside this task, not a task each (see [`crate::http2`]).
-    async fn serve_h2<I>(&self, io: I, caller: Option<Arc<Caller>>, closing: Closing)
-    where
-        I: AsyncRead + AsyncWrite + Unpin,
-    {
-        let handshake = http2::server_builder().handshake::<_, Bytes>(io);
-        let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(err)) => {
-                debug!(%err, "HTTP/2 handshake failed");
-                return;
-            }
-            Err(_) => {
-                debug!("no HTTP/2 preface in time");
-                return;
-            }
-        };
-        // Both polled only when they fire, not at every pass.
-        let keepalive = OnWake::new(http2::keepalive(conn.ping_pong()));
-        tokio::pin!(keepalive);
-        let close_requested = OnWake::new(closing.requested());
-        tokio::pin!(close_requested);
-        let mut goaway_sent = false;
-        let mut streams = FuturesUnordered::new();
-        // One pass: every answer the app finished goes into the
-        // connection's buffers first, then the connection reads what came
-        // in and writes everything queued at once. `Batched` lets the app
-        // connections that are ready finish before the pass.
-        let served = std::future::poll_fn(|cx| {
-            loop {
-                while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
-                if !goaway_sent && close_requested.as_mut().poll(cx).is_ready() {
-                    // GOAWAY: the peer opens no new streams here and moves
-                    // to other endpoints; the ones in flight finish.
-                    conn.graceful_shutdown();
-                    goaway_sent = true;
-                }
-                if let Poll::Ready(err) = keepalive.as_mut().poll(cx) {
-                    debug!(%err, "closing the connection");
-                    return Poll::Ready(());
-                }
-                match conn.poll_accept(cx) {
-                    Poll::Ready(Some(Ok((req, respond)))) => {
-                        // Boxed before the push: `push` moves what it is
-                        // given three times, and this future is ~3 KB.
-                        streams.push(Box::pin(self.serve_stream(req, respond, caller.clone())));
-                    }
-                    Poll::Ready(Some(Err(err))) => {
-                        debug!(%err, "HTTP/2 connection failed");
-                        return Poll::Ready(());
-                    }
-                    // Closed, and every stream answered.
-                    Poll::Ready(None) => return Poll::Ready(()),
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
-        });
-        http2::Batched::new(served).await;
-        // The connection is gone: answers still pending cannot be sent.
-        // Dropping it fails their streams, and dropping them cancels their
-        // requests to the app.
-        drop(conn);
-        drop(streams);
-    }
-
-    /// Serves one stream of a peer's HTTP/2 connection.
-    async fn serve_stream(
-        &self,
-        req: Request<h2::RecvStream>,
-        mut respond: h2::server::SendResponse<Bytes>,
-        caller: Option<Arc<Caller>>,
-    ) {
-        let (parts, recv) = req.into_parts();
-        let body = http2::boxed(recv, &parts.headers);
-        let handled = self.handle(Request::from_parts(parts, body), caller);
-        tokio::pin!(handled);
-        // A caller that gives up resets the stream: stop waiting for the app.
-        let rsp = tokio::select! {
-            rsp = &mut handled => rsp,
-            _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
-                debug!("the caller reset the request");
-                return;
-            }
-        };
-        let (parts, body) = rsp.into_parts();
-        let end = body.is_end_stream();
-        let mut send = match respond.send_response(Response::from_parts(parts, ()), end) {
-            Ok(send) => send,
-            Err(err) => {
-                debug!(%err, "response not sent");
-                return;
-            }
-        };
-        if !end && let Err(err) = http2::send_body(body, &mut send).await {
-            debug!(%err, "response body not sent whole");
         }
     }
 
@@ -585,7 +480,11 @@ impl Inbound {
             parts.version = Version::HTTP_11;
             let req = Request::from_parts(parts, body);
             let result = if upgrade.is_some() {
-                let call = Box::pin(crate::app::upgrade(app, Duration::from_secs(1), req));
+                let call = Box::pin(crate::transport::app::upgrade(
+                    app,
+                    Duration::from_secs(1),
+                    req,
+                ));
                 self.timers.timed(call, ended, deadline).await
             } else {
                 let call = Box::pin(self.app.request(req));

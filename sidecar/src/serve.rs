@@ -143,11 +143,6 @@ impl Upgrades {
         self.tracker.len()
     }
 
-    /// Whether none is open.
-    pub fn is_empty(&self) -> bool {
-        self.tracker.is_empty()
-    }
-
     /// Asks what can finish to finish, waits up to `drain`, then cuts the
     /// rest.
     pub async fn shutdown(&self, drain: Duration) {
@@ -236,11 +231,12 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
 /// after it opened). A client trickling a request head never starts a
 /// request, so this also bounds how long it holds the connection.
 ///
-/// hyper's HTTP/1 header-read timeout did both jobs before, but it arms a
-/// timer for every request (an allocation, and two trips to the timer
-/// wheel: ~1.7k instructions, 3 % of the outbound's work per request).
-/// This arms one per connection per period. Envoy's `idle_timeout` counts
-/// the same way (no active requests).
+/// hyper's HTTP/1 header-read timeout would do both jobs, but it arms a
+/// timer for every request (an allocation, and two trips to tokio's timer
+/// wheel); this arms one per connection per period. The trade-off is
+/// precision: a connection goes between one and two periods after its
+/// last request, not at a set time. Envoy's `idle_timeout` counts the same
+/// way (no active requests).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the idle watch of one connection sees.
@@ -357,7 +353,8 @@ where
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // No per-request header timer: the idle watch below covers what it did.
+    // No per-request header timer: the idle watch below also bounds a
+    // trickled request head.
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -365,7 +362,7 @@ where
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(crate::http2::MAX_HEADER_LIST_SIZE)
+        .max_header_list_size(crate::transport::http2::MAX_HEADER_LIST_SIZE)
         .keep_alive_interval(Some(Duration::from_secs(10)));
     // With upgrades: WebSocket and CONNECT take the connection over.
     let conn = builder

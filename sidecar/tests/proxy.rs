@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use signpost_control_plane::model::{MtlsMode, ServiceConfig, ServiceName};
-use signpost_sidecar::app::AppProtocol;
+use signpost_sidecar::config::AppProtocol;
 use signpost_sidecar::discovery::{Endpoint, StaticResolver};
 use signpost_sidecar::inbound::{Inbound, InboundConfig};
 use signpost_sidecar::metrics::Metrics;

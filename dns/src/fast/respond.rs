@@ -127,7 +127,7 @@ pub(crate) fn respond<R: Rng + ?Sized>(
 /// not fit (or not one record does), nothing is written and the caller sets
 /// TC.
 fn write_set<R: Rng + ?Sized>(
-    set: &RecordSet,
+    set: RecordSet<'_>,
     (zone_at, ttl): (Option<u16>, u32),
     (limit, answer_limit): (usize, Option<u16>),
     rng: &mut R,
@@ -135,7 +135,7 @@ fn write_set<R: Rng + ?Sized>(
     out: &mut Vec<u8>,
 ) -> Option<(u16, u16)> {
     let Scratch { keyed, order, at } = scratch;
-    weighted_order_with(set.items.iter().map(|i| i.weight), rng, keyed, order);
+    weighted_order_with(set.items.iter().map(|i| i.weight()), rng, keyed, order);
     at.clear();
     let start = out.len();
     let most = answer_limit.map_or(usize::MAX, usize::from);

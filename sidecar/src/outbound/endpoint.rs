@@ -10,28 +10,24 @@
 //! [`crate::discovery::Refresh`]): a peer that hangs up or is not listening
 //! has most likely left, and DNS may already know.
 //!
-//! Requests go out on the `h2` crate directly (see [`crate::http2`]): the
-//! task that read a request from the app sends it and awaits its response;
-//! only the connection's I/O, and a request body, run in tasks of their own.
+//! The HTTP/2 itself is [`crate::transport`]'s: this module decides when
+//! to connect and what a failure means for retries and discovery.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Mutex;
 use tower::Service;
-use tracing::{Instrument, debug, debug_span};
+use tracing::{debug, debug_span};
 
 use crate::body::{BoxError, ProxyBody};
 use crate::discovery::Refresh;
-use crate::wake::OnWake;
+use crate::transport::h2_client::Connection;
 
 /// A byte stream to a peer.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -206,13 +202,6 @@ pub enum PeerProtocol {
 #[derive(Debug, Clone, Copy)]
 pub struct UpgradeRequest;
 
-/// A live connection: its sender, and whether the task driving it ended.
-#[derive(Clone)]
-struct Live {
-    send: h2::client::SendRequest<Bytes>,
-    closed: Arc<AtomicBool>,
-}
-
 /// The service of one endpoint: requests over its pooled HTTP/2 connection.
 #[derive(Clone)]
 pub struct PeerConnection {
@@ -222,7 +211,7 @@ pub struct PeerConnection {
     refresh: Option<Refresh>,
     /// Connects for upgrades (HTTP/1.1 ALPN); without it they are refused.
     upgrades: Option<Arc<dyn Connect>>,
-    live: Arc<std::sync::Mutex<Option<Live>>>,
+    live: Arc<std::sync::Mutex<Option<Connection>>>,
     /// Held while connecting: requests arriving meanwhile wait for that
     /// connection rather than opening their own.
     connecting: Arc<Mutex<()>>,
@@ -289,21 +278,12 @@ impl PeerConnection {
                 addr,
                 timeout: self.connect_timeout,
             })??;
-        let (mut send, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake::<_, ProxyBody>(hyper_util::rt::TokioIo::new(io))
+        let mut send = crate::transport::http1::handshake(io, debug_span!("upgrade", peer = %addr))
             .await
             .map_err(|e| EndpointError::Refused {
                 addr,
                 reason: e.to_string(),
             })?;
-        tokio::spawn(
-            async move {
-                if let Err(err) = conn.with_upgrades().await {
-                    debug!(%err, "upgrade connection ended");
-                }
-            }
-            .instrument(debug_span!("upgrade", peer = %addr)),
-        );
         let rsp = send
             .send_request(req)
             .await
@@ -315,14 +295,12 @@ impl PeerConnection {
     }
 
     /// The open connection, if there is one.
-    fn current(&self) -> Option<Live> {
+    fn current(&self) -> Option<Connection> {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        live.as_ref()
-            .filter(|l| !l.closed.load(Ordering::Acquire))
-            .cloned()
+        live.as_ref().filter(|l| !l.is_closed()).cloned()
     }
 
-    async fn sender(&self) -> Result<Live, ConnectError> {
+    async fn sender(&self) -> Result<Connection, ConnectError> {
         if let Some(live) = self.current() {
             return Ok(live);
         }
@@ -337,103 +315,26 @@ impl PeerConnection {
                 addr,
                 timeout: self.connect_timeout,
             })??;
-        let (send, mut conn) = crate::http2::client_builder()
-            .handshake::<_, Bytes>(io)
-            .await
-            .map_err(|source| ConnectError::Http { addr, source })?;
-        let ping = conn.ping_pong();
-        let closed = Arc::new(AtomicBool::new(false));
-        let live = Live {
-            send,
-            closed: closed.clone(),
-        };
         let refresh = self.refresh.clone();
         let in_use = Arc::downgrade(&self.live);
-        tokio::spawn(
-            async move {
-                let mut conn = crate::http2::Batched::new(&mut conn);
-                tokio::select! {
-                    biased;
-                    result = &mut conn => if let Err(err) = result {
-                        debug!(%err, "connection closed");
-                    },
-                    // Polled only when its timer or ping fires.
-                    err = OnWake::new(crate::http2::keepalive(ping)) => {
-                        debug!(%err, "closing the connection");
-                    }
-                }
-                closed.store(true, Ordering::Release);
-                // The peer closed a connection we still use: a sidecar
-                // sends GOAWAY when it stops accepting, after leaving DNS,
-                // so the next answer likely names its replacement. (When
-                // the endpoint was dropped, nobody uses it: no question.)
-                if in_use.strong_count() > 0
-                    && let Some(refresh) = refresh
-                {
-                    debug!("peer closed the connection; asking DNS again");
-                    refresh.request();
-                }
+        let closed = move || {
+            // The peer closed a connection we still use: a sidecar sends
+            // GOAWAY when it stops accepting, after leaving DNS, so the
+            // next answer likely names its replacement. (When the endpoint
+            // was dropped, nobody uses it: no question.)
+            if in_use.strong_count() > 0
+                && let Some(refresh) = refresh
+            {
+                debug!("peer closed the connection; asking DNS again");
+                refresh.request();
             }
-            .instrument(debug_span!("peer", peer = %addr)),
-        );
+        };
+        let live = Connection::handshake(io, addr, closed)
+            .await
+            .map_err(|source| ConnectError::Http { addr, source })?;
         *self.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(live.clone());
         Ok(live)
     }
-
-    /// Sends `req` on the connection and awaits the response head.
-    async fn send(
-        &self,
-        live: Live,
-        req: http::Request<ProxyBody>,
-    ) -> Result<http::Response<ProxyBody>, EndpointError> {
-        let addr = self.addr;
-        // Waits while the peer's limit of concurrent streams is reached.
-        let mut send = live
-            .send
-            .ready()
-            .await
-            .map_err(|e| EndpointError::from_h2(addr, e, false))?;
-        let (parts, body) = req.into_parts();
-        let mut head = http::Request::from_parts(parts, ());
-        if let Some(len) = body.size_hint().exact()
-            && (len != 0 || method_has_body(head.method()))
-        {
-            head.headers_mut()
-                .entry(http::header::CONTENT_LENGTH)
-                .or_insert_with(|| http::HeaderValue::from(len));
-        }
-        let end = body.is_end_stream();
-        let (rsp, mut stream) = send
-            .send_request(head, end)
-            .map_err(|e| EndpointError::from_h2(addr, e, false))?;
-        if !end {
-            // The body goes out beside the wait for the response, which
-            // may come first (a peer refusing a large upload, say).
-            tokio::spawn(
-                async move {
-                    if let Err(err) = crate::http2::send_body(body, &mut stream).await {
-                        debug!(%err, "request body not sent whole");
-                    }
-                }
-                .instrument(debug_span!("request_body", peer = %addr)),
-            );
-        }
-        let rsp = rsp
-            .await
-            .map_err(|e| EndpointError::from_h2(addr, e, true))?;
-        let (parts, recv) = rsp.into_parts();
-        let body = crate::http2::boxed(recv, &parts.headers);
-        Ok(http::Response::from_parts(parts, body))
-    }
-}
-
-/// Whether a request with this method carries a body by definition, so an
-/// empty one gets `content-length: 0` (RFC 9110 §8.6).
-fn method_has_body(method: &http::Method) -> bool {
-    matches!(
-        *method,
-        http::Method::POST | http::Method::PUT | http::Method::PATCH
-    )
 }
 
 impl Service<http::Request<ProxyBody>> for PeerConnection {
@@ -460,7 +361,10 @@ impl Service<http::Request<ProxyBody>> for PeerConnection {
                     return Err(EndpointError::from(err).into());
                 }
             };
-            Ok(this.send(live, req).await?)
+            let addr = this.addr;
+            live.send(addr, req)
+                .await
+                .map_err(|e| EndpointError::from_h2(addr, e.source, e.written).into())
         })
     }
 }

@@ -40,13 +40,13 @@
 //! - Per destination, the retry budget (tower's `TpsBudget`) takes a short
 //!   lock per request; the pending limit and the metrics are atomics.
 
-pub mod balance;
-pub mod eject;
+pub(crate) mod balance;
+pub(crate) mod eject;
 pub mod endpoint;
-pub mod limit;
+pub(crate) mod limit;
 pub mod proxy;
-pub mod retry;
-pub mod shared;
+pub(crate) mod retry;
+pub(crate) mod shared;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,8 +74,8 @@ use crate::metrics::{Direction, Metrics, RequestMetrics, ServiceLabels};
 pub type Stack<S> = limit::PendingLimit<tower::retry::Retry<RetryPolicy, shared::Shared<S>>>;
 
 /// A destination's whole service stack. Named rather than boxed: a request
-/// clones it (a few `Arc`s) and calls it, and a boxed stack cost an
-/// allocation for each of the two.
+/// clones it (a few `Arc`s) and calls it, where a boxed stack would cost
+/// an allocation for each of the two.
 pub type DestinationService = Stack<PeerBalance>;
 
 /// The balancer over a destination's peer connections (one per shard of
@@ -249,9 +249,10 @@ pub struct Destinations {
     make_connect: MakeConnect,
     config: DestinationConfig,
     metrics: Metrics,
-    /// On foldhash: looked up on every request, and SipHash was about 200
-    /// instructions of each. Read without a lock (see the module's
-    /// threads); changed by copying, under `writing`.
+    /// On foldhash rather than std's SipHash: it is looked up on every
+    /// request, and its keys are the few service names the local app calls.
+    /// Read without a lock (see the module's threads); changed by copying,
+    /// under `writing`.
     active: ArcSwap<ActiveMap>,
     /// Held by whoever changes `active`, so that two changes do not undo
     /// each other.

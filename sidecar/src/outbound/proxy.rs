@@ -313,7 +313,8 @@ impl OutboundProxy {
                 let this = self.clone();
                 async move {
                     // `handle` owns its handle on the proxy, so its future
-                    // needs no wrapper (each is ~2 KB, moved when made).
+                    // needs no wrapper (which would move that large future
+                    // once more for every request).
                     serve::serve_http(stream, closing, move |req| this.clone().handle(req)).await;
                 }
                 .instrument(info_span!("outbound_conn", client = %peer))

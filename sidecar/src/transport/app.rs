@@ -36,7 +36,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, debug_span};
 
 use crate::body::ProxyBody;
 
@@ -146,7 +146,7 @@ impl AppH2Client {
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .http2_only(true)
-                .http2_max_header_list_size(crate::http2::MAX_HEADER_LIST_SIZE)
+                .http2_max_header_list_size(crate::transport::http2::MAX_HEADER_LIST_SIZE)
                 .build(ToApp {
                     addr,
                     timeout: connect_timeout,
@@ -209,12 +209,8 @@ pub async fn upgrade(
         .map_err(|_| AppError::ConnectTimeout(connect_timeout))?
         .map_err(AppError::Connect)?;
     let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        if let Err(err) = conn.with_upgrades().await {
-            debug!(%addr, %err, "upgraded connection to the app ended");
-        }
-    });
+    let mut sender =
+        super::http1::handshake(stream, debug_span!("app_upgrade", app = %addr)).await?;
     let rsp = sender.send_request(req).await?;
     Ok(rsp.map(crate::body::boxed))
 }
@@ -247,6 +243,7 @@ impl AppClient {
     }
 
     /// The same client with unused connections dropped after `idle`.
+    #[cfg(test)]
     pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
         self.idle_timeout = idle;
         self
@@ -336,6 +333,7 @@ impl AppClient {
     }
 
     /// Open connections waiting to be reused.
+    #[cfg(test)]
     pub fn idle_connections(&self) -> usize {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.iter().filter(|i| !i.sender.is_closed()).count()

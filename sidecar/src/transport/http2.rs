@@ -1,18 +1,9 @@
-//! HTTP/2 between sidecars, on the `h2` crate directly.
-//!
-//! hyper's HTTP/2 client and server hand every request to tasks of their
-//! own: the client sends each request through a channel to a dispatch task
-//! and spawns a task per response; the server spawns a task per stream.
-//! Between two sidecars that is several task hand-offs and allocations per
-//! request, for nothing the proxy needs. Here the outbound side sends a
-//! request and awaits its response in the task that read it from the app,
-//! and the inbound side serves a connection's streams inside the
-//! connection's own task ([`crate::inbound`]). One task per connection
-//! still drives its I/O.
-//!
-//! This module holds what both sides share: the connection settings (those
-//! hyper uses), request and response bodies as [`http_body::Body`]
-//! ([`RecvBody`], [`send_body`]), and keep-alive pings ([`keepalive`]).
+//! What the HTTP/2 client ([`super::h2_client`]) and server
+//! ([`super::h2_server`]) between sidecars share, on the `h2` crate: the
+//! connection settings (those hyper uses), bodies as [`http_body::Body`]
+//! within HTTP/2 flow control ([`RecvBody`] returns capacity as data is
+//! read, [`send_body`] waits for capacity before each piece), keep-alive
+//! pings ([`keepalive`]) and the batching of writes ([`Batched`]).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -108,7 +99,9 @@ pub async fn keepalive(ping_pong: Option<PingPong>) -> KeepaliveError {
 /// every request would leave in a write of its own. Yielding once puts the
 /// connection behind the other tasks that are ready, and the frames they
 /// queue meanwhile go out together: one write for a burst of requests, as
-/// hyper's dispatch task achieved.
+/// hyper's dispatch task gets. The trade-off: each wake-up costs one more
+/// trip through the scheduler, and a lone request waits for the tasks
+/// ready before it.
 #[derive(Debug)]
 pub struct Batched<F> {
     inner: F,
