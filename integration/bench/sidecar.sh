@@ -2,6 +2,9 @@
 # Sidecar benchmark: one request path measured four ways, side by side:
 #   direct      wrk -> nginx
 #   signpost    wrk -> sidecar A (outbound) == mTLS, HTTP/2 ==> sidecar B (inbound) -> nginx
+#   threads2    the same with two sidecars run with --threads 2 (a multi-threaded
+#               runtime), also on CPU 0: the cost of the threads, not a gain from
+#               a second CPU, which this two-CPU machine gives wrk
 #   haproxy     wrk -> haproxy A == mTLS, HTTP/2 ==> haproxy B -> nginx
 #   floor       wrk -> relay A == mTLS, HTTP/2 ==> relay B -> nginx, where the relays
 #               (integration/bench/floor.rs) are the sidecar's libraries alone:
@@ -86,11 +89,22 @@ RUST_LOG=warn taskset -c 0 "${WRAP[@]}" "$BIN" sidecar --service client --id a1 
     --inbound 127.0.0.2:28006 --outbound 127.0.0.1:28001 --admin 127.0.0.1:28000 \
     --control-plane http://127.0.0.1:28500 --dns 127.0.0.1:28053 >"$WORK/sidecar-a.log" 2>&1 &
 SIDECAR_A=$!; PIDS+=($SIDECAR_A)
-for port in 28000 28100; do
+# The same chain on sidecars with two worker threads: service app2 (B2)
+# called through client2 (A2).
+RUST_LOG=warn taskset -c 0 "${WRAP[@]}" "$BIN" sidecar --threads 2 --service app2 --id b2 --address 127.0.0.3 --app 127.0.0.1:28080 \
+    --inbound 127.0.0.3:28006 --outbound 127.0.0.1:28201 --admin 127.0.0.1:28200 \
+    --control-plane http://127.0.0.1:28500 --dns 127.0.0.1:28053 >"$WORK/sidecar-b2.log" 2>&1 &
+SIDECAR_B2=$!; PIDS+=($SIDECAR_B2)
+RUST_LOG=warn taskset -c 0 "${WRAP[@]}" "$BIN" sidecar --threads 2 --service client2 --id a2 --address 127.0.0.4 --app 127.0.0.1:28081 \
+    --inbound 127.0.0.4:28006 --outbound 127.0.0.1:28301 --admin 127.0.0.1:28300 \
+    --control-plane http://127.0.0.1:28500 --dns 127.0.0.1:28053 >"$WORK/sidecar-a2.log" 2>&1 &
+SIDECAR_A2=$!; PIDS+=($SIDECAR_A2)
+for port in 28000 28100 28200 28300; do
     # Up to a minute: under valgrind, start-up is slow.
     for _ in $(seq 600); do curl -fsS "http://127.0.0.1:$port/ready" >/dev/null 2>&1 && break; sleep 0.1; done
 done
 curl -fsS -H 'Host: app' http://127.0.0.1:28001/ >/dev/null || { echo "signpost chain does not answer" >&2; tail "$WORK"/sidecar-*.log >&2; exit 1; }
+curl -fsS -H 'Host: app2' http://127.0.0.1:28301/ >/dev/null || { echo "signpost --threads 2 chain does not answer" >&2; tail "$WORK"/sidecar-*.log >&2; exit 1; }
 
 
 # --- HAProxy: the same chain with mTLS ----------------------------------------
@@ -177,6 +191,7 @@ if [ -n "$CALLGRIND" ]; then
         done
     }
     instructions sidecar "$SIDECAR_A" "$SIDECAR_B" http://127.0.0.1:28001/ app
+    instructions threads2 "$SIDECAR_A2" "$SIDECAR_B2" http://127.0.0.1:28301/ app2
     instructions haproxy "$HAPROXY_A" "$HAPROXY_B" http://127.0.0.1:29001/
     instructions floor "$FLOOR_A" "$FLOOR_B" http://127.0.0.1:29101/ app
     exit 0
@@ -215,12 +230,13 @@ echo "wrk -t1 -c$CONNS -d${SECS}s, servers on CPU 0, wrk on CPU 1, $RUNS runs ea
 printf '%-4s %-9s %10s %10s %10s  %s\n' run path req/s "p50 ms" "p99 ms" "CPU µs/request (A/B)"
 declare -A RPS P99
 for r in $(seq 1 "$RUNS"); do
-    for path in direct signpost haproxy floor; do
+    for path in direct signpost threads2 haproxy floor; do
         cpu=""
         case $path in
             direct) read -r rps p50 p99 < <(run direct http://127.0.0.1:28080/) ;;
             signpost) read -r rps p50 p99 cpu < <(run signpost http://127.0.0.1:28001/ app "$SIDECAR_A $SIDECAR_B")
                       RSS_A=$(rss_mb $SIDECAR_A); RSS_B=$(rss_mb $SIDECAR_B) ;;
+            threads2) read -r rps p50 p99 cpu < <(run threads2 http://127.0.0.1:28301/ app2 "$SIDECAR_A2 $SIDECAR_B2") ;;
             haproxy) read -r rps p50 p99 cpu < <(run haproxy http://127.0.0.1:29001/ "" "$HAPROXY_A $HAPROXY_B") ;;
             floor) read -r rps p50 p99 cpu < <(run floor http://127.0.0.1:29101/ app "$FLOOR_A $FLOOR_B") ;;
         esac
@@ -230,11 +246,11 @@ for r in $(seq 1 "$RUNS"); do
 done
 median() { printf '%s\n' $@ | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : a[NR/2]}'; }
 echo
-for path in direct signpost haproxy floor; do
+for path in direct signpost threads2 haproxy floor; do
     echo "median $path: $(median ${RPS[$path]}) req/s, p99 $(median ${P99[$path]}) ms"
 done
 ratio() { awk -v a="$(median ${RPS[$1]})" -v b="$(median ${RPS[$2]})" 'BEGIN {printf "%.2f", a/b}'; }
-echo "req/s ratios: signpost/haproxy $(ratio signpost haproxy), floor/haproxy $(ratio floor haproxy), signpost/floor $(ratio signpost floor)"
+echo "req/s ratios: signpost/haproxy $(ratio signpost haproxy), floor/haproxy $(ratio floor haproxy), signpost/floor $(ratio signpost floor), threads2/signpost $(ratio threads2 signpost)"
 echo "sidecar RSS after the last signpost run: A ${RSS_A} MB, B ${RSS_B} MB"
 
 if command -v oha >/dev/null; then

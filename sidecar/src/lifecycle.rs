@@ -47,7 +47,7 @@ use crate::outbound::{DestinationConfig, Destinations, MakeConnect};
 use crate::register::{self, Readiness};
 use crate::serve;
 use crate::tls::{ALPN_TCP, MeshSlot, MeshTls};
-use crate::tunnel::Tunnel;
+use crate::tunnel;
 
 /// Refuses a configuration the sidecar cannot run with.
 pub(crate) fn validate(config: &SidecarConfig) -> Result<(), SidecarError> {
@@ -161,7 +161,6 @@ pub(crate) async fn drive(
 /// Every part of a sidecar, made but not running.
 struct Parts {
     config: SidecarConfig,
-    resolver: Arc<dyn Resolve>,
     metrics: Metrics,
     ready: Arc<Readiness>,
     client: Client,
@@ -172,7 +171,6 @@ struct Parts {
     /// control plane.
     policy: Arc<ArcSwap<ServiceConfig>>,
     inbound: Arc<Inbound>,
-    make_connect: MakeConnect,
     destinations: Arc<Destinations>,
     outbound: Arc<OutboundProxy>,
 }
@@ -207,8 +205,8 @@ impl Parts {
         );
         let make_connect = mesh_connectors(slot.clone());
         let destinations = Destinations::new(
-            resolver.clone(),
-            make_connect.clone(),
+            resolver,
+            make_connect,
             DestinationConfig {
                 connect_timeout: config.connect_timeout,
                 max_pending: config.max_pending,
@@ -232,7 +230,6 @@ impl Parts {
         )?;
         Ok(Self {
             config,
-            resolver,
             metrics,
             ready,
             client,
@@ -240,7 +237,6 @@ impl Parts {
             slot,
             policy,
             inbound,
-            make_connect,
             destinations,
             outbound,
         })
@@ -281,16 +277,13 @@ impl Parts {
             drain,
         )));
         for (svc, listener) in listeners.upstreams {
-            let connector = (self.make_connect)(&svc, PeerProtocol::Tcp);
-            let tunnel = Tunnel::new(
+            servers.push(tokio::spawn(tunnel::serve(
+                self.destinations.clone(),
                 svc,
-                self.resolver.clone(),
-                connector,
-                self.config.connect_timeout,
-            );
-            servers.push(tokio::spawn(
-                tunnel.serve(listener, stops.listeners.clone()),
-            ));
+                listener,
+                stops.listeners.clone(),
+                drain,
+            )));
         }
         Running {
             parts: self,

@@ -3,36 +3,105 @@
 //!
 //! The bytes are not parsed (databases, caches, anything over TCP). The
 //! tunnel negotiates the [`crate::tls::ALPN_TCP`] protocol so the peer's
-//! inbound side pipes the bytes to its app instead of reading HTTP. Each
-//! connection picks an endpoint at random, by weight (per-connection
-//! balancing: connections are long-lived, so request-level P2C does not
-//! apply), trying another one when the connection fails.
+//! inbound side pipes the bytes to its app instead of reading HTTP.
+//!
+//! A tunnel takes the outbound path of HTTP requests, balanced per
+//! connection rather than per request: a service's tunnel belongs to its
+//! [`crate::outbound::Destination`], whose discovery it follows, and each
+//! connection is given an endpoint by tower's P2C balancer over the same
+//! peak-EWMA load (here, of connecting), weights and outlier ejection
+//! ([`crate::outbound::balance`], [`crate::outbound::eject`]). A peer that
+//! fails HTTP requests is ejected for tunnels too, and the other way round.
+//! A connection that cannot be made is tried on another endpoint. The port
+//! is served by the shared accept loop ([`crate::serve::accept_loop`]): on
+//! shutdown it stops accepting, lets open tunnels run for the drain time,
+//! then cuts them.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use rand::Rng;
+use futures::StreamExt;
 use signpost_control_plane::model::ServiceName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::time::Instant;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tower::balance::p2c::Balance;
+use tower::discover::Change;
+use tower::{Service, ServiceExt};
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::discovery::{Endpoint, Resolution, Resolve};
-use crate::outbound::endpoint::Connect;
+use crate::body::BoxError;
+use crate::discovery::{DiscoveryState, Endpoint, LastKnown, Refresh};
+use crate::outbound::Destinations;
+use crate::outbound::balance::{DiscoverStream, balance_changes};
+use crate::outbound::eject::EjectionPool;
+use crate::outbound::endpoint::{BoxFuture, BoxedIo, Connect};
+use crate::outbound::shared::Shared;
 
 /// Endpoints tried per connection before giving up on it.
 const ATTEMPTS: usize = 3;
 
-/// One upstream tunnel listener.
-pub struct Tunnel {
-    service: ServiceName,
-    resolver: Arc<dyn Resolve>,
+/// One endpoint of a tunnel: a new connection to it per tunnelled one.
+#[derive(Clone)]
+pub struct TunnelEndpoint {
+    addr: SocketAddr,
     connector: Arc<dyn Connect>,
     connect_timeout: Duration,
-    cached: Mutex<Option<(Resolution, Instant)>>,
+    refresh: Refresh,
+}
+
+impl std::fmt::Debug for TunnelEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelEndpoint")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl Service<()> for TunnelEndpoint {
+    type Response = BoxedIo;
+    type Error = BoxError;
+    type Future = BoxFuture<Result<BoxedIo, BoxError>>;
+
+    /// Always ready: readiness belongs to ejection and the balancer.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, (): ()) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let connect = this.connector.connect(this.addr);
+            let failed: BoxError = match tokio::time::timeout(this.connect_timeout, connect).await {
+                Ok(Ok(io)) => return Ok(io),
+                Ok(Err(err)) => err.into(),
+                Err(_) => format!(
+                    "no connection to {} within {:?}",
+                    this.addr, this.connect_timeout
+                )
+                .into(),
+            };
+            // As for HTTP: a peer that is not listening has likely left,
+            // and DNS may know already.
+            this.refresh.request();
+            Err(failed)
+        })
+    }
+}
+
+/// The balancer of a tunnel.
+type TunnelBalance = Balance<DiscoverStream<TunnelEndpoint>, ()>;
+
+/// The tunnel to one service; see the module.
+pub struct Tunnel {
+    service: ServiceName,
+    state: watch::Receiver<DiscoveryState>,
+    balance: Shared<TunnelBalance>,
+    connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -43,117 +112,48 @@ impl std::fmt::Debug for Tunnel {
     }
 }
 
-/// Picks an endpoint with probability proportional to its weight, skipping
-/// those in `tried` while others remain.
-pub fn pick(endpoints: &[Endpoint], tried: &[SocketAddr], rng: &mut impl Rng) -> Option<Endpoint> {
-    let fresh: Vec<&Endpoint> = endpoints
-        .iter()
-        .filter(|e| !tried.contains(&e.addr))
-        .collect();
-    let pool: Vec<&Endpoint> = if fresh.is_empty() {
-        endpoints.iter().collect()
-    } else {
-        fresh
-    };
-    let total: u64 = pool.iter().map(|e| u64::from(e.weight.max(1))).sum();
-    if total == 0 {
-        return None;
-    }
-    let mut at = rng.random_range(0..total);
-    for e in pool {
-        let w = u64::from(e.weight.max(1));
-        if at < w {
-            return Some(*e);
-        }
-        at -= w;
-    }
-    None
-}
-
 impl Tunnel {
-    /// A tunnel to `service`, connecting with `connector` (mesh TLS with the
-    /// tunnel ALPN).
+    /// The tunnel to `service`, whose discovery publishes `state` and keeps
+    /// `known` current; `pool` is the service's ejection state and
+    /// `refresh` asks its discovery to resolve again. Connections are made
+    /// by `connector` (mesh TLS with the tunnel ALPN).
     pub fn new(
         service: ServiceName,
-        resolver: Arc<dyn Resolve>,
+        state: watch::Receiver<DiscoveryState>,
+        known: LastKnown,
+        pool: Arc<EjectionPool>,
+        refresh: Refresh,
         connector: Arc<dyn Connect>,
         connect_timeout: Duration,
     ) -> Arc<Self> {
+        let mut changes = endpoint_changes(state.clone(), known);
+        let balance = balance_changes(
+            move |cx| changes.poll_next_unpin(cx),
+            pool,
+            move |endpoint: Endpoint| {
+                let svc = TunnelEndpoint {
+                    addr: endpoint.addr,
+                    connector: connector.clone(),
+                    connect_timeout,
+                    refresh: refresh.clone(),
+                };
+                (endpoint, svc)
+            },
+        );
         Arc::new(Self {
             service,
-            resolver,
-            connector,
+            state,
+            balance: Shared::new(balance),
             connect_timeout,
-            cached: Mutex::default(),
         })
     }
 
-    /// The endpoints: the last answer when there is one (resolved again in
-    /// the background once its TTL is over, so a connection never waits on
-    /// DNS, and DNS being down costs nothing while the answer holds),
-    /// otherwise a fresh one.
-    async fn endpoints(self: &Arc<Self>) -> Vec<Endpoint> {
-        let now = Instant::now();
-        let cached = self
-            .cached
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|(res, at)| {
-                (
-                    res.endpoints.clone(),
-                    now.saturating_duration_since(*at) >= res.ttl,
-                )
-            });
-        if let Some((endpoints, stale)) = cached
-            && !endpoints.is_empty()
-        {
-            if stale {
-                let this = self.clone();
-                tokio::spawn(async move { this.resolve(Instant::now()).await });
-            }
-            return endpoints;
-        }
-        self.resolve(now).await
-    }
-
-    async fn resolve(&self, now: Instant) -> Vec<Endpoint> {
-        match self.resolver.resolve(&self.service).await {
-            Ok(res) => {
-                let endpoints = res.endpoints.clone();
-                *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((res, now));
-                endpoints
-            }
-            Err(err) => {
-                warn!(%err, "tunnel: resolution failed; using the last answer");
-                self.cached
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_ref()
-                    .map(|(r, _)| r.endpoints.clone())
-                    .unwrap_or_default()
-            }
-        }
-    }
-
-    /// Accepts local connections until `stop`; open tunnels end with their
-    /// connections (or when the process exits).
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
-        loop {
-            let (stream, peer) = tokio::select! {
-                () = stop.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(err) => {
-                        warn!(%err, "tunnel accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let this = self.clone();
-            let span = info_span!("tunnel", service = %self.service, client = %peer);
-            tokio::spawn(async move { this.carry(stream).await }.instrument(span));
+    /// How many endpoints the service has, once its first resolution came.
+    async fn endpoints(&self) -> usize {
+        let mut state = self.state.clone();
+        match state.wait_for(|s| s.resolved).await {
+            Ok(s) => s.endpoints,
+            Err(_) => self.state.borrow().endpoints,
         }
     }
 
@@ -164,33 +164,30 @@ impl Tunnel {
         I: AsyncRead + AsyncWrite + Unpin,
     {
         let endpoints = self.endpoints().await;
-        if endpoints.is_empty() {
+        if endpoints == 0 {
             warn!("no healthy instance; closing the connection");
             let _ = local.shutdown().await;
             return;
         }
-        let mut tried = Vec::new();
-        for _ in 0..ATTEMPTS.min(endpoints.len().max(1)) {
-            let Some(ep) = pick(&endpoints, &tried, &mut rand::rng()) else {
-                break;
-            };
-            tried.push(ep.addr);
-            let connect =
-                tokio::time::timeout(self.connect_timeout, self.connector.connect(ep.addr));
-            let mut remote = match connect.await {
+        for _ in 0..ATTEMPTS.min(endpoints) {
+            // The wait for a ready endpoint and the connect: each is
+            // bounded by the connect timeout.
+            let connect = self.balance.clone().oneshot(());
+            let mut remote = match tokio::time::timeout(self.connect_timeout * 2, connect).await {
                 Ok(Ok(io)) => io,
                 Ok(Err(err)) => {
+                    // The failure penalty steers the next pick elsewhere.
                     warn!(%err, "tunnel connect failed; trying another endpoint");
                     continue;
                 }
                 Err(_) => {
-                    warn!(endpoint = %ep.addr, "tunnel connect timed out");
+                    warn!("no endpoint ready for the tunnel in time");
                     continue;
                 }
             };
             match tokio::io::copy_bidirectional(&mut local, &mut remote).await {
-                Ok((up, down)) => debug!(endpoint = %ep.addr, up, down, "tunnel closed"),
-                Err(err) => debug!(endpoint = %ep.addr, %err, "tunnel ended with an error"),
+                Ok((up, down)) => debug!(up, down, "tunnel closed"),
+                Err(err) => debug!(%err, "tunnel ended with an error"),
             }
             return;
         }
@@ -198,36 +195,277 @@ impl Tunnel {
     }
 }
 
+/// The endpoint changes of a destination's discovery, as a tunnel's
+/// balancer takes them: the endpoints in `known` when the tunnel is made,
+/// then the differences each time `state` says discovery answered. Ends
+/// with discovery.
+fn endpoint_changes(
+    state: watch::Receiver<DiscoveryState>,
+    known: LastKnown,
+) -> futures::stream::BoxStream<'static, Change<SocketAddr, Endpoint>> {
+    let current: HashMap<SocketAddr, Endpoint> = HashMap::new();
+    futures::stream::unfold(
+        (state, known, current),
+        |(mut state, known, mut current)| async move {
+            loop {
+                // Marked seen before `known` is read: discovery updates
+                // `known` first, so an answer after this read wakes us.
+                state.borrow_and_update();
+                let next: HashMap<SocketAddr, Endpoint> =
+                    known.get().into_iter().map(|e| (e.addr, e)).collect();
+                let mut changes: Vec<_> = current
+                    .keys()
+                    .filter(|addr| !next.contains_key(addr))
+                    .map(|addr| Change::Remove(*addr))
+                    .collect();
+                changes.extend(
+                    next.iter()
+                        .filter(|(addr, ep)| current.get(addr) != Some(ep))
+                        .map(|(addr, ep)| Change::Insert(*addr, *ep)),
+                );
+                current = next;
+                if !changes.is_empty() {
+                    return Some((futures::stream::iter(changes), (state, known, current)));
+                }
+                state.changed().await.ok()?;
+            }
+        },
+    )
+    .flatten()
+    .boxed()
+}
+
+/// Serves an `--upstream` port: each connection accepted on `listener` is
+/// carried to `service` until `stop`; then open tunnels get `drain` to
+/// finish before they are cut.
+pub async fn serve(
+    destinations: Arc<Destinations>,
+    service: ServiceName,
+    listener: TcpListener,
+    stop: CancellationToken,
+    drain: Duration,
+) {
+    crate::serve::accept_loop(
+        "upstream",
+        listener,
+        stop,
+        drain,
+        move |stream, peer, closing| {
+            // Looked up per connection: an unused destination is reaped,
+            // and made again (from its last answer) by the next one.
+            let tunnel = destinations.tunnel(&service);
+            let span = info_span!("tunnel", service = %service, client = %peer);
+            async move {
+                tokio::select! {
+                    () = tunnel.carry(stream) => {}
+                    () = async {
+                        closing.requested().await;
+                        tokio::time::sleep(drain).await;
+                    } => debug!("tunnel cut at the end of the drain"),
+                }
+            }
+            .instrument(span)
+        },
+    )
+    .await;
+}
+
 #[cfg(test)]
 mod tests {
-    use rand::SeedableRng;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt, DuplexStream};
 
     use super::*;
+    use crate::discovery::StaticResolver;
+    use crate::metrics::Metrics;
+    use crate::outbound::endpoint::{ConnectError, PeerProtocol};
+    use crate::outbound::{DestinationConfig, MakeConnect};
 
-    #[test]
-    fn pick_follows_weights_and_skips_tried() {
-        let a = Endpoint {
-            addr: "127.0.0.1:1".parse().unwrap(),
-            weight: 100,
-        };
-        let b = Endpoint {
-            addr: "127.0.0.2:1".parse().unwrap(),
-            weight: 300,
-        };
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let mut b_count = 0;
-        for _ in 0..1000 {
-            if pick(&[a, b], &[], &mut rng).unwrap() == b {
-                b_count += 1;
-            }
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, n], 15006))
+    }
+
+    /// Tunnel connections in memory: to `alive`, an echo server; to any
+    /// other address, "connection refused". Counts the attempts at each.
+    #[derive(Default)]
+    struct Peers {
+        alive: Option<SocketAddr>,
+        tries: std::sync::Mutex<HashMap<SocketAddr, usize>>,
+        echoed: AtomicUsize,
+    }
+
+    impl Peers {
+        fn tries(&self, at: SocketAddr) -> usize {
+            self.tries
+                .lock()
+                .unwrap()
+                .get(&at)
+                .copied()
+                .unwrap_or_default()
         }
-        assert!(
-            (650..850).contains(&b_count),
-            "b picked {b_count} times of 1000"
+    }
+
+    struct Connector(Arc<Peers>);
+
+    impl Connect for Connector {
+        fn connect(&self, to: SocketAddr) -> BoxFuture<Result<BoxedIo, ConnectError>> {
+            let peers = self.0.clone();
+            Box::pin(async move {
+                *peers.tries.lock().unwrap().entry(to).or_default() += 1;
+                if peers.alive != Some(to) {
+                    return Err(ConnectError::Tcp {
+                        addr: to,
+                        source: std::io::ErrorKind::ConnectionRefused.into(),
+                    });
+                }
+                let (near, mut far): (DuplexStream, DuplexStream) = tokio::io::duplex(1024);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = far.read(&mut buf).await {
+                        if n == 0 || far.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        peers.echoed.fetch_add(n, Ordering::Relaxed);
+                    }
+                });
+                Ok(Box::new(near) as BoxedIo)
+            })
+        }
+    }
+
+    /// Destinations whose service `db` has the endpoints `addrs`, reached
+    /// through `peers`.
+    fn destinations(peers: &Arc<Peers>, addrs: &[SocketAddr]) -> (Arc<Destinations>, ServiceName) {
+        let db = ServiceName::new("db").unwrap();
+        let resolver = StaticResolver::new(Duration::from_secs(5));
+        resolver.set(&db, addrs);
+        let peers = peers.clone();
+        // Only tunnels connect in these tests: the HTTP connectors are made,
+        // never used.
+        let make: MakeConnect = Arc::new(move |_: &ServiceName, _: PeerProtocol| {
+            Arc::new(Connector(peers.clone())) as Arc<dyn Connect>
+        });
+        let destinations = Destinations::new(
+            Arc::new(resolver),
+            make,
+            DestinationConfig::default(),
+            Metrics::new(),
         );
-        for _ in 0..20 {
-            assert_eq!(pick(&[a, b], &[b.addr], &mut rng).unwrap(), a);
+        (destinations, db)
+    }
+
+    /// Sends `ping` through a new tunnel and reads it back.
+    async fn echo_through(tunnel: Arc<Tunnel>) {
+        let (mut app, local) = tokio::io::duplex(1024);
+        let carried = tokio::spawn(async move { tunnel.carry(local).await });
+        app.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), app.read_exact(&mut back))
+            .await
+            .expect("no echo through the tunnel")
+            .expect("the tunnel closed without an echo");
+        assert_eq!(&back, b"ping");
+        drop(app);
+        carried.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_avoids_a_dead_peer_and_ejects_it() {
+        let (dead, alive) = (addr(1), addr(2));
+        let peers = Arc::new(Peers {
+            alive: Some(alive),
+            ..Peers::default()
+        });
+        let (destinations, db) = destinations(&peers, &[dead, alive]);
+        for _ in 0..40 {
+            echo_through(destinations.tunnel(&db)).await;
+            // Past the failure penalty each time: only ejection keeps the
+            // dead peer out from here.
+            tokio::time::advance(Duration::from_millis(300)).await;
         }
-        assert!(pick(&[], &[], &mut rng).is_none());
+        // A random pick tries the dead peer for about half the tunnels.
+        let to_dead = peers.tries(dead);
+        assert!(
+            (1..=5).contains(&to_dead),
+            "the dead peer was tried {to_dead} times in 40 tunnels"
+        );
+        assert_eq!(peers.tries(alive), 40);
+        assert_eq!(peers.echoed.load(Ordering::Relaxed), 40 * 4);
+    }
+
+    /// Sends `ping` through an open tunnel and reads it back.
+    async fn ping(stream: &mut tokio::net::TcpStream) {
+        stream.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut back))
+            .await
+            .expect("no echo through the tunnel")
+            .expect("the tunnel closed without an echo");
+        assert_eq!(&back, b"ping");
+    }
+
+    #[tokio::test]
+    async fn an_upstream_port_drains_its_tunnels_on_shutdown() {
+        let alive = addr(2);
+        let peers = Arc::new(Peers {
+            alive: Some(alive),
+            ..Peers::default()
+        });
+        let (destinations, db) = destinations(&peers, &[alive]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let drain = Duration::from_millis(800);
+        let served = tokio::spawn(serve(destinations, db, listener, stop.clone(), drain));
+
+        let mut open = tokio::net::TcpStream::connect(port).await.unwrap();
+        ping(&mut open).await;
+
+        let stopped = std::time::Instant::now();
+        stop.cancel();
+        tokio::time::sleep(drain / 4).await;
+        assert!(
+            !served.is_finished(),
+            "the port stopped without waiting for its open tunnel"
+        );
+        // Still carried while draining; no new tunnel is taken.
+        ping(&mut open).await;
+        assert!(tokio::net::TcpStream::connect(port).await.is_err());
+
+        tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .expect("the drain did not end")
+            .unwrap();
+        assert!(stopped.elapsed() >= drain);
+        // Cut at the end of the drain.
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(2), open.read_to_end(&mut rest))
+            .await
+            .expect("the tunnel was left open after the drain");
+        assert!(read.is_err() || rest.is_empty(), "{rest:?}");
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_closed_during_the_drain_ends_it_early() {
+        let alive = addr(2);
+        let peers = Arc::new(Peers {
+            alive: Some(alive),
+            ..Peers::default()
+        });
+        let (destinations, db) = destinations(&peers, &[alive]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let drain = Duration::from_secs(10);
+        let served = tokio::spawn(serve(destinations, db, listener, stop.clone(), drain));
+        let mut open = tokio::net::TcpStream::connect(port).await.unwrap();
+        ping(&mut open).await;
+        stop.cancel();
+        drop(open);
+        tokio::time::timeout(Duration::from_secs(3), served)
+            .await
+            .expect("the drain waited for a tunnel that had closed")
+            .unwrap();
     }
 }

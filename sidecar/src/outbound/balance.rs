@@ -206,14 +206,90 @@ where
     Weighted<S>: Service<Req>,
     <Weighted<S> as Service<Req>>::Error: Into<tower::BoxError>,
 {
+    balance_changes(
+        move |cx| changes.poll_recv(cx),
+        pool,
+        move |endpoint| (endpoint, connect(endpoint)),
+    )
+}
+
+/// Builds `shards` P2C balancers fed by the same discovery changes, one per
+/// worker thread (see [`super::shared`]). Each endpoint's service is made
+/// once by `connect` and cloned into every shard, so the shards share its
+/// connection; each shard keeps its own load estimate and ready set, and
+/// all share the ejection `pool`. A task hands the changes to the shards;
+/// it ends with discovery.
+pub fn sharded_balancers<S, Req, F>(
+    mut changes: mpsc::UnboundedReceiver<Change<SocketAddr, Endpoint>>,
+    pool: Arc<EjectionPool>,
+    shards: usize,
+    mut connect: F,
+) -> Vec<Balance<DiscoverStream<S>, Req>>
+where
+    F: FnMut(Endpoint) -> S + Send + 'static,
+    S: Clone + Send + 'static,
+    Weighted<S>: Service<Req>,
+    <Weighted<S> as Service<Req>>::Error: Into<tower::BoxError>,
+{
+    let (senders, balancers): (Vec<_>, Vec<_>) = (0..shards.max(1))
+        .map(|_| {
+            let (tx, mut rx) = mpsc::unbounded_channel::<Change<SocketAddr, (Endpoint, S)>>();
+            let balance = balance_changes(move |cx| rx.poll_recv(cx), pool.clone(), |made| made);
+            (tx, balance)
+        })
+        .unzip();
+    tokio::spawn(async move {
+        while let Some(change) = changes.recv().await {
+            let sent = match change {
+                Change::Insert(addr, endpoint) => {
+                    let svc = connect(endpoint);
+                    senders
+                        .iter()
+                        .filter(|tx| {
+                            tx.send(Change::Insert(addr, (endpoint, svc.clone())))
+                                .is_ok()
+                        })
+                        .count()
+                }
+                Change::Remove(addr) => senders
+                    .iter()
+                    .filter(|tx| tx.send(Change::Remove(addr)).is_ok())
+                    .count(),
+            };
+            if sent == 0 {
+                // Every shard is gone: the destination was dropped.
+                return;
+            }
+        }
+    });
+    balancers
+}
+
+/// A P2C balancer over the changes that `poll_changes` yields; `made` turns
+/// an inserted value into the endpoint and its service.
+pub(crate) fn balance_changes<S, Req, V, P, F>(
+    mut poll_changes: P,
+    pool: Arc<EjectionPool>,
+    mut made: F,
+) -> Balance<DiscoverStream<S>, Req>
+where
+    P: FnMut(&mut std::task::Context<'_>) -> Poll<Option<Change<SocketAddr, V>>> + Send + 'static,
+    F: FnMut(V) -> (Endpoint, S) + Send + 'static,
+    S: Send + 'static,
+    Weighted<S>: Service<Req>,
+    <Weighted<S> as Service<Req>>::Error: Into<tower::BoxError>,
+{
     let stream = futures::stream::poll_fn(move |cx| {
-        changes.poll_recv(cx).map(|change| {
+        poll_changes(cx).map(|change| {
             change.map(|change| {
                 Ok(match change {
-                    Change::Insert(addr, endpoint) => Change::Insert(
-                        EndpointKey(addr),
-                        Weighted::new(connect(endpoint), endpoint, pool.clone()),
-                    ),
+                    Change::Insert(addr, value) => {
+                        let (endpoint, svc) = made(value);
+                        Change::Insert(
+                            EndpointKey(addr),
+                            Weighted::new(svc, endpoint, pool.clone()),
+                        )
+                    }
                     Change::Remove(addr) => {
                         pool.remove(addr);
                         Change::Remove(EndpointKey(addr))
@@ -452,5 +528,41 @@ mod tests {
             got.iter().all(|a| *a == addr(1)),
             "returned endpoint not picked: {got:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_shard_gets_the_changes_and_shares_each_endpoints_service() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pool = Arc::new(EjectionPool::new(
+            EjectionConfig::default(),
+            Counter::default(),
+        ));
+        let made = Arc::new(AtomicUsize::new(0));
+        let counted = made.clone();
+        let mut shards = sharded_balancers(rx, pool, 3, move |ep: Endpoint| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            tower::service_fn(move |()| async move {
+                Ok::<_, tower::BoxError>(http::Response::new(ep.addr))
+            })
+        });
+        assert_eq!(shards.len(), 3);
+        for n in [1, 2] {
+            let ep = Endpoint {
+                addr: addr(n),
+                weight: 100,
+            };
+            tx.send(Change::Insert(ep.addr, ep)).unwrap();
+        }
+        tx.send(Change::Remove(addr(1))).unwrap();
+        for balance in &mut shards {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+                let rsp = balance.ready().await.unwrap().call(()).await.unwrap();
+                assert_eq!(*rsp.body(), addr(2), "a removed endpoint answered");
+            }
+        }
+        assert_eq!(made.load(Ordering::Relaxed), 2, "one service per endpoint");
     }
 }

@@ -289,21 +289,35 @@ impl EjectionPool {
     }
 }
 
-/// Classifies an HTTP answer for ejection.
-pub fn outcome_of<B, E>(result: &Result<http::Response<B>, E>) -> Outcome {
+/// Classifies an answer (or its absence) for ejection.
+pub fn outcome_of<R: Judged, E>(result: &Result<R, E>) -> Outcome {
     match result {
-        Ok(rsp)
-            if matches!(
-                rsp.status(),
-                http::StatusCode::BAD_GATEWAY
-                    | http::StatusCode::SERVICE_UNAVAILABLE
-                    | http::StatusCode::GATEWAY_TIMEOUT
-            ) =>
-        {
-            Outcome::Failure
-        }
-        Ok(_) => Outcome::Success,
+        Ok(answer) => answer.outcome(),
         Err(_) => Outcome::Failure,
+    }
+}
+
+/// What an endpoint's answer says about its health, for ejection.
+pub trait Judged {
+    /// The outcome of a request that got this answer.
+    fn outcome(&self) -> Outcome;
+}
+
+impl<B> Judged for http::Response<B> {
+    fn outcome(&self) -> Outcome {
+        match self.status() {
+            http::StatusCode::BAD_GATEWAY
+            | http::StatusCode::SERVICE_UNAVAILABLE
+            | http::StatusCode::GATEWAY_TIMEOUT => Outcome::Failure,
+            _ => Outcome::Success,
+        }
+    }
+}
+
+/// A connection made (a tunnel's answer): the endpoint works.
+impl Judged for crate::outbound::endpoint::BoxedIo {
+    fn outcome(&self) -> Outcome {
+        Outcome::Success
     }
 }
 
@@ -338,12 +352,12 @@ impl<S> Outlier<S> {
     }
 }
 
-impl<S, Req, B> Service<Req> for Outlier<S>
+impl<S, Req> Service<Req> for Outlier<S>
 where
-    S: Service<Req, Response = http::Response<B>>,
+    S: Service<Req>,
+    S::Response: Judged + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    B: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -399,9 +413,10 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F, B, E> Future for Reported<F>
+impl<F, R, E> Future for Reported<F>
 where
-    F: Future<Output = Result<http::Response<B>, E>>,
+    F: Future<Output = Result<R, E>>,
+    R: Judged,
 {
     type Output = F::Output;
 

@@ -17,6 +17,28 @@
 //! answer before the TTL runs out ([`crate::discovery::Refresh`]), so the
 //! balancer learns of replacements while there is still an endpoint left to
 //! retry on.
+//!
+//! # Threads
+//!
+//! The sidecar runs on one thread by default on one CPU, and on a
+//! multi-threaded runtime with `--threads N`. What is shared between
+//! requests, and what that costs with several threads:
+//!
+//! - The destinations in use ([`Destinations`]) are a map looked up on
+//!   every request: it is read through an [`ArcSwap`] (no lock shared by
+//!   the threads), and copied on the rare change (a new destination, a
+//!   reap), under a lock only writers take.
+//! - The balancer needs `&mut self` for each pick. [`shared::Shared`] keeps
+//!   one per worker thread ([`balance::sharded_balancers`]), fed by the same
+//!   discovery and sharing each peer's connection and the ejection pool, so
+//!   workers do not queue on one lock; with one thread there is one, as
+//!   before.
+//! - Per peer, the pooled HTTP/2 connection is one for all threads: the
+//!   `h2` crate locks its connection state for each stream, as hyper's
+//!   client does, so requests to one peer from several threads still meet
+//!   there, briefly.
+//! - Per destination, the retry budget (tower's `TpsBudget`) takes a short
+//!   lock per request; the pending limit and the metrics are atomics.
 
 pub(crate) mod balance;
 pub(crate) mod eject;
@@ -31,6 +53,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::uri::Authority;
 use http::{Request, Response};
 use signpost_control_plane::model::{NameError, ServiceName};
@@ -53,9 +76,12 @@ pub type Stack<S> = limit::PendingLimit<tower::retry::Retry<RetryPolicy, shared:
 /// A destination's whole service stack. Named rather than boxed: a request
 /// clones it (a few `Arc`s) and calls it, where a boxed stack would cost
 /// an allocation for each of the two.
-pub type DestinationService = Stack<
-    tower::balance::p2c::Balance<balance::DiscoverStream<PeerConnection>, Request<ProxyBody>>,
->;
+pub type DestinationService = Stack<PeerBalance>;
+
+/// The balancer over a destination's peer connections (one per shard of
+/// [`shared::Shared`]).
+pub type PeerBalance =
+    tower::balance::p2c::Balance<balance::DiscoverStream<PeerConnection>, Request<ProxyBody>>;
 
 /// Makes the connector for a destination and protocol: mesh TLS expecting
 /// that service's identity and negotiating the protocol, or plain TCP in
@@ -89,7 +115,19 @@ impl Default for DestinationConfig {
 /// Puts the layers above the balancer around `balance`: the pending limit
 /// ([`limit::PendingLimit`]), retries, and the lock that lets every request share the
 /// balancer ([`shared::Shared`]).
+#[cfg(test)]
 fn stack<S>(balance: S, policy: RetryPolicy, max_pending: usize) -> Stack<S>
+where
+    S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = BoxError>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    stack_shared(shared::Shared::new(balance), policy, max_pending)
+}
+
+/// [`stack`] over balancers already shared (one per worker thread).
+fn stack_shared<S>(balance: shared::Shared<S>, policy: RetryPolicy, max_pending: usize) -> Stack<S>
 where
     S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = BoxError>
         + Send
@@ -99,7 +137,7 @@ where
     ServiceBuilder::new()
         .layer(limit::PendingLimitLayer::new(max_pending))
         .retry(policy)
-        .service(shared::Shared::new(balance))
+        .service(balance)
 }
 
 /// One destination service: its stack and its discovery state.
@@ -116,6 +154,20 @@ pub struct Destination {
     stop: CancellationToken,
     requests: RequestMetrics,
     authority: OnceLock<Option<Authority>>,
+    /// What an opaque TCP tunnel to this service needs, shared with the
+    /// HTTP stack: the endpoints, their ejection, the DNS refresh.
+    discovery: TunnelParts,
+    /// The tunnel balancer, made on the first tunnel.
+    tunnel: OnceLock<Arc<crate::tunnel::Tunnel>>,
+}
+
+/// A destination's discovery and ejection state, for its tunnel.
+struct TunnelParts {
+    known: LastKnown,
+    pool: Arc<EjectionPool>,
+    refresh: Refresh,
+    connector: Arc<dyn Connect>,
+    connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for Destination {
@@ -154,6 +206,27 @@ impl Destination {
         state.resolved.then(|| state.clone())
     }
 
+    /// The tunnel to this service (see [`crate::tunnel`]): balanced per
+    /// connection by P2C over the same endpoints, ejections and DNS
+    /// refreshes as its HTTP requests.
+    pub fn tunnel(&self) -> Arc<crate::tunnel::Tunnel> {
+        self.used.store(true, Ordering::Relaxed);
+        self.tunnel
+            .get_or_init(|| {
+                let parts = &self.discovery;
+                crate::tunnel::Tunnel::new(
+                    self.name.clone(),
+                    self.state.clone(),
+                    parts.known.clone(),
+                    parts.pool.clone(),
+                    parts.refresh.clone(),
+                    parts.connector.clone(),
+                    parts.connect_timeout,
+                )
+            })
+            .clone()
+    }
+
     /// Waits for the first resolution and returns the current state.
     pub async fn resolved(&self) -> DiscoveryState {
         let mut state = self.state.clone();
@@ -178,12 +251,21 @@ pub struct Destinations {
     metrics: Metrics,
     /// On foldhash rather than std's SipHash: it is looked up on every
     /// request, and its keys are the few service names the local app calls.
-    active: Mutex<HashMap<ServiceName, Arc<Destination>, foldhash::fast::RandomState>>,
+    /// Read without a lock (see the module's threads); changed by copying,
+    /// under `writing`.
+    active: ArcSwap<ActiveMap>,
+    /// Held by whoever changes `active`, so that two changes do not undo
+    /// each other.
+    writing: Mutex<()>,
+    /// Balancers per destination: the runtime's worker threads.
+    shards: usize,
     /// The endpoints each destination last resolved to, kept when it is
     /// dropped (see [`LastKnown`]); names that resolved to nothing are
     /// forgotten with their destination.
     known: Mutex<HashMap<ServiceName, LastKnown>>,
 }
+
+type ActiveMap = HashMap<ServiceName, Arc<Destination>, foldhash::fast::RandomState>;
 
 impl std::fmt::Debug for Destinations {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -206,7 +288,10 @@ impl Destinations {
             make_connect,
             config,
             metrics,
-            active: Mutex::default(),
+            active: ArcSwap::default(),
+            writing: Mutex::default(),
+            shards: tokio::runtime::Handle::try_current()
+                .map_or(1, |rt| rt.metrics().num_workers().max(1)),
             known: Mutex::default(),
         })
     }
@@ -221,14 +306,24 @@ impl Destinations {
     /// already in use is a valid one, so a request to it builds no
     /// [`ServiceName`].
     pub fn get(&self, name: &str) -> Result<Arc<Destination>, NameError> {
-        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(dest) = active.get(name) {
+        if let Some(dest) = self.active.load().get(name) {
             return Ok(dest.clone());
         }
-        let name = ServiceName::new(name)?;
+        Ok(self.insert(ServiceName::new(name)?))
+    }
+
+    /// The destination `name`, made unless another request just made it.
+    fn insert(&self, name: ServiceName) -> Arc<Destination> {
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let active = self.active.load_full();
+        if let Some(dest) = active.get(&name) {
+            return dest.clone();
+        }
         let dest = Arc::new(self.build(&name));
-        active.insert(name, dest.clone());
-        Ok(dest)
+        let mut next = ActiveMap::clone(&active);
+        next.insert(name, dest.clone());
+        self.active.store(Arc::new(next));
+        dest
     }
 
     fn build(&self, name: &ServiceName) -> Destination {
@@ -242,6 +337,7 @@ impl Destinations {
             .entry(name.clone())
             .or_default()
             .clone();
+        let known_now = known.clone();
         let (changes_tx, changes_rx) = mpsc::unbounded_channel();
         let (state_tx, state_rx) = watch::channel(known.seed(&changes_tx));
         let stop = CancellationToken::new();
@@ -279,36 +375,55 @@ impl Destinations {
         let connector = (self.make_connect)(name, PeerProtocol::Http2);
         let upgrades = (self.make_connect)(name, PeerProtocol::Http1);
         let connect_timeout = self.config.connect_timeout;
-        let balance = balance::balancer(changes_rx, pool, move |ep: crate::discovery::Endpoint| {
+        let discovery = TunnelParts {
+            known: known_now,
+            pool: pool.clone(),
+            refresh: refresh.clone(),
+            connector: (self.make_connect)(name, PeerProtocol::Tcp),
+            connect_timeout,
+        };
+        let connect = move |ep: crate::discovery::Endpoint| {
             PeerConnection::new(ep.addr, connector.clone(), connect_timeout)
                 .with_refresh(refresh.clone())
                 .with_upgrades(upgrades.clone())
-        });
+        };
+        let balance = if self.shards == 1 {
+            shared::Shared::new(balance::balancer(changes_rx, pool, connect))
+        } else {
+            shared::Shared::sharded(balance::sharded_balancers(
+                changes_rx,
+                pool,
+                self.shards,
+                connect,
+            ))
+        };
         let policy = RetryPolicy::new(
             retry::budget(),
             self.metrics.retries.get_or_create(&labels).clone(),
         );
         Destination {
             name: name.clone(),
-            service: stack(balance, policy, self.config.max_pending),
+            service: stack_shared(balance, policy, self.config.max_pending),
             state: state_rx,
             used: AtomicBool::new(false),
             last_seen: Mutex::new(Instant::now()),
             stop,
             requests: self.metrics.requests_of(Direction::Outbound, name.as_str()),
             authority: OnceLock::new(),
+            discovery,
+            tunnel: OnceLock::new(),
         }
     }
 
     /// An opaque TCP tunnel to `name` (what `CONNECT` to a mesh name
-    /// carries when its bytes are not HTTP), balanced per connection.
+    /// carries when its bytes are not HTTP, and what an `--upstream` port
+    /// carries), balanced per connection: see [`Destination::tunnel`].
     pub fn tunnel(&self, name: &ServiceName) -> Arc<crate::tunnel::Tunnel> {
-        crate::tunnel::Tunnel::new(
-            name.clone(),
-            self.resolver.clone(),
-            (self.make_connect)(name, PeerProtocol::Tcp),
-            self.config.connect_timeout,
-        )
+        let dest = match self.active.load().get(name) {
+            Some(dest) => dest.clone(),
+            None => self.insert(name.clone()),
+        };
+        dest.tunnel()
     }
 
     /// Drops destinations unused for the idle timeout, every minute, until
@@ -328,7 +443,8 @@ impl Destinations {
     /// came an idle timeout before. A use counts from the first reap after
     /// it, so a destination lives up to one reaper period longer.
     pub fn reap(&self, now: Instant) {
-        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut active = ActiveMap::clone(&self.active.load());
         active.retain(|name, dest| {
             let mut last = dest.last_seen.lock().unwrap_or_else(|p| p.into_inner());
             if dest.used.swap(false, Ordering::Relaxed) {
@@ -346,11 +462,12 @@ impl Destinations {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|name, known| active.contains_key(name) || !known.is_empty());
+        self.active.store(Arc::new(active));
     }
 
     /// How many destinations are active.
     pub fn len(&self) -> usize {
-        self.active.lock().map(|a| a.len()).unwrap_or(0)
+        self.active.load().len()
     }
 
     /// Whether no destination is active.
@@ -397,6 +514,20 @@ mod tests {
             stop.is_cancelled(),
             "discovery of a dropped destination stops"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn first_requests_on_two_threads_make_one_destination_with_a_balancer_each() {
+        let destinations = destinations();
+        assert_eq!(destinations.shards, 2);
+        let got = futures::future::join_all((0..16).map(|_| {
+            let destinations = destinations.clone();
+            tokio::spawn(async move { destinations.get("user").unwrap() })
+        }))
+        .await;
+        let first = got[0].as_ref().unwrap();
+        assert!(got.iter().all(|d| Arc::ptr_eq(d.as_ref().unwrap(), first)));
+        assert_eq!(destinations.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

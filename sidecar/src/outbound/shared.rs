@@ -10,29 +10,79 @@
 //! The inner service registers one waker when it is not ready. Here that
 //! waker is a [`WakeAll`], which wakes every request waiting for readiness,
 //! so a request that waits is woken whichever request polled last.
+//!
+//! # Threads
+//!
+//! The mutex is where a single thread is assumed: with one worker thread
+//! (`--threads 1`, the default on one CPU) it is never contended, but with
+//! several, every request to a destination would take the same lock for
+//! the balancer's whole pick. So [`Shared::sharded`] keeps one service per
+//! worker thread, each behind its own lock, and a request uses the shard of
+//! the thread that made it: workers do not wait on each other, as Envoy's
+//! workers each keep their own load balancer. (linkerd2-proxy shares one
+//! balancer through a queue and a worker task instead, the hand-off this
+//! module avoids.) A request keeps the shard of the thread that called it,
+//! so requests of two threads meet on one lock only when a task moved to
+//! another thread while waiting, or when more threads call than there are
+//! shards.
+//!
+//! Registering a waiting request is O(1): it keeps the slot of its waker
+//! and replaces the waker in place when polled again, instead of scanning
+//! every waiting waker under the lock.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Wake, Waker};
 
 use tower::Service;
 
+/// Where a waiting request's waker is: its index in the list of one
+/// generation (the list is emptied, and the generation moves on, at each
+/// wake).
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    generation: u64,
+    index: usize,
+}
+
+#[derive(Default)]
+struct Waiting {
+    wakers: Vec<Waker>,
+    generation: u64,
+}
+
 /// The requests waiting for the inner service to become ready.
 #[derive(Default)]
 struct WakeAll {
-    waiting: Mutex<Vec<Waker>>,
+    waiting: Mutex<Waiting>,
 }
 
 impl WakeAll {
-    fn waiting(&self) -> MutexGuard<'_, Vec<Waker>> {
+    fn waiting(&self) -> MutexGuard<'_, Waiting> {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn add(&self, waker: &Waker) {
+    /// Registers `waker` for the next wake; `slot` is where the same
+    /// request registered before, if it did.
+    fn add(&self, waker: &Waker, slot: &mut Option<Slot>) {
         let mut waiting = self.waiting();
-        if !waiting.iter().any(|w| w.will_wake(waker)) {
-            waiting.push(waker.clone());
+        match *slot {
+            Some(s) if s.generation == waiting.generation => {
+                let stored = &mut waiting.wakers[s.index];
+                if !stored.will_wake(waker) {
+                    stored.clone_from(waker);
+                }
+            }
+            _ => {
+                *slot = Some(Slot {
+                    generation: waiting.generation,
+                    index: waiting.wakers.len(),
+                });
+                waiting.wakers.push(waker.clone());
+            }
         }
     }
 }
@@ -43,49 +93,97 @@ impl Wake for WakeAll {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        let waiting = std::mem::take(&mut *self.waiting());
-        for waker in waiting {
+        let wakers = {
+            let mut waiting = self.waiting();
+            waiting.generation = waiting.generation.wrapping_add(1);
+            std::mem::take(&mut waiting.wakers)
+        };
+        for waker in wakers {
             waker.wake();
         }
     }
 }
 
-struct Inner<S> {
+/// One copy of the service, with the waiters of its readiness.
+struct Shard<S> {
     service: Mutex<S>,
     wake_all: Arc<WakeAll>,
     waker: Waker,
 }
 
+impl<S> Shard<S> {
+    fn new(service: S) -> Self {
+        let wake_all = Arc::new(WakeAll::default());
+        let waker = Waker::from(wake_all.clone());
+        Self {
+            service: Mutex::new(service),
+            wake_all,
+            waker,
+        }
+    }
+}
+
+/// Numbers the threads that call a [`Shared`] service, in the order of
+/// their first call: the runtime's workers get 0, 1, 2 …
+static THREADS: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static THREAD: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// This thread's number (see [`THREADS`]).
+fn thread_number() -> usize {
+    THREAD.with(|n| match n.get() {
+        Some(n) => n,
+        None => {
+            let next = THREADS.fetch_add(1, Ordering::Relaxed);
+            n.set(Some(next));
+            next
+        }
+    })
+}
+
 /// A clonable handle to one service; see the module documentation.
 pub struct Shared<S> {
-    inner: Arc<Inner<S>>,
+    shards: Arc<[Shard<S>]>,
 }
 
 impl<S> Clone for Shared<S> {
     fn clone(&self) -> Self {
         Self {
-            inner: self.inner.clone(),
+            shards: self.shards.clone(),
         }
     }
 }
 
 impl<S> std::fmt::Debug for Shared<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").finish_non_exhaustive()
+        f.debug_struct("Shared")
+            .field("shards", &self.shards.len())
+            .finish_non_exhaustive()
     }
 }
 
 impl<S> Shared<S> {
     /// Shares `service`.
     pub fn new(service: S) -> Self {
-        let wake_all = Arc::new(WakeAll::default());
-        let waker = Waker::from(wake_all.clone());
+        Self::sharded(vec![service])
+    }
+
+    /// Shares `services`, copies of one service: each thread uses one of
+    /// them (see the module). At least one is needed; an empty list panics.
+    pub fn sharded(services: Vec<S>) -> Self {
+        assert!(!services.is_empty(), "a shared service needs a shard");
         Self {
-            inner: Arc::new(Inner {
-                service: Mutex::new(service),
-                wake_all,
-                waker,
-            }),
+            shards: services.into_iter().map(Shard::new).collect(),
+        }
+    }
+
+    /// The shard for a request made on this thread.
+    fn shard(&self) -> usize {
+        match self.shards.len() {
+            1 => 0,
+            n => thread_number() % n,
         }
     }
 }
@@ -107,8 +205,12 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         ResponseFuture {
+            shard: self.shard(),
             shared: self.clone(),
-            state: State::Waiting { req: Some(req) },
+            state: State::Waiting {
+                req: Some(req),
+                slot: None,
+            },
         }
     }
 }
@@ -116,7 +218,7 @@ where
 pin_project_lite::pin_project! {
     #[project = StateProj]
     enum State<F, Req> {
-        Waiting { req: Option<Req> },
+        Waiting { req: Option<Req>, slot: Option<Slot> },
         // In place, not boxed: no allocation per request.
         Called { #[pin] fut: F },
     }
@@ -126,6 +228,7 @@ pin_project_lite::pin_project! {
     /// The response of a [`Shared`] service.
     pub struct ResponseFuture<S: Service<Req>, Req> {
         shared: Shared<S>,
+        shard: usize,
         #[pin]
         state: State<S::Future, Req>,
     }
@@ -135,18 +238,18 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
     /// Polls the inner service's readiness and, once ready, calls it with
     /// `req` while still holding the lock.
     fn poll_call(
-        shared: &Shared<S>,
+        shard: &Shard<S>,
         req: &mut Option<Req>,
+        slot: &mut Option<Slot>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<S::Future, S::Error>> {
-        let inner = &shared.inner;
-        let mut service = inner.service.lock().unwrap_or_else(|p| p.into_inner());
-        let mut shared_cx = Context::from_waker(&inner.waker);
+        let mut service = shard.service.lock().unwrap_or_else(|p| p.into_inner());
+        let mut shared_cx = Context::from_waker(&shard.waker);
         let ready = match service.poll_ready(&mut shared_cx) {
             Poll::Pending => {
                 // Wait to be woken; then look again, in case readiness came
                 // between the poll and the registration.
-                inner.wake_all.add(cx.waker());
+                shard.wake_all.add(cx.waker(), slot);
                 service.poll_ready(&mut shared_cx)
             }
             ready => ready,
@@ -170,11 +273,14 @@ impl<S: Service<Req>, Req> Future for ResponseFuture<S, Req> {
         loop {
             let fut = match this.state.as_mut().project() {
                 StateProj::Called { fut } => return fut.poll(cx),
-                StateProj::Waiting { req } => match Self::poll_call(this.shared, req, cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
-                    Poll::Ready(Ok(fut)) => fut,
-                },
+                StateProj::Waiting { req, slot } => {
+                    let shard = &this.shared.shards[*this.shard];
+                    match Self::poll_call(shard, req, slot, cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                        Poll::Ready(Ok(fut)) => fut,
+                    }
+                }
             };
             this.state.set(State::Called { fut });
         }
@@ -236,5 +342,84 @@ mod tests {
                 .await
                 .expect("the second request waited for the first response");
         assert_eq!((a.unwrap(), b.unwrap()), (1, 2));
+    }
+
+    /// A task waker that counts its wakes.
+    #[derive(Default)]
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_request_polled_again_keeps_one_registration_with_its_latest_waker() {
+        let (mock, mut handle) = tower_test::mock::pair::<u32, u32>();
+        handle.allow(0);
+        let mut shared = Shared::new(mock);
+        let mut waiting = std::pin::pin!(shared.call(1));
+        let (first, second) = (Arc::new(Counting::default()), Arc::new(Counting::default()));
+        for _ in 0..100 {
+            let waker = Waker::from(first.clone());
+            assert!(
+                waiting
+                    .as_mut()
+                    .poll(&mut Context::from_waker(&waker))
+                    .is_pending()
+            );
+        }
+        // Moved to another task (a new waker): the stored one is replaced.
+        let waker = Waker::from(second.clone());
+        assert!(
+            waiting
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending()
+        );
+        let shard = &shared.shards[0];
+        assert_eq!(shard.wake_all.waiting().wakers.len(), 1);
+        shard.waker.wake_by_ref();
+        assert_eq!(first.0.load(Ordering::Relaxed), 0);
+        assert_eq!(second.0.load(Ordering::Relaxed), 1);
+        // Woken, it registers anew for the next wake.
+        assert!(
+            waiting
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending()
+        );
+        assert_eq!(shard.wake_all.waiting().wakers.len(), 1);
+    }
+
+    #[test]
+    fn each_thread_uses_a_shard_of_its_own() {
+        // Each shard answers with its own number.
+        let shards = (0..4)
+            .map(|n| tower::service_fn(move |()| async move { Ok::<_, ()>(n) }))
+            .collect();
+        let shared = Shared::sharded(shards);
+        let used: Vec<(usize, usize)> = (0..4)
+            .map(|_| {
+                let shared = shared.clone();
+                std::thread::spawn(move || {
+                    let shard = futures::executor::block_on(async {
+                        shared.clone().oneshot(()).await.unwrap()
+                    });
+                    (thread_number(), shard)
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        let mut threads: Vec<usize> = used.iter().map(|(t, _)| *t).collect();
+        threads.sort_unstable();
+        threads.dedup();
+        assert_eq!(threads.len(), 4, "threads share a number: {used:?}");
+        for (thread, shard) in used {
+            assert_eq!(shard, thread % 4);
+        }
     }
 }
