@@ -338,20 +338,34 @@ pub(crate) struct RecordSet<'a> {
     pub(crate) items: &'a [Item],
 }
 
-/// Where a set of a [`Names`] ends among its items (it starts where the
-/// set before it ends).
-#[derive(Debug, Clone, Copy)]
-struct SetEnd {
-    rtype: RecordType,
-    end: u32,
+/// A set of a [`Names`], as it is packed: its type (`u16`), two spare
+/// bytes, and where it ends among its names' items (`u32`; it starts where
+/// the set before it ends), little-endian.
+const SET_LEN: usize = 8;
+
+/// A set of a [`Names`], packed.
+fn set_bytes(rtype: RecordType, end: u32) -> [u8; SET_LEN] {
+    let mut set = [0; SET_LEN];
+    set[..2].copy_from_slice(&u16::from(rtype).to_le_bytes());
+    set[4..].copy_from_slice(&end.to_le_bytes());
+    set
+}
+
+/// The little-endian `u32` at `at` (0 past the end, which the packing
+/// never reads).
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    bytes
+        .get(at..at + 4)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_le_bytes)
 }
 
 /// One name of the index: its record sets, one per type; none for an
 /// empty non-terminal.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Node<'a> {
-    /// Where each set ends in `items`.
-    sets: &'a [SetEnd],
+    /// Its sets, packed ([`SET_LEN`] bytes each).
+    sets: &'a [u8],
     /// The items of every name these sets are among.
     items: &'a [Item],
     /// Where the first set starts in `items`.
@@ -361,18 +375,28 @@ pub(crate) struct Node<'a> {
 impl<'a> Node<'a> {
     /// The set of `rtype`, if any.
     pub(crate) fn set(self, rtype: RecordType) -> Option<RecordSet<'a>> {
-        self.sets().find(|s| s.rtype == rtype)
+        let code = u16::from(rtype).to_le_bytes();
+        let mut start = self.start as usize;
+        for set in self.sets.chunks_exact(SET_LEN) {
+            let end = u32_at(set, 4) as usize;
+            if set[..2] == code {
+                let items = self.items.get(start..end).unwrap_or_default();
+                return Some(RecordSet { rtype, items });
+            }
+            start = end;
+        }
+        None
     }
 
     /// Its sets.
     pub(crate) fn sets(self) -> impl Iterator<Item = RecordSet<'a>> {
         let mut start = self.start as usize;
-        self.sets.iter().map(move |set| {
-            let end = set.end as usize;
+        self.sets.chunks_exact(SET_LEN).map(move |set| {
+            let end = u32_at(set, 4) as usize;
             let items = self.items.get(start..end).unwrap_or_default();
             start = end;
             RecordSet {
-                rtype: set.rtype,
+                rtype: RecordType::from(u16::from_le_bytes([set[0], set[1]])),
                 items,
             }
         })
@@ -442,7 +466,7 @@ pub(crate) struct Index {
     /// Its PTR records, one per service. Built on first use: a name whose
     /// answer holds every service, and which browsers ask for seldom, is
     /// not rebuilt on every registration.
-    browse: OnceLock<([SetEnd; 1], Box<[Item]>)>,
+    browse: OnceLock<([u8; SET_LEN], Box<[Item]>)>,
     /// Reverse names of instance addresses, kept up to date service by
     /// service.
     reverse: Reverse,
@@ -540,21 +564,27 @@ impl Services {
 
 /// The names of one service (or of the zone's own), sorted by key. Each
 /// is kept without the zone's labels, which every name shares. A service
-/// has a few names with a few sets of a few records each, so the keys, the
-/// sets and the records are each packed in one allocation, one after
-/// another: a name or a set is where it ends in the next array.
+/// has a few names with a few sets of a few records each, and a query
+/// reads its names, one name's sets and one set's records: so the names,
+/// the sets and the keys are packed in one buffer, which a lookup reads
+/// from end to end, and the records in one more.
 #[derive(Debug, Default)]
 pub(crate) struct Names {
-    /// The keys' prefixes (wire-form labels), in order, back to back.
-    keys: Box<[u8]>,
-    /// For each name, where its prefix ends in `keys` and where its sets
-    /// end in `sets`.
-    names: Box<[(u32, u32)]>,
-    /// Every name's sets, in name order.
-    sets: Box<[SetEnd]>,
+    /// For each name, where its prefix ends among the keys and where its
+    /// sets end among the sets (two little-endian `u32`s); then the sets
+    /// ([`SET_LEN`] bytes each); then the keys' prefixes (wire-form
+    /// labels), in order, back to back.
+    bytes: Box<[u8]>,
+    /// The number of names.
+    names: u32,
+    /// The number of sets.
+    sets: u32,
     /// Every set's records, in set order.
     items: Box<[Item]>,
 }
+
+/// A name of a [`Names`], packed: the ends of its key and of its sets.
+const NAME_LEN: usize = 8;
 
 /// A count or offset within one service's names, which are far below
 /// 4 GiB of anything.
@@ -566,51 +596,71 @@ impl Names {
     /// From `(prefix, node)` pairs.
     fn new(mut nodes: Vec<(&[u8], BuildNode)>) -> Self {
         nodes.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let mut keys = Vec::with_capacity(nodes.iter().map(|(k, _)| k.len()).sum());
-        let mut sets = Vec::with_capacity(nodes.iter().map(|(_, n)| n.len()).sum());
+        let set_count: usize = nodes.iter().map(|(_, n)| n.len()).sum();
+        let key_len: usize = nodes.iter().map(|(k, _)| k.len()).sum();
+        let mut names = Vec::with_capacity(nodes.len() * NAME_LEN + set_count * SET_LEN + key_len);
+        let mut sets = Vec::with_capacity(set_count * SET_LEN);
+        let mut keys = Vec::with_capacity(key_len);
         let mut items = Vec::with_capacity(
             nodes
                 .iter()
                 .flat_map(|(_, n)| n.iter().map(|(_, i)| i.len()))
                 .sum(),
         );
-        let names = nodes
-            .into_iter()
-            .map(|(prefix, node)| {
-                keys.extend_from_slice(prefix);
-                for (rtype, set) in node {
-                    items.extend(set);
-                    sets.push(SetEnd {
-                        rtype,
-                        end: offset(items.len()),
-                    });
-                }
-                (offset(keys.len()), offset(sets.len()))
-            })
-            .collect();
+        let count = nodes.len();
+        for (prefix, node) in nodes {
+            keys.extend_from_slice(prefix);
+            for (rtype, set) in node {
+                items.extend(set);
+                sets.extend_from_slice(&set_bytes(rtype, offset(items.len())));
+            }
+            names.extend_from_slice(&offset(keys.len()).to_le_bytes());
+            names.extend_from_slice(&offset(sets.len() / SET_LEN).to_le_bytes());
+        }
+        names.extend_from_slice(&sets);
+        names.extend_from_slice(&keys);
         Self {
-            keys: keys.into(),
-            names,
-            sets: sets.into(),
+            bytes: names.into(),
+            names: offset(count),
+            sets: offset(sets.len() / SET_LEN),
             items: items.into(),
         }
     }
 
+    /// Where the sets start in `bytes`.
+    fn sets_at(&self) -> usize {
+        self.names as usize * NAME_LEN
+    }
+
+    /// Where the keys start in `bytes`.
+    fn keys_at(&self) -> usize {
+        self.sets_at() + self.sets as usize * SET_LEN
+    }
+
     /// The prefix of the `i`th name.
     fn prefix(&self, i: usize) -> &[u8] {
-        let start = i.checked_sub(1).map_or(0, |p| self.names[p].0 as usize);
-        let end = self.names[i].0 as usize;
-        self.keys.get(start..end).unwrap_or_default()
+        let start = i
+            .checked_sub(1)
+            .map_or(0, |p| u32_at(&self.bytes, p * NAME_LEN) as usize);
+        let end = u32_at(&self.bytes, i * NAME_LEN) as usize;
+        let keys = self.keys_at();
+        self.bytes.get(keys + start..keys + end).unwrap_or_default()
     }
 
     /// The `i`th name.
     fn node(&self, i: usize) -> Node<'_> {
-        let first = i.checked_sub(1).map_or(0, |p| self.names[p].1 as usize);
-        let end = self.names[i].1 as usize;
-        let sets = self.sets.get(first..end).unwrap_or_default();
+        let first = i
+            .checked_sub(1)
+            .map_or(0, |p| u32_at(&self.bytes, p * NAME_LEN + 4) as usize);
+        let end = u32_at(&self.bytes, i * NAME_LEN + 4) as usize;
+        let at = self.sets_at();
+        let sets = self
+            .bytes
+            .get(at + first * SET_LEN..at + end * SET_LEN)
+            .unwrap_or_default();
         let start = first
             .checked_sub(1)
-            .map_or(0, |p| self.sets.get(p).map_or(0, |s| s.end));
+            .map_or(0, |p| u32_at(&self.bytes, at + p * SET_LEN + 4));
         Node {
             sets,
             items: &self.items,
@@ -621,7 +671,7 @@ impl Names {
     /// The node of the name whose key, without the zone's labels, is
     /// `prefix`.
     fn get(&self, prefix: &[u8]) -> Option<Node<'_>> {
-        let (mut lo, mut hi) = (0, self.names.len());
+        let (mut lo, mut hi) = (0, self.names as usize);
         while lo < hi {
             let mid = (lo + hi) / 2;
             match self.prefix(mid).cmp(prefix) {
@@ -635,7 +685,7 @@ impl Names {
 
     /// Every name, as (prefix, node), in prefix order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], Node<'_>)> {
-        (0..self.names.len()).map(|i| (self.prefix(i), self.node(i)))
+        (0..self.names as usize).map(|i| (self.prefix(i), self.node(i)))
     }
 }
 
@@ -1338,11 +1388,8 @@ impl Index {
                 (Data::Ptr(a), Data::Ptr(b)) => a.name().cmp(b.name()),
                 _ => std::cmp::Ordering::Equal,
             });
-            let end = SetEnd {
-                rtype: RecordType::PTR,
-                end: offset(items.len()),
-            };
-            ([end], items.into())
+            let set = set_bytes(RecordType::PTR, offset(items.len()));
+            (set, items.into())
         });
         // No services, no records: the name exists, empty.
         let sets = if items.is_empty() { &[][..] } else { &sets[..] };
