@@ -405,8 +405,16 @@ mod tests {
         assert_eq!(&back, b"ping");
     }
 
-    #[tokio::test]
-    async fn an_upstream_port_drains_its_tunnels_on_shutdown() {
+    /// An upstream port to one live peer, served until the token is
+    /// cancelled and then drained for `drain`; and one tunnel open on it.
+    async fn one_open_tunnel(
+        drain: Duration,
+    ) -> (
+        SocketAddr,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+        tokio::net::TcpStream,
+    ) {
         let alive = addr(2);
         let peers = Arc::new(Peers {
             alive: Some(alive),
@@ -416,11 +424,16 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let drain = Duration::from_millis(800);
         let served = tokio::spawn(serve(destinations, db, listener, stop.clone(), drain));
-
         let mut open = tokio::net::TcpStream::connect(port).await.unwrap();
         ping(&mut open).await;
+        (port, stop, served, open)
+    }
+
+    #[tokio::test]
+    async fn an_upstream_port_drains_its_tunnels_on_shutdown() {
+        let drain = Duration::from_millis(800);
+        let (port, stop, served, mut open) = one_open_tunnel(drain).await;
 
         let stopped = std::time::Instant::now();
         stop.cancel();
@@ -448,19 +461,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tunnel_closed_during_the_drain_ends_it_early() {
-        let alive = addr(2);
-        let peers = Arc::new(Peers {
-            alive: Some(alive),
-            ..Peers::default()
-        });
-        let (destinations, db) = destinations(&peers, &[alive]);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let drain = Duration::from_secs(10);
-        let served = tokio::spawn(serve(destinations, db, listener, stop.clone(), drain));
-        let mut open = tokio::net::TcpStream::connect(port).await.unwrap();
-        ping(&mut open).await;
+        let (_, stop, served, open) = one_open_tunnel(Duration::from_secs(10)).await;
         stop.cancel();
         drop(open);
         tokio::time::timeout(Duration::from_secs(3), served)
