@@ -140,10 +140,6 @@ impl Snapshot {
     }
 }
 
-/// Services up to this many instances keep their instance map at its exact
-/// size.
-const SMALL_SERVICE: usize = 16;
-
 /// The mutable state the watch task folds events into. Public so that tests
 /// (and the DNS crate's tests) can build snapshots without a store.
 ///
@@ -354,14 +350,12 @@ impl CatalogState {
                 }
             } else {
                 entry.index = self.index.get(&svc).copied().unwrap_or(self.revision);
-                // Most services hold a few instances, in a vector that
-                // grew by doubling: give small ones their exact size (a
-                // large one keeps its growth room).
-                if entry.instances.len() <= SMALL_SERVICE {
-                    let mut exact = std::mem::take(&mut entry.instances).into_tuple_vec();
-                    exact.shrink_to_fit();
-                    entry.instances = LiteMap::from_sorted_store_unchecked(exact);
-                }
+                // The working copy's vector grew by doubling; the built
+                // entry is kept until its service changes again (when it
+                // is copied anew), so it keeps its exact size.
+                let mut exact = std::mem::take(&mut entry.instances).into_tuple_vec();
+                exact.shrink_to_fit();
+                entry.instances = LiteMap::from_sorted_store_unchecked(exact);
                 let (instances, healthy) = counts(&entry);
                 self.totals.0 += instances;
                 self.totals.1 += healthy;
